@@ -1,0 +1,109 @@
+"""The loss interface and its registry.
+
+A loss is a small ``nn.Module`` whose ``forward(student_out, teacher_out,
+batch)`` returns a scalar tensor, or a dict of named scalar tensors whose sum
+is the loss (each logged on its own). ``teacher_out`` is ``None`` when no
+teacher is used.
+
+Trainable parts (adapters, VID's variances, AFD's attention) are submodules, so
+their parameters reach the student's optimizer through ``composer.parameters()``.
+
+Everything else a loss needs it declares; the trainer reads these declarations
+and never names a loss:
+
+* ``requires``: a set of capability strings
+    - ``"teacher"``: needs ``teacher_out`` (a KD loss);
+    - ``"teacher_grad"``: the teacher's forward must keep its graph (no
+      ``no_grad``), e.g. losses that differentiate through the teacher;
+    - ``"input_grad"``: ``batch["images"]`` must have ``requires_grad`` before
+      the student's forward (Sobolev, LwM);
+  and any batch key (e.g. ``"index"`` for CRD) the loss reads.
+* ``aux_step(student_out, teacher_out, batch) -> dict``: called once after the
+  main optimizer step with detached outputs; losses that train something of
+  their own (a GAN discriminator, DML's peer) do it here with their own
+  optimizer and return values to log.
+* ``extra_state() / load_extra_state(state)``: state outside ``state_dict``
+  (an auxiliary optimizer), checkpointed with the run. Must hold only
+  tensors/plain types so checkpoints load with ``weights_only=True``.
+* ``student_parameters()``: the parameters that join the student's
+  optimizer (default: all of this module's parameters). A loss with its own
+  optimizer for a submodule (the GAN discriminator) excludes it here.
+* ``bind(student, teacher)``: called once by the trainer after the models are
+  built, for losses that must run a model themselves (BSS's attack on the
+  teacher, DML's peer fed the same images). Keep references out of
+  ``state_dict`` (store them in a plain list or with ``object.__setattr__``).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, Iterable, Optional, Type, Union
+
+import torch
+from torch import nn
+
+from mtkd.errors import ConfigError
+
+LossValue = Union[torch.Tensor, Dict[str, torch.Tensor]]
+
+
+class Loss(nn.Module):
+    """Base class: declarations with safe defaults. Subclasses set ``requires``
+    and implement ``forward``."""
+
+    requires: frozenset = frozenset()
+
+    def forward(self, student_out: Dict[str, Any], teacher_out: Optional[Dict[str, Any]],
+                batch: Dict[str, Any]) -> LossValue:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def student_parameters(self) -> Iterable[nn.Parameter]:
+        return self.parameters()
+
+    def bind(self, student: nn.Module, teacher: Optional[nn.Module]) -> None:
+        return None
+
+    def aux_step(self, student_out: Dict[str, Any], teacher_out: Optional[Dict[str, Any]],
+                 batch: Dict[str, Any]) -> Dict[str, float]:
+        return {}
+
+    def extra_state(self) -> Dict[str, Any]:
+        return {}
+
+    def load_extra_state(self, state: Dict[str, Any]) -> None:
+        return None
+
+
+_REGISTRY: Dict[str, Type[nn.Module]] = {}
+
+
+def register(name: str) -> Callable[[Type[nn.Module]], Type[nn.Module]]:
+    """Class decorator: ``@register("seg_kl")`` makes the loss buildable by name."""
+
+    def deco(cls: Type[nn.Module]) -> Type[nn.Module]:
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"loss name {name!r} registered twice")
+        _REGISTRY[name] = cls
+        cls.registry_name = name
+        return cls
+
+    return deco
+
+
+def available() -> list:
+    _import_all()
+    return sorted(_REGISTRY)
+
+
+def build_loss(name: str, key: str = "loss", **kwargs: Any) -> nn.Module:
+    """Build a registered loss; ``key`` names the config entry for errors."""
+    _import_all()
+    if name not in _REGISTRY:
+        raise ConfigError(f"{key}: unknown loss {name!r}; known: {', '.join(sorted(_REGISTRY))}")
+    try:
+        return _REGISTRY[name](**kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"{key}: bad arguments for loss {name!r}: {exc}") from None
+
+
+def _import_all() -> None:
+    # Importing the packages runs their @register lines.
+    import mtkd.losses  # noqa: F401
