@@ -1,0 +1,84 @@
+"""Datasets: VOC, COCO and YOLO layouts, a synthetic generator, transforms, collate.
+
+Every format yields the same :class:`mtkd.structures.Sample` and the same item
+dicts, so the rest of mtkd never knows which format it reads. The ``data``
+config section::
+
+    format: voc | coco | yolo
+    root: <tree root>            # yolo: the data yaml
+    train: train                 # split names (yolo: the yaml's keys)
+    val: val
+    test: test
+    classes: null                # or a list of names
+    imgsz: 160
+    skip_bad: false
+    augment: {hflip: 0.5, scale: [0.5, 1.5], translate: 0.1, color: 0.3}
+    mean: [0.485, 0.456, 0.406]
+    std: [0.229, 0.224, 0.225]
+    ann_file: annotations/instances_{split}.json   # coco only
+    image_dir: images/{split}                      # coco only
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional
+
+from mtkd.datasets.coco import COCODataset
+from mtkd.datasets.collate import collate
+from mtkd.datasets.common import RecordDataset
+from mtkd.datasets.synthetic import SYNTHETIC_CLASSES, make_synthetic
+from mtkd.datasets.transforms import build_transforms, unletterbox_boxes
+from mtkd.datasets.voc import VOCDataset
+from mtkd.datasets.yolo import YOLODataset
+from mtkd.errors import ConfigError
+
+__all__ = [
+    "VOCDataset",
+    "COCODataset",
+    "YOLODataset",
+    "RecordDataset",
+    "make_synthetic",
+    "SYNTHETIC_CLASSES",
+    "collate",
+    "build_dataset",
+    "build_transforms",
+    "unletterbox_boxes",
+]
+
+_KEYS = {"format", "root", "train", "val", "test", "classes", "imgsz", "skip_bad", "augment", "mean", "std",
+         "ann_file", "image_dir"}
+_COCO_ONLY = {"ann_file", "image_dir"}
+
+
+def build_dataset(data_cfg: Mapping[str, Any], split: str, train: bool, seed: Optional[int] = None) -> RecordDataset:
+    """Dataset of one split from a ``data`` config section.
+
+    ``split`` is the config key (``"train"``, ``"val"`` or ``"test"``); its
+    value names the split in the data (defaults: the key itself). ``train``
+    selects the augmenting transform; ``seed`` seeds it.
+    """
+    unknown = set(data_cfg) - _KEYS
+    if unknown:
+        raise ConfigError(f"data.{sorted(unknown)[0]}: unknown key (known: {', '.join(sorted(_KEYS))})")
+    if split not in ("train", "val", "test"):
+        raise ConfigError(f"data.{split}: split must be train, val or test")
+    fmt = data_cfg.get("format")
+    if fmt not in ("voc", "coco", "yolo"):
+        raise ConfigError(f"data.format: must be voc, coco or yolo, got {fmt!r}")
+    if not data_cfg.get("root"):
+        raise ConfigError("data.root: missing")
+    coco_only = sorted(k for k in _COCO_ONLY if data_cfg.get(k))
+    if fmt != "coco" and coco_only:
+        raise ConfigError(f"data.{coco_only[0]}: only used with format coco")
+    classes = data_cfg.get("classes")
+    if classes is not None and (not isinstance(classes, list) or not all(isinstance(c, str) for c in classes)):
+        raise ConfigError(f"data.classes: must be a list of names or null, got {classes!r}")
+    name = str(data_cfg.get(split) or split)
+    transform = build_transforms(data_cfg, train=train, seed=seed)
+    skip_bad = bool(data_cfg.get("skip_bad", False))
+    common = {"classes": classes, "transform": transform, "skip_bad": skip_bad}
+    if fmt == "voc":
+        return VOCDataset(data_cfg["root"], name, **common)
+    if fmt == "coco":
+        extra = {k: data_cfg[k] for k in _COCO_ONLY if data_cfg.get(k)}
+        return COCODataset(data_cfg["root"], name, **common, **extra)
+    return YOLODataset(data_cfg["root"], name, **common)

@@ -1,0 +1,154 @@
+"""Bad data: one-line DataError naming the file; skip_bad skips with a warning and a count."""
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+import yaml
+
+import mtkd  # noqa: F401
+from mtkd.datasets import COCODataset, VOCDataset, YOLODataset, build_dataset
+from mtkd.errors import ConfigError, DataError
+from test_datasets_formats import voc_xml, write_coco, write_palette_png, write_voc, write_yolo
+
+
+def raises_naming(path, fn):
+    """Assert ``fn()`` raises a one-line DataError whose message contains ``path``."""
+    with pytest.raises(DataError) as info:
+        fn()
+    message = str(info.value)
+    assert str(path) in message and "\n" not in message, message
+    return message
+
+
+@pytest.fixture
+def voc(tmp_path):
+    return write_voc(tmp_path / "voc")
+
+
+def test_missing_root_split_and_image(voc, tmp_path):
+    raises_naming(tmp_path / "nope", lambda: VOCDataset(tmp_path / "nope", "train"))
+    raises_naming(voc / "ImageSets" / "Main" / "val.txt", lambda: VOCDataset(voc, "val"))
+    (voc / "JPEGImages" / "b.jpg").unlink()
+    raises_naming(voc / "JPEGImages" / "b.jpg", lambda: VOCDataset(voc, "train"))
+    (tmp_path / "c").mkdir()
+    raises_naming(tmp_path / "c" / "annotations" / "instances_train.json", lambda: COCODataset(tmp_path / "c", "train"))
+    raises_naming(tmp_path / "y.yaml", lambda: YOLODataset(tmp_path / "y.yaml", "train"))
+
+
+def test_missing_seg_mask_file(voc):
+    (voc / "SegmentationClass" / "c.png").unlink()
+    raises_naming(voc / "SegmentationClass" / "c.png", lambda: VOCDataset(voc, "train"))
+
+
+def test_corrupt_image_raises_then_skips_with_count(voc):
+    bad = voc / "JPEGImages" / "b.jpg"
+    bad.write_bytes(b"this is not a jpeg")
+    ds = VOCDataset(voc, "train")  # images are decoded lazily
+    raises_naming(bad, lambda: ds.load_sample(1))
+    raises_naming(bad, lambda: ds[1])
+    skipping = VOCDataset(voc, "train", skip_bad=True)
+    with pytest.warns(UserWarning, match=re.escape(str(bad))):
+        sample = skipping[1]
+    assert sample.id == "c" and sample.index == 2  # the next good sample
+    assert skipping.skipped == [str(bad)]
+
+
+def test_malformed_xml_and_skip_at_construction(voc):
+    xml = voc / "Annotations" / "b.xml"
+    xml.write_text("<annotation><object>")
+    raises_naming(xml, lambda: VOCDataset(voc, "train", classes=["cat", "dog"]))
+    with pytest.warns(UserWarning, match="b.xml"):
+        ds = VOCDataset(voc, "train", classes=["cat", "dog"], skip_bad=True)
+    assert [r.id for r in ds.records] == ["a", "c"] and len(ds.skipped) == 1
+
+
+def test_unknown_class_name_names_file_and_class(voc):
+    message = raises_naming(voc / "Annotations" / "a.xml", lambda: VOCDataset(voc, "train", classes=["cat", "bird"]))
+    assert "'dog'" in message
+
+
+@pytest.mark.parametrize(
+    "box, ok",
+    [((1, 1, 40.8, 30), True), ((1, 1, 42, 30), False), ((-1, 1, 10, 10), False), ((5, 5, 4, 10), False)],
+)
+def test_box_outside_or_empty(voc, box, ok):
+    (voc / "Annotations" / "b.xml").write_text(voc_xml([("dog", box, False)]))
+    if ok:  # 0.8 px overshoot is clipped to the border
+        np.testing.assert_allclose(VOCDataset(voc, "train").load_sample(1).boxes, [[0, 0, 40, 30]])
+    else:
+        raises_naming(voc / "Annotations" / "b.xml", lambda: VOCDataset(voc, "train"))
+
+
+def test_mask_index_beyond_classes(voc):
+    mask = np.zeros((30, 40), np.uint8)
+    mask[3, 3] = 7
+    write_palette_png(voc / "SegmentationClass" / "c.png", mask)
+    ds = VOCDataset(voc, "train")
+    raises_naming(voc / "SegmentationClass" / "c.png", lambda: ds.load_sample(2))
+
+
+def test_coco_malformed_json_bad_box_and_category(tmp_path):
+    root = write_coco(tmp_path / "coco")
+    path = root / "annotations" / "instances_train.json"
+    good = json.loads(path.read_text())
+    path.write_text("{not json")
+    raises_naming(path, lambda: COCODataset(root, "train"))
+    for mutate in (
+        lambda d: d["annotations"][0].update(bbox=[5, 5, 0, 5]),  # zero width
+        lambda d: d["annotations"][0].update(bbox=[30, 5, 20, 5]),  # beyond the border
+        lambda d: d["annotations"][0].update(category_id=99),
+        lambda d: d["annotations"][0].update(segmentation=[[1, 2, 3]]),
+    ):
+        data = json.loads(json.dumps(good))
+        mutate(data)
+        path.write_text(json.dumps(data))
+        raises_naming(path, lambda: COCODataset(root, "train"))
+    raises_naming(path, lambda: COCODataset(root, "train", classes=["ant"]))  # 'zebra' unknown
+
+
+def test_yolo_class_id_beyond_names_and_malformed_lines(tmp_path):
+    data_yaml = write_yolo(tmp_path / "yolo")
+    txt = tmp_path / "yolo" / "labels" / "train" / "x.txt"
+    for content in ("2 0.5 0.5 0.2 0.2\n", "0 0.5 0.5\n", "0 0.5 0.5 0 0.2\n", "0 a b c d\n"):
+        txt.write_text(content)
+        raises_naming(txt, lambda: YOLODataset(data_yaml, "train"))
+    txt.write_text("0 0.5 0.5 1.2 0.2\n")  # 0.1 * 40 px = 4 px outside: found when loaded
+    ds = YOLODataset(data_yaml, "train")
+    raises_naming(txt, lambda: ds.load_sample(0))
+    skipping = YOLODataset(data_yaml, "train", skip_bad=True)
+    with pytest.warns(UserWarning, match="x.txt"):
+        assert skipping[0].id == "y"
+    assert skipping.skipped == [str(tmp_path / "yolo" / "images" / "train" / "x.png")]
+    raises_naming(txt, ds.coco_gt)
+    with pytest.warns(UserWarning, match="x.txt"):
+        assert [im["file_name"] for im in skipping.coco_gt()["images"]] == ["y.png"]
+    assert len(skipping.skipped) == 1
+
+
+def test_yolo_yaml_errors(tmp_path):
+    data_yaml = write_yolo(tmp_path / "yolo")
+    raises_naming(data_yaml, lambda: YOLODataset(data_yaml, "val"))  # no val entry
+    raises_naming(data_yaml, lambda: YOLODataset(data_yaml, "train", classes=["a", "b", "c"]))
+    data_yaml.write_text("names: [a\n")
+    raises_naming(data_yaml, lambda: YOLODataset(data_yaml, "train"))
+    data_yaml.write_text(yaml.safe_dump({"names": {0: "a", 2: "b"}, "train": "images/train"}))
+    raises_naming(data_yaml, lambda: YOLODataset(data_yaml, "train"))
+
+
+def test_build_dataset_config_errors(voc):
+    with pytest.raises(ConfigError, match=r"data\.format"):
+        build_dataset({"format": "kitti", "root": str(voc)}, "train", train=False)
+    with pytest.raises(ConfigError, match=r"data\.batch"):
+        build_dataset({"format": "voc", "root": str(voc), "batch": 3}, "train", train=False)
+    with pytest.raises(ConfigError, match=r"data\.classes"):
+        build_dataset({"format": "voc", "root": str(voc), "classes": "cat"}, "train", train=False)
+    ds = build_dataset({"format": "voc", "root": str(voc), "imgsz": 64, "skip_bad": True}, "train", train=False)
+    assert ds.skip_bad and len(ds) == 3
+
+
+def test_empty_split_names_the_split_file(voc):
+    (voc / "ImageSets" / "Main" / "val.txt").write_text("\n")
+    raises_naming(voc / "ImageSets" / "Main" / "val.txt", lambda: VOCDataset(voc, "val"))
