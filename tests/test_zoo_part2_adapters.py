@@ -1,0 +1,254 @@
+"""Registered adapters of zoo part 2 on tiny classification and dense models:
+built by name, gradients reach the student and never the teacher, trainable
+parts are registered, batch size 1 works, hooks (bind, aux_step, extra_state,
+index) behave, and misuse raises ConfigError."""
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mtkd.errors import ConfigError
+from mtkd.losses import build_loss
+from mtkd.structures import VOID
+
+
+class TinyCls(nn.Module):
+    """Classifier output dict: logits, embed, feats f1..f4 (tanh, so second
+    derivatives are not zero)."""
+
+    def __init__(self, w: int, classes: int = 5):
+        super().__init__()
+        self.convs = nn.ModuleList([nn.Conv2d(3, w, 3, 1, 1), nn.Conv2d(w, 2 * w, 3, 2, 1),
+                                    nn.Conv2d(2 * w, 2 * w, 3, 2, 1), nn.Conv2d(2 * w, 4 * w, 3, 2, 1)])
+        self.fc = nn.Linear(4 * w, classes)
+
+    def forward(self, x):
+        feats = {}
+        for i, conv in enumerate(self.convs, 1):
+            x = torch.tanh(conv(x))
+            feats[f"f{i}"] = x
+        embed = x.mean(dim=(2, 3))
+        return {"logits": self.fc(embed), "embed": embed, "feats": feats}
+
+
+class TinyDense(nn.Module):
+    """Dense output dict: seg logits at input size and neck maps p3, p4, p5."""
+
+    def __init__(self, w: int, classes: int = 3):
+        super().__init__()
+        self.stem = nn.Conv2d(3, w, 3, 4, 1)
+        self.p4 = nn.Conv2d(w, 2 * w, 3, 2, 1)
+        self.p5 = nn.Conv2d(2 * w, 4 * w, 3, 2, 1)
+        self.seg = nn.Conv2d(w, classes, 1)
+
+    def forward(self, x):
+        p3 = F.silu(self.stem(x))
+        p4 = F.silu(self.p4(p3))
+        p5 = F.silu(self.p5(p4))
+        seg = F.interpolate(self.seg(p3), size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return {"det": None, "seg": seg, "feats": {"p3": p3, "p4": p4, "p5": p5}}
+
+
+def cls_batch(bs):
+    return {"images": torch.randn(bs, 3, 16, 16), "labels": torch.randint(0, 5, (bs,)),
+            "index": torch.arange(bs) + 3}
+
+
+def dense_batch(bs):
+    masks = torch.randint(0, 3, (bs, 32, 32))
+    masks[:, :4] = VOID
+    return {"images": torch.randn(bs, 3, 32, 32), "masks": masks, "has_seg": torch.ones(bs, dtype=torch.bool),
+            "index": torch.arange(bs)}
+
+
+def step(loss, student, teacher, batch):
+    """What the trainer does: honour the declarations, forward, loss."""
+    if "input_grad" in loss.requires:
+        batch["images"].requires_grad_(True)
+    s_out = student(batch["images"])
+    if teacher is None:
+        t_out = None
+    elif "teacher_grad" in loss.requires:
+        t_out = teacher(batch["images"])
+    else:
+        with torch.no_grad():
+            t_out = teacher(batch["images"])
+    return loss(s_out, t_out, batch), s_out, t_out
+
+
+CASES = [  # name, kwargs, model kind
+    ("sp", {}, "dense"), ("sp", {}, "cls"),
+    ("cc", {}, "dense"), ("cc", {}, "cls"),
+    ("irg", {}, "dense"), ("irg", {}, "cls"),
+    ("vid", {}, "dense"), ("ofd", {}, "dense"), ("afd", {}, "dense"), ("afd", {}, "cls"),
+    ("crd", {"n_data": 20, "nce_k": 8, "feat_dim": 6}, "dense"),
+    ("crd", {"n_data": 20, "nce_k": 8, "feat_dim": 6}, "cls"),
+    ("dml", {}, "dense"), ("dml", {}, "cls"),
+    ("sobolev", {}, "cls"), ("lwm", {}, "cls"), ("bss", {"attack_size": 2, "num_steps": 2}, "cls"),
+]
+TRAINABLE = {"vid", "ofd", "afd", "crd"}
+BATCH_RELATIONS = {"sp", "cc"}  # B x B relations only: constant at batch size 1
+
+
+def models(kind):
+    return (TinyDense(4), TinyDense(6)) if kind == "dense" else (TinyCls(4), TinyCls(6))
+
+
+def make_correct(student, teacher, batch):
+    """One label for every sample, and both models biased to predict it, so
+    BSS has correctly classified samples to attack."""
+    with torch.no_grad():
+        label = teacher(batch["images"])["logits"][0].argmax()
+        batch["labels"] = torch.full_like(batch["labels"], int(label))
+        student.fc.weight.zero_()
+        student.fc.bias.copy_(F.one_hot(label, 5).float())
+        teacher.fc.bias.copy_(F.one_hot(label, 5).float() * 50)
+
+
+@pytest.mark.parametrize("name,kwargs,kind", CASES)
+@pytest.mark.parametrize("bs", [3, 1])
+def test_adapter_gradients(name, kwargs, kind, bs):
+    student, teacher = models(kind)
+    batch = dense_batch(bs) if kind == "dense" else cls_batch(bs)
+    if name == "bss":
+        make_correct(student, teacher, batch)
+    loss = build_loss(name, **kwargs)
+    loss.bind(student, teacher)
+    value, _, _ = step(loss, student, teacher, batch)
+    assert value.dim() == 0 and torch.isfinite(value)
+    if name == "bss":
+        assert value.item() > 0  # samples were attacked and distilled
+    value.backward()
+    if bs == 1 and name in BATCH_RELATIONS:
+        assert abs(value.item()) < 1e-10  # a one-sample relation matrix is constant
+    else:
+        grads = [p.grad for p in student.parameters() if p.grad is not None]
+        assert grads and any(g.abs().sum() > 0 for g in grads), "no gradient reached the student"
+    assert all(p.grad is None for p in teacher.parameters()), "gradient reached the teacher"
+    params = list(loss.student_parameters())
+    if name in TRAINABLE:
+        assert params and any(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
+        assert all(p.requires_grad for p in params)
+    else:
+        assert not params
+
+
+@pytest.mark.parametrize("name", ["sobolev", "lwm", "bss"])
+def test_classification_only(name):
+    student, teacher = models("dense")
+    loss = build_loss(name)
+    loss.bind(student, teacher)
+    with pytest.raises(ConfigError, match=name):
+        step(loss, student, teacher, dense_batch(2))
+
+
+@pytest.mark.parametrize("name", ["sp", "cc", "irg", "dml"])
+def test_zero_when_student_is_teacher(name):
+    student = TinyDense(4)
+    batch = dense_batch(2)
+    loss = build_loss(name, **({"reinit": False} if name == "dml" else {}))
+    loss.bind(student, student)
+    value, _, _ = step(loss, student, student, batch)
+    assert abs(value.item()) < 1e-10
+
+
+def test_sobolev_without_input_grad_is_config_error():
+    student, teacher = models("cls")
+    loss = build_loss("sobolev")
+    batch = cls_batch(2)
+    with pytest.raises(ConfigError, match="input_grad"):
+        loss(student(batch["images"]), teacher(batch["images"]), batch)
+
+
+def test_crd_needs_n_data_and_updates_memory_by_index():
+    with pytest.raises(ConfigError, match="n_data"):
+        build_loss("crd")
+    student, teacher = models("cls")
+    loss = build_loss("crd", n_data=10, nce_k=4, feat_dim=6)
+    batch = cls_batch(2)
+    batch["index"] = torch.tensor([2, 7])
+    step(loss, student, teacher, batch)  # materialises the lazy embeddings
+    memory = loss.core.contrast.memory_s
+    before = memory.clone()
+    step(loss, student, teacher, batch)
+    changed = (memory != before).any(dim=1).nonzero().view(-1).tolist()
+    assert changed == [2, 7]
+    assert "core.contrast.memory_s" in loss.state_dict() and "core.contrast.Z_t" in loss.state_dict()
+    batch["index"] = torch.tensor([2, 10])
+    with pytest.raises(ConfigError, match="n_data"):
+        step(loss, student, teacher, batch)
+
+
+def test_dml_peer_hard_is_configurable():
+    student, _ = models("cls")
+    batch = cls_batch(2)
+    loss = build_loss("dml", peer_hard=[{"name": "ce", "weight": 0.0}], peer_kd_weight=0.0, weight_decay=0.0)
+    loss.bind(student, None)
+    before = [p.detach().clone() for p in loss.peer.parameters()]
+    _, s_out, _ = step(loss, student, None, batch)
+    logs = loss.aux_step(s_out, None, batch)
+    assert logs["peer_loss"] == 0.0
+    assert all(torch.equal(b, p) for b, p in zip(before, loss.peer.parameters()))  # zero-weighted terms
+    with pytest.raises(ConfigError, match="peer_hard"):
+        build_loss("dml", peer_hard=[{"weight": 1.0}])
+
+
+def test_vid_ofd_afd_parts_match_widths():
+    student, teacher = models("dense")
+    for name in ("vid", "ofd", "afd"):
+        loss = build_loss(name)
+        step(loss, student, teacher, dense_batch(2))
+        assert set(loss.cores.keys()) == {"p3", "p4", "p5"}
+    vid = build_loss("vid", feats=["p5"], sf=0.5)
+    step(vid, student, teacher, dense_batch(2))
+    reg = vid.cores["p5"].regressor
+    assert (reg[0].in_channels, reg[0].out_channels, reg[-1].out_channels) == (16, 12, 24)
+
+
+@pytest.mark.parametrize("kind", ["cls", "dense"])
+def test_dml_aux_step_trains_peer_and_state_round_trips(kind):
+    student, _ = models(kind)
+    batch = dense_batch(2) if kind == "dense" else cls_batch(2)
+    loss = build_loss("dml", lr=0.05)
+    assert not loss.requires  # DML needs no teacher
+    loss.bind(student, None)
+    before = [p.detach().clone() for p in loss.peer.parameters()]
+    value, s_out, _ = step(loss, student, None, batch)
+    assert value.item() > 0  # re-initialised peer disagrees with the student
+    logs = loss.aux_step({k: v for k, v in s_out.items() if k != "feats"}, None, batch)
+    assert set(logs) == {"peer_loss", "peer_kd"}
+    assert any(not torch.equal(b, p) for b, p in zip(before, loss.peer.parameters()))
+    assert not list(loss.parameters())  # the peer is not trained by the student's optimiser
+
+    buf = io.BytesIO()
+    torch.save(loss.extra_state(), buf)
+    buf.seek(0)
+    state = torch.load(buf, weights_only=True)
+    other = build_loss("dml", lr=0.05)
+    other.load_extra_state(state)  # before bind: applied when bound
+    other.bind(student, None)
+    for a, b in zip(loss.peer.state_dict().values(), other.peer.state_dict().values()):
+        assert torch.equal(a, b)
+    assert other._opt[0].state_dict()["state"].keys() == loss._opt[0].state_dict()["state"].keys()
+
+
+def test_usable_from_composer_config():
+    from mtkd.losses.composer import LossComposer
+
+    student, teacher = models("cls")
+    cfg = {"extra": [{"name": "sp", "weight": 0.5}, "cc", "irg", "vid", "ofd", "afd", "dml",
+                     {"name": "crd", "n_data": 20, "nce_k": 4, "feat_dim": 6}]}
+    composer = LossComposer(cfg, with_teacher=True)
+    assert composer.requires == {"teacher", "index"}
+    composer.bind(student, teacher)
+    batch = cls_batch(2)
+    with torch.no_grad():
+        t_out = teacher(batch["images"])
+    total, logs = composer(student(batch["images"]), t_out, batch)
+    assert torch.isfinite(total) and {"extra/sp", "extra/crd", "extra/dml"} <= set(logs)
+    trainable = list(composer.student_parameters())
+    assert trainable and not any(p is q for p in trainable for q in composer.extra["dml"].peer.parameters())
+    # Without a teacher only DML is kept (the others require one).
+    assert list(LossComposer(cfg, with_teacher=False).extra.keys()) == ["dml"]
