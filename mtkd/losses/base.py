@@ -93,7 +93,7 @@ def available() -> list:
     return sorted(_REGISTRY)
 
 
-def build_loss(name: str, key: str = "loss", **kwargs: Any) -> nn.Module:
+def build_loss(name: str, key: str = "loss", /, **kwargs: Any) -> nn.Module:
     """Build a registered loss; ``key`` names the config entry for errors."""
     _import_all()
     if name not in _REGISTRY:

@@ -86,12 +86,12 @@ class LossComposer(nn.Module):
                 raise ConfigError(f"loss.{task}.alpha: must be in [0, 1], got {alpha}")
             if tcfg.get("hard"):
                 name, _, kw = _spec(tcfg["hard"], f"loss.{task}.hard")
-                self.hard[task] = build_loss(name, key=f"loss.{task}.hard", **kw)
+                self.hard[task] = build_loss(name, f"loss.{task}.hard", **kw)
             soft = nn.ModuleDict()
             weights: Dict[str, float] = {}
             for i, entry in enumerate(tcfg.get("soft") or []):
                 name, w, kw = _spec(entry, f"loss.{task}.soft[{i}]")
-                mod = build_loss(name, key=f"loss.{task}.soft[{i}]", **kw)
+                mod = build_loss(name, f"loss.{task}.soft[{i}]", **kw)
                 if self._usable(mod):
                     soft[name] = mod
                     weights[name] = w
@@ -100,7 +100,7 @@ class LossComposer(nn.Module):
             self.alpha[task] = alpha if len(soft) else 0.0
         for i, entry in enumerate(cfg.get("extra") or []):
             name, w, kw = _spec(entry, f"loss.extra[{i}]")
-            mod = build_loss(name, key=f"loss.extra[{i}]", **kw)
+            mod = build_loss(name, f"loss.extra[{i}]", **kw)
             if self._usable(mod):
                 self.extra[name] = mod
                 self.extra_weights[name] = w

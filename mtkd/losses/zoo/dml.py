@@ -101,7 +101,7 @@ class DMLLoss(Loss):
             kwargs = dict(entry)
             name = kwargs.pop("name")
             self.peer_hard_weights.append(float(kwargs.pop("weight", 1.0)))
-            self.peer_hard.append(build_loss(name, key=key_i, **kwargs))
+            self.peer_hard.append(build_loss(name, key_i, **kwargs))
         self._peer: List[nn.Module] = []
         self._opt: List[torch.optim.Optimizer] = []
         self._pending: Optional[Dict[str, Any]] = None
@@ -145,7 +145,7 @@ class DMLLoss(Loss):
         """The peer's own task loss: the ``peer_hard`` losses, by default ``ce``
         (classifiers) or ``seg_ce`` (dense), summed."""
         if not len(self.peer_hard):
-            self.peer_hard.append(build_loss("ce" if key == "logits" else "seg_ce", key="loss 'dml': peer_hard"))
+            self.peer_hard.append(build_loss("ce" if key == "logits" else "seg_ce", "loss 'dml': peer_hard"))
             self.peer_hard_weights.append(1.0)
         total = None
         for weight, hard in zip(self.peer_hard_weights, self.peer_hard):

@@ -1,0 +1,180 @@
+"""Helpers shared by the distillation losses: input checks, the seg validity
+mask, teacher-logit resizing and 1x1 width adapters.
+
+Conventions (apply to every loss in this package):
+
+* Teacher outputs are always detached inside a loss, so no gradient ever
+  reaches the teacher, whatever the trainer's ``no_grad`` policy.
+* A mismatch between student and teacher (class count, anchor grid, feature
+  width without an adapter) raises a one-line :class:`ConfigError` naming
+  the loss and both values.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mtkd.errors import ConfigError
+from mtkd.structures import VOID
+
+
+def need_teacher(loss: str, teacher_out: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    """Return ``teacher_out`` or fail clearly when a KD loss runs without one."""
+    if teacher_out is None:
+        raise ConfigError(f"loss {loss}: needs a teacher but none is configured (set 'teacher:')")
+    return teacher_out
+
+
+def output_entry(out: Dict[str, Any], key: str, who: str, loss: str) -> Any:
+    """``out[key]`` or a ConfigError naming the missing output."""
+    if key not in out or out[key] is None:
+        raise ConfigError(f"loss {loss}: the {who} output has no {key!r} entry")
+    return out[key]
+
+
+def feature(out: Dict[str, Any], name: str, who: str, loss: str) -> torch.Tensor:
+    """``out["feats"][name]`` or a ConfigError listing the available names."""
+    feats = out.get("feats") or {}
+    if name not in feats:
+        raise ConfigError(f"loss {loss}.feats: the {who} has no feature {name!r}; "
+                          f"available: {sorted(feats)}")
+    return feats[name]
+
+
+def check_classes(loss: str, student: int, teacher: int) -> None:
+    if student != teacher:
+        raise ConfigError(f"loss {loss}: teacher has {teacher} classes but the student has {student}")
+
+
+def resize_to(x: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize of a (B,C,H,W) map to ``size`` (no-op when equal)."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+def letterbox_content(batch: Mapping[str, Any], size: Tuple[int, int]) -> Optional[torch.Tensor]:
+    """(B,H,W) bool: pixels of the letterboxed input that show the image.
+
+    ``batch["letterbox"][b] = (scale, pad_x, pad_y)`` maps input pixels to
+    original ones as ``orig = (input - pad) / scale``. Input pixel column ``c``
+    (centre ``c + 0.5``) is content when ``pad_x <= c + 0.5 < pad_x + w *
+    scale`` with ``w = orig_sizes[b, 1]``; rows likewise with ``pad_y`` and
+    ``h``. Returns ``None`` when the batch lacks ``letterbox`` or
+    ``orig_sizes`` (then no pixel is treated as padding).
+    """
+    lb, orig = batch.get("letterbox"), batch.get("orig_sizes")
+    if lb is None or orig is None:
+        return None
+    lb = torch.as_tensor(lb).detach().float().cpu()
+    orig = torch.as_tensor(orig).detach().float().cpu()
+    h, w = size
+    scale, pad_x, pad_y = lb[:, 0:1], lb[:, 1:2], lb[:, 2:3]
+    cols = torch.arange(w, dtype=torch.float32) + 0.5
+    rows = torch.arange(h, dtype=torch.float32) + 0.5
+    in_x = (cols >= pad_x) & (cols < pad_x + orig[:, 1:2] * scale)  # (B, W)
+    in_y = (rows >= pad_y) & (rows < pad_y + orig[:, 0:1] * scale)  # (B, H)
+    return in_y[:, :, None] & in_x[:, None, :]
+
+
+def seg_valid_mask(batch: Mapping[str, Any], size: Tuple[int, int],
+                   device: torch.device) -> Optional[torch.Tensor]:
+    """(B,H,W) bool of the pixels a segmentation KD term is averaged over.
+
+    * Samples with segmentation labels (``has_seg``): pixels whose mask is
+      not :data:`VOID` (255).
+    * Samples without them: the collate sets their whole mask to VOID, so
+      every pixel counts except the letterbox padding, recovered from
+      ``letterbox`` and ``orig_sizes`` (:func:`letterbox_content`). The
+      teacher only ever sees the image, never a mask.
+
+    The mask is computed at the resolution of ``batch["masks"]`` (the input)
+    and nearest-resized to ``size`` if the logits differ. ``None`` when the
+    batch has no ``masks``: then every pixel is valid.
+    """
+    masks = batch.get("masks")
+    if masks is None:
+        return None
+    valid = masks != VOID
+    has_seg = batch.get("has_seg")
+    if has_seg is not None:
+        unlabelled = ~torch.as_tensor(has_seg, dtype=torch.bool, device=valid.device)
+        if bool(unlabelled.any()):
+            content = letterbox_content(batch, tuple(masks.shape[-2:]))
+            content = torch.ones_like(valid) if content is None else content.to(valid.device)
+            valid = torch.where(unlabelled[:, None, None], content, valid)
+    if tuple(valid.shape[-2:]) != tuple(size):
+        valid = F.interpolate(valid[:, None].float(), size=tuple(size), mode="nearest")[:, 0] > 0.5
+    return valid.to(device)
+
+
+def model_device(model: Any) -> torch.device:
+    """Device of a model's first parameter (CPU for parameter-less stubs)."""
+    params = model.parameters() if isinstance(model, nn.Module) else iter(())
+    return next((p.device for p in params), torch.device("cpu"))
+
+
+def widths(model: Any, who: str, loss: str) -> Dict[str, int]:
+    """``model.feat_channels`` (name -> channels) or a ConfigError."""
+    chans = getattr(model, "feat_channels", None)
+    if not isinstance(chans, Mapping):
+        raise ConfigError(f"loss {loss}: the {who} model does not expose feat_channels "
+                          "(name -> channels), needed to build the adapters")
+    return {str(k): int(v) for k, v in chans.items()}
+
+
+class FeatureAdapters(nn.Module):
+    """1x1 convolutions mapping student features to the teacher's width.
+
+    One ``nn.LazyConv2d(teacher_channels, 1)`` per feature name, made either
+    by :meth:`build` (from the models' ``feat_channels``, called by a loss's
+    ``bind``) or at the first call that needs it (the trainer's dry forward,
+    before the optimizer is built), on the student map's device. With
+    ``always`` every name gets one (a learned projection, as feat_gan
+    needs); otherwise only names whose widths differ. The adapters are
+    ordinary submodules, so they join the student's optimizer; lazy
+    parameters are materialised in place, so an optimizer built after
+    ``bind`` but before the first forward still updates them.
+    """
+
+    def __init__(self, loss: str, always: bool) -> None:
+        super().__init__()
+        self.loss, self.always = loss, always
+        self.convs = nn.ModuleDict()
+
+    def _make(self, name: str, student: int, teacher: int, device: Optional[torch.device]) -> None:
+        if name not in self.convs and (self.always or student != teacher):
+            self.convs[name] = nn.LazyConv2d(teacher, kernel_size=1, device=device)
+
+    def build(self, names: Iterable[str], student: Mapping[str, int], teacher: Mapping[str, int],
+              device: Optional[torch.device] = None) -> None:
+        """Create the adapters for ``names``; unknown names raise a ConfigError."""
+        for name in names:
+            for who, chans in (("student", student), ("teacher", teacher)):
+                if name not in chans:
+                    raise ConfigError(f"loss {self.loss}.feats: the {who} has no feature {name!r}; "
+                                      f"available: {sorted(chans)}")
+            self._make(name, student[name], teacher[name], device)
+
+    def forward(self, name: str, x: torch.Tensor, teacher_channels: int) -> torch.Tensor:
+        self._make(name, x.shape[1], teacher_channels, x.device)
+        return self.convs[name](x) if name in self.convs else x
+
+
+def pairs(student_out: Dict[str, Any], teacher_out: Dict[str, Any], names: Sequence[str],
+          adapters: FeatureAdapters) -> Iterable[Tuple[str, torch.Tensor, torch.Tensor]]:
+    """Yield ``(name, adapted student map, detached teacher map)`` per name,
+    checking that the channel counts agree after adaptation (an adapter
+    built by ``bind`` from ``feat_channels`` that disagree with the real
+    outputs would not)."""
+    loss = adapters.loss
+    for name in names:
+        t = feature(teacher_out, name, "teacher", loss).detach()
+        s = adapters(name, feature(student_out, name, "student", loss), t.shape[1])
+        if s.shape[1] != t.shape[1]:
+            raise ConfigError(f"loss {loss}.feats: {name!r} has {s.shape[1]} adapted student channels "
+                              f"vs {t.shape[1]} teacher channels (feat_channels disagree with the outputs)")
+        yield name, s, t
