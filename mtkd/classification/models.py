@@ -1,0 +1,274 @@
+"""Classifiers for distillation, all returning ``{"logits", "embed", "feats"}``.
+
+* :class:`Cnn4` - the small student: four conv blocks (3x3 conv, BN, ReLU;
+  2x2 max-pool after the first three; widths 32/64/128/256 by default), global
+  average pool, then ``Linear(256,128) - ReLU - Dropout - Linear(128, nc)``.
+  ``feats`` f1..f4 are the four block outputs (strides 2, 4, 8, 8); ``embed``
+  is the pooled 256-d vector.
+* :class:`TappedClassifier` - any torchvision or timm classifier, built with
+  ``nc`` outputs (its classifier replaced), random init. Forward hooks read
+  ``feats`` f1..f4 = the maps at strides 4, 8, 16, 32 and ``embed`` = the
+  input of the final classifier layer (pooled penultimate features). Tap
+  choice: for timm models, the last ``feature_info`` module of each of those
+  reductions (what timm's ``features_only`` returns); otherwise the stage
+  module found by a probe forward (see :func:`_probe_taps`). Models without
+  such maps (e.g. ViTs) give fewer or no feats.
+
+Names: ``cnn4`` is the student; ``torchvision/<name>`` or ``timm/<name>``
+pick a library; a bare name is torchvision's when torchvision has that
+classification model (so seed-style torchvision state dicts load), else timm's.
+No weights are ever downloaded.
+
+KD lives in :mod:`mtkd.losses`; nothing here knows a loss.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mtkd.errors import ConfigError, MtkdError
+
+STUDENT = "cnn4"
+TAP_STRIDES = (4, 8, 16, 32)
+PROBE_SIZES = (128, 224)
+
+
+class Cnn4(nn.Module):
+    """The 4-block CNN student (see the module doc)."""
+
+    def __init__(self, num_classes: int, widths: Sequence[int] = (32, 64, 128, 256), hidden: int = 128,
+                 drop_rate: float = 0.2):
+        super().__init__()
+        if len(widths) != 4:
+            raise ConfigError(f"model.widths: expected 4 block widths, got {list(widths)}")
+        blocks = []
+        c_in = 3
+        for i, c in enumerate(widths):
+            layers: List[nn.Module] = [nn.Conv2d(c_in, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU(inplace=True)]
+            if i < 3:
+                layers.append(nn.MaxPool2d(2, 2))
+            blocks.append(nn.Sequential(*layers))
+            c_in = c
+        self.blocks = nn.ModuleList(blocks)
+        self.classifier = nn.Sequential(nn.Linear(c_in, hidden), nn.ReLU(inplace=True), nn.Dropout(drop_rate),
+                                        nn.Linear(hidden, num_classes))
+
+    def forward(self, x: torch.Tensor) -> Dict[str, Any]:
+        feats = {}
+        for i, block in enumerate(self.blocks, start=1):
+            x = block(x)
+            feats[f"f{i}"] = x
+        embed = F.adaptive_avg_pool2d(x, 1).flatten(1)
+        return {"logits": self.classifier(embed), "embed": embed, "feats": feats}
+
+
+def _resolve(name: str) -> Tuple[str, str]:
+    """(library, model name) for a classifier name; see the module doc."""
+    import timm
+    from torchvision import models as tvm
+
+    if "/" in name:
+        lib, _, arch = name.partition("/")
+        if lib not in ("torchvision", "timm"):
+            raise ConfigError(f"model name {name!r}: prefix must be 'torchvision/' or 'timm/'")
+    else:
+        lib, arch = ("torchvision", name) if name in tvm.list_models(module=tvm) else ("timm", name)
+    known = tvm.list_models(module=tvm) if lib == "torchvision" else timm.list_models()
+    if arch not in known:
+        raise ConfigError(f"model name {name!r}: not a {lib} classification model")
+    return lib, arch
+
+
+class _Store(dict):
+    """Tapped tensors of the running forward; ``active`` only inside it, so a
+    tapped module called on its own (e.g. ``model.fc(x)``) leaves nothing behind."""
+
+    active = False
+
+
+class _Tap:
+    """A forward (pre-)hook writing one tensor into a shared :class:`_Store`."""
+
+    def __init__(self, store: _Store, key: str, inputs: bool = False):
+        self.store = store
+        self.key = key
+        self.inputs = inputs
+
+    def __call__(self, module: nn.Module, args: Any, output: Any = None) -> None:
+        if self.store.active:
+            self.store[self.key] = args[0] if self.inputs else output
+
+
+class TappedClassifier(nn.Module):
+    """A torchvision/timm classifier whose forward returns the mtkd output dict.
+
+    The hooks write into ``self._store``, a plain dict shared with them (so a
+    ``deepcopy``, as the EMA makes, gives the copy its own store and hooks).
+    ``taps`` maps feature keys to tapped module names (``f<i>`` is the map
+    at stride ``TAP_STRIDES[i-1]``; a stride the model lacks has no key);
+    ``head_name`` is the final classifier layer whose input is ``embed``.
+    """
+
+    def __init__(self, model: nn.Module, taps: Dict[str, str], head_name: Optional[str]):
+        super().__init__()
+        self.model = model
+        self.taps = dict(taps)
+        self.head_name = head_name
+        self._store = _Store()
+        modules = dict(model.named_modules())
+        for key, name in self.taps.items():
+            modules[name].register_forward_hook(_Tap(self._store, key))
+        if head_name is not None:
+            modules[head_name].register_forward_pre_hook(_Tap(self._store, "embed", inputs=True))
+
+    def forward(self, x: torch.Tensor) -> Dict[str, Any]:
+        self._store.clear()
+        self._store.active = True
+        try:
+            logits = self.model(x)
+        finally:
+            self._store.active = False
+        feats = {k: self._store[k] for k in self.taps if k in self._store}
+        embed = self._store.get("embed")
+        if embed is None and feats:
+            embed = F.adaptive_avg_pool2d(feats[list(feats)[-1]], 1)
+        self._store.clear()
+        return {"logits": logits, "embed": None if embed is None else embed.flatten(1), "feats": feats}
+
+
+def _probe_taps(model: nn.Module) -> Tuple[Dict[str, str], Optional[str]]:
+    """Tap names and the final Linear's name, found by a probe forward.
+
+    For each stride in :data:`TAP_STRIDES`, among the modules whose output is
+    a map of that stride, the shallowest ones (fewest dots in the name: stage
+    containers rather than layers inside them) are kept and the last of them
+    to run is the tap. The probe is 128x128, or 224x224 for models that only
+    take that size; a model that takes neither gets no taps.
+    """
+    for size in PROBE_SIZES:
+        order: List[Tuple[str, Tuple[int, ...]]] = []
+        linears: List[str] = []
+        handles = []
+        for name, mod in model.named_modules():
+            if not name:
+                continue
+
+            def hook(m: nn.Module, args: Any, out: Any, name: str = name) -> None:
+                if isinstance(out, torch.Tensor):
+                    order.append((name, tuple(out.shape)))
+                if isinstance(m, nn.Linear):
+                    linears.append(name)
+
+            handles.append(mod.register_forward_hook(hook))
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                model(torch.zeros(1, 3, size, size))
+        except (RuntimeError, AssertionError, ValueError):
+            continue
+        finally:
+            for h in handles:
+                h.remove()
+            model.train(was_training)
+        taps = {}
+        for i, stride in enumerate(TAP_STRIDES, start=1):
+            hits = [n for n, shape in order if len(shape) == 4 and shape[2:] == (size // stride, size // stride)]
+            if hits:
+                depth = min(n.count(".") for n in hits)
+                taps[f"f{i}"] = [n for n in hits if n.count(".") == depth][-1]
+        return taps, (linears[-1] if linears else None)
+    return {}, None
+
+
+def _timm_taps(model: nn.Module) -> Tuple[Dict[str, str], Optional[str]]:
+    info = getattr(model, "feature_info", None)
+    taps: Dict[str, str] = {}
+    if isinstance(info, list):
+        for i, stride in enumerate(TAP_STRIDES, start=1):
+            hits = [d["module"] for d in info if d.get("reduction") == stride]
+            if hits:
+                taps[f"f{i}"] = hits[-1]
+    head = None
+    modules = dict(model.named_modules())
+    classifier = model.get_classifier() if hasattr(model, "get_classifier") else None
+    for name, mod in modules.items():
+        if classifier is not None and mod is classifier and name:
+            head = name
+    if len(taps) < len(TAP_STRIDES) or any(t not in modules for t in taps.values()):
+        taps = _probe_taps(model)[0]
+    return taps, head
+
+
+def build_classifier(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
+    """A randomly initialised classifier returning the mtkd output dict.
+
+    ``name``: ``cnn4`` (kwargs: ``widths``, ``hidden``, ``drop_rate``) or a
+    torchvision/timm name (kwargs go to the library's constructor).
+    """
+    if num_classes < 1:
+        raise ConfigError(f"num_classes: must be >= 1, got {num_classes}")
+    if name == STUDENT:
+        return Cnn4(num_classes, **kwargs)
+    lib, arch = _resolve(name)
+    try:
+        if lib == "torchvision":
+            from torchvision import models as tvm
+
+            model = tvm.get_model(arch, weights=None, num_classes=num_classes, **kwargs)
+            taps, head = _probe_taps(model)
+        else:
+            import timm
+
+            model = timm.create_model(arch, pretrained=False, num_classes=num_classes, **kwargs)
+            taps, head = _timm_taps(model)
+    except TypeError as exc:
+        raise ConfigError(f"model {name!r}: bad arguments {sorted(kwargs)}: {exc}") from None
+    return TappedClassifier(model, taps, head)
+
+
+def _state_dict_of(obj: Any, path: Path) -> Dict[str, torch.Tensor]:
+    if isinstance(obj, nn.Module):
+        return obj.state_dict()
+    if isinstance(obj, dict):
+        for key in ("model", "state_dict", "net", "snet"):
+            if key in obj and isinstance(obj[key], (dict, nn.Module)):
+                return _state_dict_of(obj[key], path)
+        if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+            return obj
+    raise MtkdError(f"{path}: no state dict found (expected a state dict, or one under "
+                    "'model'/'state_dict'/'net')")
+
+
+def load_weights(model: nn.Module, path: Union[str, Path], trust_pickle: bool = False) -> nn.Module:
+    """Load a user checkpoint into ``model`` (in place) and return it.
+
+    Accepted: an mtkd checkpoint, a plain state dict (for a wrapped
+    torchvision/timm model its keys may omit the wrapper's ``model.`` prefix,
+    as a seed-style ``torch.save(densenet.state_dict())`` has), a dict holding
+    one under ``model``/``state_dict``/``net``; DataParallel ``module.``
+    prefixes are stripped. Files are read with ``weights_only=True`` unless
+    ``trust_pickle`` (trusted files only; then a pickled ``nn.Module`` works too).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise MtkdError(f"{path}: checkpoint not found")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+    except Exception as exc:  # torch raises many types for foreign/torn files
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        hint = "" if trust_pickle else " (if it is a trusted pickle, set teacher.trust_pickle)"
+        raise MtkdError(f"{path}: cannot read checkpoint: {reason[:200]}{hint}") from None
+    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in _state_dict_of(obj, path).items()}
+    target = model
+    if isinstance(model, TappedClassifier) and not any(k.startswith("model.") for k in state):
+        target = model.model
+    try:
+        target.load_state_dict(state)
+    except RuntimeError as exc:
+        raise MtkdError(f"{path}: weights do not fit the model: {str(exc).strip().splitlines()[0]}") from None
+    return model

@@ -1,0 +1,207 @@
+"""The ``classify`` task: ImageFolder classification for the generic trainer.
+
+Config (keys of ``configs/defaults.yaml``, read as follows):
+
+* ``data.format: imagefolder``; ``data.root`` holds the split folders named by
+  ``data.train`` / ``data.val`` / ``data.test`` (the val folder stands in for
+  a missing test folder); ``data.classes`` (null = the train folder's
+  sub-folders); ``data.imgsz``; ``data.mean`` / ``data.std`` (null = computed
+  from the training images and written back into the run's config, so
+  ``config.yaml`` and the checkpoints record them for ``predict``);
+  ``data.augment`` (``scale``, ``hflip``, ``enabled``); ``data.skip_bad``.
+* ``model.preset: student`` -> the 4-block CNN (``cnn4``); ``model.backbone``
+  -> any torchvision/timm classifier name instead (see
+  :mod:`mtkd.classification.models`); the multi-task model keys must stay null.
+* ``teacher.model: {name: densenet121, <constructor kwargs>}`` (``backbone``
+  is accepted for ``name``; default ``densenet121``), ``teacher.ckpt`` (a
+  user checkpoint; random init when null but ``teacher.model`` is given),
+  ``teacher.trust_pickle``.
+* Losses: classification terms go in ``loss.extra`` (the composer's
+  alpha/ratio sections are ``det``/``seg``), e.g. ``extra: [{name: ce,
+  weight: 0.3}, {name: st, weight: 0.7, T: 4}]`` is Hinton's
+  ``(1 - alpha) CE + alpha KD`` with alpha 0.7; set ``det``/``seg`` to ``{}``.
+
+Metrics: ``top1``, ``top5`` (top-k with k = min(5, classes)) in percent,
+and the mean cross-entropy ``loss``; the best-checkpoint ``fitness`` is top1.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mtkd.classification.data import (ImageFolderDataset, build_transform, collate, compute_mean_std,
+                                      find_classes)
+from mtkd.classification.models import STUDENT, build_classifier, load_weights
+from mtkd.classification.predict import predict_folder
+from mtkd.engine.tasks import register_task
+from mtkd.errors import ConfigError
+
+#: Multi-task ``model:`` keys that mean nothing to a classifier (must stay null).
+_DENSE_MODEL_KEYS = ("neck_channels", "neck_depth", "head_channels", "reg_max", "seg_channels", "seg_c2",
+                     "det", "seg")
+
+
+def _split_folder(data: Dict[str, Any], split: str) -> Path:
+    if split not in ("train", "val", "test"):
+        raise ConfigError(f"data: unknown split {split!r}")
+    root = Path(data["root"])
+    folder = root / str(data[split])
+    if split == "test" and not folder.is_dir():
+        folder = root / str(data["val"])
+    return folder
+
+
+@register_task("classify")
+class ClassifyTask:
+    """See the module doc."""
+
+    name = "classify"
+
+    # -- data ----------------------------------------------------------------------
+    @staticmethod
+    def classes(cfg: Dict[str, Any]) -> List[str]:
+        data = cfg["data"]
+        if data.get("classes"):
+            return list(data["classes"])
+        return find_classes(_split_folder(data, "train"))
+
+    @staticmethod
+    def normalisation(cfg: Dict[str, Any]) -> tuple:
+        """``(mean, std)``; computed from the training images when null, and
+        stored back into ``cfg["data"]``."""
+        data = cfg["data"]
+        if data.get("mean") is None or data.get("std") is None:
+            mean, std = compute_mean_std(_split_folder(data, "train"), int(data["imgsz"]))
+            data["mean"] = data["mean"] if data.get("mean") is not None else mean
+            data["std"] = data["std"] if data.get("std") is not None else std
+        return data["mean"], data["std"]
+
+    def build_dataset(self, cfg: Dict[str, Any], split: str, train: bool) -> ImageFolderDataset:
+        data = cfg["data"]
+        if data.get("format") != "imagefolder":
+            raise ConfigError(f"data.format: the classify task reads 'imagefolder', got {data.get('format')!r}")
+        mean, std = self.normalisation(cfg)
+        transform = build_transform(int(data["imgsz"]), mean, std, data.get("augment", {}) if train else None)
+        return ImageFolderDataset(_split_folder(data, split), self.classes(cfg), transform,
+                                  skip_bad=bool(data.get("skip_bad", False)))
+
+    def collate(self, items: List[Any]) -> Dict[str, Any]:
+        return collate(items)
+
+    # -- models ----------------------------------------------------------------------
+    def build_model(self, cfg: Dict[str, Any], num_classes: int) -> nn.Module:
+        m = cfg["model"]
+        for key in _DENSE_MODEL_KEYS:
+            if m.get(key) is not None:
+                raise ConfigError(f"model.{key}: not used by the classify task; leave it null")
+        if m.get("backbone"):
+            return build_classifier(str(m["backbone"]), num_classes)
+        if m.get("preset") == "student":
+            return build_classifier(STUDENT, num_classes)
+        raise ConfigError(f"model.preset: the classify task knows 'student' ({STUDENT}); "
+                          "give model.backbone for any torchvision/timm classifier")
+
+    def build_teacher(self, cfg: Dict[str, Any], num_classes: int,
+                      student: Optional[nn.Module] = None) -> Optional[nn.Module]:
+        """The teacher classifier, built for ``num_classes`` outputs like the
+        student (a checkpoint trained for another class count fails to load,
+        naming the file); ``student`` is not needed beyond that."""
+        t = cfg["teacher"]
+        if t.get("composite") is not None:
+            raise ConfigError("teacher.composite: not used by the classify task")
+        spec = dict(t.get("model") or {})
+        if t.get("ckpt") is None and not spec:
+            return None
+        name = spec.pop("name", None) or spec.pop("backbone", None) or "densenet121"
+        try:
+            model = build_classifier(str(name), num_classes, **spec)
+        except ConfigError as exc:
+            raise ConfigError(f"teacher.model: {exc}") from None
+        if t.get("ckpt") is not None:
+            load_weights(model, t["ckpt"], trust_pickle=bool(t.get("trust_pickle", False)))
+        return model
+
+    # -- evaluation --------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, loader: Any, dataset: Any, cfg: Dict[str, Any],
+                 device: torch.device, amp: bool) -> Dict[str, float]:
+        was_training = model.training
+        model.eval()
+        max_batches = cfg["eval"].get("max_batches")
+        k = min(5, len(dataset.classes))
+        n = top1 = topk = 0
+        loss = 0.0
+        try:
+            for i, batch in enumerate(loader):
+                if max_batches is not None and i >= max_batches:
+                    break
+                images, labels = batch["images"].to(device), batch["labels"].to(device)
+                logits = model(images)["logits"].float()
+                loss += float(F.cross_entropy(logits, labels, reduction="sum"))
+                hits = logits.topk(k, dim=1).indices == labels[:, None]
+                top1 += int(hits[:, 0].sum())
+                topk += int(hits.any(dim=1).sum())
+                n += len(labels)
+        finally:
+            model.train(was_training)
+        if n == 0:
+            raise ConfigError("eval: no samples were evaluated (empty split or eval.max_batches = 0)")
+        return {"top1": 100.0 * top1 / n, "top5": 100.0 * topk / n, "loss": loss / n}
+
+    def fitness(self, metrics: Dict[str, float]) -> float:
+        return metrics["top1"]
+
+    def model_info(self, model: nn.Module, cfg: Dict[str, Any]) -> Dict[str, float]:
+        from mtkd.models.info import model_info
+
+        return model_info(model, int(cfg["data"]["imgsz"]))
+
+    def draw_val(self, model: nn.Module, dataset: Any, path: Path, cfg: Dict[str, Any],
+                 device: torch.device, n: int = 8) -> None:
+        """The first ``n`` images of ``dataset`` in a row (tiles of at least
+        96 px), each captioned ``pred prob`` over ``gt`` (green when right,
+        red when wrong)."""
+        from PIL import Image, ImageDraw
+
+        mean, std = self.normalisation(cfg)
+        size = max(int(cfg["data"]["imgsz"]), 96)  # tiles wide enough for the captions
+        items = [dataset[i] for i in range(min(n, len(dataset)))]
+        if not items:
+            return
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                prob = model(torch.stack([it["image"] for it in items]).to(device))["logits"].float().softmax(1)
+        finally:
+            model.train(was_training)
+        conf, pred = prob.max(1)
+        canvas = Image.new("RGB", (size * len(items), size + 28), (255, 255, 255))
+        draw = ImageDraw.Draw(canvas)
+        m = torch.tensor(mean).view(3, 1, 1)
+        s = torch.tensor(std).view(3, 1, 1)
+        for j, it in enumerate(items):
+            img = ((it["image"] * s + m).clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()
+            canvas.paste(Image.fromarray(img).resize((size, size), Image.NEAREST), (j * size, 0))
+            ok = int(pred[j]) == it["label"]
+            draw.text((j * size + 2, size + 1), f"{dataset.classes[int(pred[j])]} {float(conf[j]):.2f}",
+                      fill=(0, 140, 0) if ok else (200, 0, 0))
+            draw.text((j * size + 2, size + 14), dataset.classes[it["label"]], fill=(0, 0, 0))
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        canvas.save(path)
+
+    def predict(self, model: nn.Module, source: Path, out: Path, classes: List[str],
+                cfg: Dict[str, Any], device: torch.device) -> List[str]:
+        """Write ``out/predictions.txt`` (``file class prob`` per line) and return the lines."""
+        data = cfg["data"]
+        if data.get("mean") is None or data.get("std") is None:
+            raise ConfigError("data.mean/data.std: needed for predict (the training run's config.yaml has them)")
+        lines = predict_folder(model, source, classes, int(data["imgsz"]), data["mean"], data["std"], device)
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "predictions.txt").write_text("".join(line + "\n" for line in lines))
+        return lines
