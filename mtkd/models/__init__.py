@@ -52,7 +52,7 @@ def _resolve(model_cfg: Mapping[str, Any]) -> Dict[str, Any]:
         raise ConfigError(f"model.preset: unknown preset {preset!r}; known: {', '.join(PRESETS)}")
     cfg = dict(PRESETS[preset])
     for key, value in model_cfg.items():
-        if key == "preset":
+        if key == "preset" or value is None:  # null = take the preset's value
             continue
         if key not in _TYPES:
             raise ConfigError(f"model.{key}: unknown key; known: preset, {', '.join(_TYPES)}")

@@ -1,0 +1,175 @@
+"""The ``mtkd`` command line.
+
+Subcommands live in one table, :data:`COMMANDS`; a module adds its own with::
+
+    @command("demo", help="...")
+    def _demo_args(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
+        p.add_argument(...)
+        return run_demo            # called with the parsed namespace, returns an exit code
+
+and, if it lives outside this file, one line in :data:`COMMAND_MODULES`
+(imported before the parser is built). Any :class:`~mtkd.errors.MtkdError`
+prints ``error: <message>`` on one line to stderr and exits with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+from mtkd.errors import MtkdError
+
+Runner = Callable[[argparse.Namespace], int]
+Setup = Callable[[argparse.ArgumentParser], Runner]
+
+#: name -> (help, setup). ``setup`` adds the arguments and returns the runner.
+COMMANDS: Dict[str, Tuple[str, Setup]] = {}
+
+#: Modules outside this file that register subcommands with :func:`command`.
+COMMAND_MODULES: List[str] = []
+
+
+def command(name: str, help: str) -> Callable[[Setup], Setup]:
+    def deco(setup: Setup) -> Setup:
+        COMMANDS[name] = (help, setup)
+        return setup
+
+    return deco
+
+
+def _overrides(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="run config YAML")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+
+
+def _load(args: argparse.Namespace, extra: Sequence[str] = ()) -> Dict[str, Any]:
+    from mtkd.engine.config import load_config
+
+    return load_config(args.config, list(args.overrides) + list(extra))
+
+
+# -- train ---------------------------------------------------------------------------
+@command("train", help="train a model (teacher, student or distilled student)")
+def _train_args(p: argparse.ArgumentParser) -> Runner:
+    _overrides(p)
+    p.add_argument("--resume", nargs="?", const=True, default=None, metavar="PATH",
+                   help="continue from PATH (default: <out>/last.pt); give it after the overrides")
+    return _run_train
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from mtkd.engine.trainer import train
+
+    cfg = _load(args)
+    if args.resume is not None:
+        cfg["train"]["resume"] = args.resume
+    report = train(cfg)
+    if report:
+        print(format_table(report))
+    return 0
+
+
+# -- eval ----------------------------------------------------------------------------
+TABLE_KEYS = ("map50_95", "map50", "miou", "params", "gflops", "latency_ms")
+
+
+def format_table(metrics: Dict[str, Any], keys: Sequence[str] = TABLE_KEYS) -> str:
+    """A two-row text table of the ``keys`` present in ``metrics``."""
+    cols = [k for k in keys if k in metrics]
+    cells = []
+    for k in cols:
+        v = metrics[k]
+        cells.append(f"{v:,}" if isinstance(v, int) else f"{v:.4f}" if isinstance(v, float) else str(v))
+    widths = [max(len(c), len(v)) for c, v in zip(cols, cells)]
+    head = "  ".join(c.rjust(w) for c, w in zip(cols, widths))
+    row = "  ".join(v.rjust(w) for v, w in zip(cells, widths))
+    return f"{head}\n{row}"
+
+
+@command("eval", help="evaluate a checkpoint on a split")
+def _eval_args(p: argparse.ArgumentParser) -> Runner:
+    _overrides(p)
+    p.add_argument("--ckpt", required=True, help="checkpoint (best.pt / last.pt)")
+    p.add_argument("--split", default="test", choices=("train", "val", "test"))
+    p.add_argument("--json", default=None, metavar="OUT", help="also write the metrics to this JSON file")
+    return _run_eval
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from mtkd.engine.trainer import evaluate_checkpoint
+
+    metrics = evaluate_checkpoint(_load(args), args.ckpt, args.split)
+    print(format_table(metrics))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(metrics, indent=2))
+    return 0
+
+
+# -- predict -------------------------------------------------------------------------
+@command("predict", help="predict every image of a folder")
+def _predict_args(p: argparse.ArgumentParser) -> Runner:
+    _overrides(p)
+    p.add_argument("--ckpt", required=True)
+    p.add_argument("--source", required=True, help="folder of images")
+    p.add_argument("--out", required=True, help="output folder")
+    return _run_predict
+
+
+def _run_predict(args: argparse.Namespace) -> int:
+    from mtkd.engine.trainer import predict_checkpoint
+
+    predict_checkpoint(_load(args), args.ckpt, args.source, args.out)
+    print(f"predictions written to {args.out}")
+    return 0
+
+
+# -- make-synthetic ------------------------------------------------------------------
+@command("make-synthetic", help="write the synthetic multi-task dataset (VOC, COCO and YOLO layouts)")
+def _synthetic_args(p: argparse.ArgumentParser) -> Runner:
+    p.add_argument("--out", required=True, help="output root (configs expect data/synthetic)")
+    p.add_argument("--n-train", type=int, default=64)
+    p.add_argument("--n-val", type=int, default=16)
+    p.add_argument("--n-test", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seg-missing", type=float, default=0.0, help="fraction of train images without masks")
+    p.add_argument("--det-missing", type=float, default=0.0, help="fraction of train images without boxes")
+    return _run_synthetic
+
+
+def _run_synthetic(args: argparse.Namespace) -> int:
+    from mtkd.datasets import make_synthetic
+
+    make_synthetic(args.out, n_train=args.n_train, n_val=args.n_val, n_test=args.n_test, seed=args.seed,
+                   seg_missing=args.seg_missing, det_missing=args.det_missing)
+    print(f"synthetic dataset written to {args.out}")
+    return 0
+
+
+# -- entry point ---------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    for module in COMMAND_MODULES:
+        importlib.import_module(module)
+    parser = argparse.ArgumentParser(prog="mtkd", description="multi-task knowledge distillation")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (help_text, setup) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_run=setup(p))
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the CLI; returns the exit code (2 for an MtkdError, printed on one line)."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args._run(args) or 0)
+    except MtkdError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""Atomic, ``weights_only``-safe checkpoints.
+
+Layout of a checkpoint dict (every value is a tensor, a state dict or a plain
+dict/list/number/string, so ``torch.load(weights_only=True)`` reads it):
+
+* ``"format"``: ``"mtkd-ckpt-1"``;
+* ``"model"``: the weights to evaluate and deploy (the EMA's where EMA is on);
+* ``"config"``: the run's config as a plain dict; ``"task"``, ``"classes"``;
+* ``"epoch"`` (completed epochs), ``"step"``, ``"metrics"`` (last val metrics),
+  ``"best_score"``;
+* ``"train_state"`` (``last.pt`` only, what ``--resume`` needs): raw model
+  weights, optimizer, scheduler, grad-scaler, EMA update count, composer
+  ``state_dict`` and ``extra_state``, RNG states, the results history.
+
+Saves write a temporary file in the destination's directory, fsync it and
+``os.replace`` it over the target, so a crash never leaves a torn file.
+"""
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any, Dict
+
+import numpy as np
+import torch
+
+from mtkd.errors import MtkdError
+
+FORMAT = "mtkd-ckpt-1"
+
+
+def save_atomic(obj: Dict[str, Any], path: str | Path) -> None:
+    """``torch.save`` to a temp file beside ``path``, fsync, then ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_checkpoint(path: str | Path, trust_pickle: bool = False,
+                    map_location: str | torch.device = "cpu") -> Dict[str, Any]:
+    """Load a checkpoint; ``weights_only=True`` unless ``trust_pickle`` is set.
+
+    A missing, corrupt or non-mtkd file raises a one-line MtkdError naming it.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise MtkdError(f"{path}: checkpoint not found")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=not trust_pickle)
+    except Exception as exc:  # torch raises many types for torn/foreign files
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        hint = "" if trust_pickle else " (if it is a trusted pickle, set trust_pickle)"
+        raise MtkdError(f"{path}: cannot read checkpoint: {reason[:200]}{hint}") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt:
+        raise MtkdError(f"{path}: not an mtkd checkpoint (no 'model' entry)")
+    return ckpt
+
+
+def rng_state() -> Dict[str, Any]:
+    """Torch (CPU and CUDA), numpy and Python RNG states as tensors/plain types."""
+    np_state = np.random.get_state()
+    py_version, py_keys, py_gauss = random.getstate()
+    state: Dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "python": {"version": py_version, "keys": torch.tensor(py_keys, dtype=torch.int64),
+                   "gauss": py_gauss},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"],
+                         n["has_gauss"], n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(int(k) for k in p["keys"].tolist()), p["gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,209 @@
+"""Tasks: the task-specific parts of a run, behind one small interface.
+
+The :class:`~mtkd.engine.trainer.Trainer` is generic; whatever depends on
+*what* is learnt (which dataset reader, which model, how to score it, how to
+draw a prediction) comes from a task object, looked up by the config's
+``task`` name. A task implements :class:`Task`; it registers itself with
+``@register_task("name")`` in the module that defines it. A task that lives
+outside this module is listed once in :data:`TASK_MODULES` (name -> module
+path) so that :func:`get_task` can import it on first use; adding a task
+needs no change to the trainer.
+
+Every task's batches are dicts with at least ``"images"`` (the model input);
+its models take that tensor and return a dict the task's losses understand.
+"""
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Protocol, Type
+
+import torch
+from torch import nn
+
+from mtkd.errors import ConfigError
+
+
+class Task(Protocol):
+    """What the trainer, the evaluator CLI and the predictor need from a task."""
+
+    name: str
+
+    def build_dataset(self, cfg: Dict[str, Any], split: str, train: bool) -> Any:
+        """The dataset of ``split`` (``train``/``val``/``test``); it has ``.classes``."""
+
+    def collate(self, items: List[Any]) -> Dict[str, Any]:
+        """Items of the dataset -> a batch dict with ``"images"``."""
+
+    def build_model(self, cfg: Dict[str, Any], num_classes: int) -> nn.Module:
+        """The (student) model of ``cfg["model"]``, randomly initialised."""
+
+    def build_teacher(self, cfg: Dict[str, Any], num_classes: int, student: nn.Module) -> Optional[nn.Module]:
+        """The teacher of ``cfg["teacher"]`` (checked against ``student``), or ``None`` for plain training."""
+
+    def evaluate(self, model: nn.Module, loader: Any, dataset: Any, cfg: Dict[str, Any],
+                 device: torch.device, amp: bool) -> Dict[str, float]:
+        """Metrics of ``model`` on ``dataset`` (higher is better for the best-checkpoint metric)."""
+
+    def fitness(self, metrics: Dict[str, float]) -> float:
+        """The default best-checkpoint score (``train.save_best_on: fitness``)."""
+
+    def model_info(self, model: nn.Module, cfg: Dict[str, Any]) -> Dict[str, float]:
+        """``{"params", "gflops", "latency_ms"}``."""
+
+    def draw_val(self, model: nn.Module, dataset: Any, path: Path, cfg: Dict[str, Any],
+                 device: torch.device) -> None:
+        """Write a picture of predictions on a few images of ``dataset`` to ``path``."""
+
+    def predict(self, model: nn.Module, source: Path, out: Path, classes: List[str],
+                cfg: Dict[str, Any], device: torch.device) -> Any:
+        """Predict every image of folder ``source`` into folder ``out``."""
+
+
+_TASKS: Dict[str, Type] = {}
+
+#: Tasks defined outside this module: name -> module that registers it.
+TASK_MODULES: Dict[str, str] = {"classify": "mtkd.classification.task"}
+
+
+def register_task(name: str) -> Callable[[Type], Type]:
+    def deco(cls: Type) -> Type:
+        if name in _TASKS and _TASKS[name] is not cls:
+            raise ValueError(f"task name {name!r} registered twice")
+        _TASKS[name] = cls
+        cls.name = name
+        return cls
+
+    return deco
+
+
+def available_tasks() -> List[str]:
+    return sorted(set(_TASKS) | set(TASK_MODULES))
+
+
+def get_task(name: str) -> Task:
+    """A new task object for the config's ``task`` name."""
+    if name not in _TASKS and name in TASK_MODULES:
+        importlib.import_module(TASK_MODULES[name])
+    if name not in _TASKS:
+        raise ConfigError(f"task: unknown task {name!r}; known: {', '.join(available_tasks())}")
+    return _TASKS[name]()
+
+
+def model_kwargs(model_cfg: Dict[str, Any]) -> Dict[str, Any]:
+    """The ``model:`` section without its null entries (null = the preset's value)."""
+    return {k: v for k, v in model_cfg.items() if v is not None}
+
+
+@register_task("multitask")
+class MultiTaskTask:
+    """Detection + segmentation on VOC/COCO/YOLO/synthetic data (mtkd.datasets, mtkd.models).
+
+    The default best-checkpoint score is the mean of the ``map50`` and
+    ``miou`` metrics that are present (a detection-only or segmentation-only
+    model is scored on its one metric).
+    """
+
+    name = "multitask"
+
+    def build_dataset(self, cfg: Dict[str, Any], split: str, train: bool) -> Any:
+        from mtkd.datasets import build_dataset
+
+        data = {k: v for k, v in cfg["data"].items() if v is not None}
+        return build_dataset(data, split, train, seed=cfg["seed"] if train else None)
+
+    def collate(self, items: List[Any]) -> Dict[str, Any]:
+        from mtkd.datasets import collate
+
+        return collate(items)
+
+    def build_model(self, cfg: Dict[str, Any], num_classes: int) -> nn.Module:
+        from mtkd.models import build_model
+
+        return build_model(model_kwargs(cfg["model"]), num_classes)
+
+    def build_teacher(self, cfg: Dict[str, Any], num_classes: int, student: nn.Module) -> Optional[nn.Module]:
+        tcfg = cfg["teacher"]
+        if tcfg.get("ckpt") is None and tcfg.get("composite") is None:
+            return None
+        from mtkd.models.teacher import load_teacher
+
+        return load_teacher(tcfg, num_classes, student=student)
+
+    def evaluate(self, model: nn.Module, loader: Any, dataset: Any, cfg: Dict[str, Any],
+                 device: torch.device, amp: bool) -> Dict[str, float]:
+        from mtkd.engine.evaluator import evaluate
+
+        e = cfg["eval"]
+        return evaluate(model, loader, dataset, conf=e["conf"], iou=e["iou"], max_det=e["max_det"],
+                        device=device, amp=amp, max_batches=e["max_batches"])
+
+    def fitness(self, metrics: Dict[str, float]) -> float:
+        parts = [metrics[k] for k in ("map50", "miou") if k in metrics]
+        if not parts:
+            raise ConfigError("train.save_best_on: fitness needs map50 or miou in the val metrics")
+        return sum(parts) / len(parts)
+
+    def model_info(self, model: nn.Module, cfg: Dict[str, Any]) -> Dict[str, float]:
+        from mtkd.models.info import model_info
+
+        return model_info(model, cfg["data"]["imgsz"])
+
+    def draw_val(self, model: nn.Module, dataset: Any, path: Path, cfg: Dict[str, Any],
+                 device: torch.device, n: int = 4) -> None:
+        """The first ``n`` images of ``dataset``: predictions (top row) over labels (bottom row).
+
+        Each image goes through the dataset's own (eval) transform; boxes and
+        masks are mapped back to original pixels with the evaluator's helpers.
+        Tiles are scaled to a common height of ``data.imgsz`` pixels.
+        """
+        import numpy as np
+        from PIL import Image
+
+        from mtkd.engine.evaluator import boxes_to_original, seg_to_original
+        from mtkd.engine.plots import draw_predictions
+        from mtkd.heads.decode import decode
+
+        e, size = cfg["eval"], cfg["data"]["imgsz"]
+        classes = list(dataset.classes)
+        tiles = []
+        was_training = model.training
+        model.eval()
+        try:
+            for i in range(min(n, len(dataset))):
+                item, sample = dataset[i], dataset.load_sample(i)
+                h, w = sample.image.shape[:2]
+                with torch.inference_mode():
+                    out = model(item["image"][None].to(device))
+                boxes, scores, labels, mask = np.zeros((0, 4)), None, np.zeros(0), None
+                if out.get("det") is not None:
+                    d = decode(out["det"], e["predict_conf"], e["iou"], e["max_det"])[0]
+                    boxes = boxes_to_original(d["boxes"].float().cpu(), item["letterbox"], (h, w))
+                    scores, labels = d["scores"].float().cpu(), d["labels"].cpu()
+                if out.get("seg") is not None:
+                    mask = seg_to_original(out["seg"][0], item["letterbox"], (h, w)).cpu().numpy()
+                pred = draw_predictions(sample.image, boxes, labels, scores, mask, classes)
+                gt = draw_predictions(sample.image, sample.boxes if sample.has_det else np.zeros((0, 4)),
+                                      sample.labels if sample.has_det else np.zeros(0), None,
+                                      sample.mask if sample.has_seg else None, classes)
+                tw = max(1, round(w * size / h))
+                tiles.append([Image.fromarray(a).resize((tw, size)) for a in (pred, gt)])
+        finally:
+            model.train(was_training)
+        if not tiles:
+            return
+        canvas = Image.new("RGB", (sum(t[0].width for t in tiles), 2 * size), (255, 255, 255))
+        x = 0
+        for pred, gt in tiles:
+            canvas.paste(pred, (x, 0))
+            canvas.paste(gt, (x, size))
+            x += pred.width
+        canvas.save(path)
+
+    def predict(self, model: nn.Module, source: Path, out: Path, classes: List[str],
+                cfg: Dict[str, Any], device: torch.device) -> Any:
+        from mtkd.engine.predict import predict_folder
+
+        d = cfg["data"]
+        return predict_folder(model, source, out, classes, imgsz=d["imgsz"], mean=d["mean"], std=d["std"],
+                              conf=cfg["eval"]["predict_conf"], iou=cfg["eval"]["iou"], device=device)

@@ -1,0 +1,538 @@
+"""One training loop for teachers, plain students and distilled students.
+
+The loop never names a loss or a task: the task object (:mod:`mtkd.engine.tasks`)
+builds data, model, teacher and evaluation; the
+:class:`~mtkd.losses.composer.LossComposer` holds every loss and tells the
+trainer, through ``requires``, what it needs (``teacher_grad``: the
+teacher's forward keeps its graph; ``input_grad``: the input images get
+``requires_grad``). Choices made here where the spec is silent:
+
+* **Lazy modules.** One forward of student, teacher and composer runs on a
+  batch of the first training samples before the optimizer is built, so lazy
+  adapters inside losses get their shapes. The student's buffers (BatchNorm
+  statistics) are restored afterwards, so this forward leaves no trace.
+* **Optimizer.** AdamW (``momentum`` is beta1) or SGD with Nesterov momentum
+  over ``model.parameters()`` + ``composer.student_parameters()``; weight
+  decay only on tensors with ``ndim > 1`` (no decay on biases and norms).
+* **Schedule.** Per step: linear warm-up over ``warmup_epochs`` epochs, then
+  cosine (or linear) decay to ``lr * lrf`` at the last step of the run
+  (``epochs`` x steps-per-epoch, or ``max_steps`` when smaller).
+* **Data order.** A ``DistributedSampler`` (also for one process) with
+  ``set_epoch``: the order depends only on ``seed`` and the epoch, so a
+  resumed run sees the same batches. The last incomplete batch is dropped
+  when there is at least one full batch (BatchNorm cannot train on one image).
+* **Budgets.** ``max_steps`` counts optimizer steps; ``time_budget_s`` counts
+  training wall-clock (data loading + steps, not validation). When a budget
+  runs out mid-epoch, that partial epoch is validated, logged and saved, and
+  training ends. ``test_metrics.json`` records ``steps`` and ``train_wall_s``.
+* **Non-finite loss.** ``train.nonfinite: stop`` raises ``RuntimeError``
+  naming the step and the non-finite terms; ``skip`` warns, counts the step
+  in ``skipped_steps`` and takes no optimizer step. Under DDP the decision is
+  shared so that all ranks skip together.
+* **Best checkpoint.** Chosen on the VAL split by ``train.save_best_on``
+  (a val metric name, higher is better; ``fitness`` = the task's default, for
+  the multi-task task the mean of map50 and miou). ``best.pt`` holds the
+  evaluated weights (the EMA's when EMA is on). The final report is on the
+  TEST split with those weights (``test_metrics.json``).
+* **Resume.** ``train.resume`` (``--resume``) restores weights, optimizer,
+  scheduler step, grad scaler, EMA, composer state and ``extra_state``, RNG
+  states and the results history, and continues at the next epoch; a run
+  resumed with the same config ends bit-identical to an uninterrupted one on
+  the CPU with 0 workers. The schedule's length follows the *current* config,
+  so raising ``train.epochs`` on resume extends the run.
+* **DDP.** Only rank 0 validates, plots and writes files; the others wait at
+  a barrier. Composer parameters outside DDP (adapters) are broadcast from
+  rank 0 after the lazy forward and their gradients averaged by hand.
+  Auxiliary optimizers inside losses (``aux_step``) run per rank.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm import tqdm
+
+from mtkd.engine import checkpoint as ckpt_io
+from mtkd.engine import distributed as ddp
+from mtkd.engine.config import dump_config
+from mtkd.engine.ema import ModelEMA
+from mtkd.engine.logger import RunLogger
+from mtkd.engine.tasks import Task, get_task
+from mtkd.errors import ConfigError, MtkdError
+from mtkd.losses.composer import LossComposer
+from mtkd.structures import DetOutput
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _seed_worker(worker_id: int) -> None:
+    import random
+
+    s = torch.initial_seed() % 2**32
+    np.random.seed(s)
+    random.seed(s)
+
+
+def to_device(batch: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
+    """Tensors (and lists of tensors) of a batch moved to ``device``."""
+    out = {}
+    for k, v in batch.items():
+        if isinstance(v, torch.Tensor):
+            out[k] = v.to(device, non_blocking=True)
+        elif isinstance(v, list) and v and all(isinstance(t, torch.Tensor) for t in v):
+            out[k] = [t.to(device, non_blocking=True) for t in v]
+        else:
+            out[k] = v
+    return out
+
+
+def detach_tree(x: Any) -> Any:
+    """Detached copy of a model output (tensors, DetOutput, dicts, lists, tuples)."""
+    if isinstance(x, torch.Tensor):
+        return x.detach()
+    if isinstance(x, DetOutput):
+        return x.detach()
+    if isinstance(x, dict):
+        return {k: detach_tree(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(detach_tree(v) for v in x)
+    return x
+
+
+class WarmupDecay:
+    """LR factor per step: linear warm-up, then cosine/linear decay to ``lrf``."""
+
+    def __init__(self, total_steps: int, warmup_steps: int, lrf: float, cosine: bool):
+        self.total = max(int(total_steps), 1)
+        self.warmup = min(max(int(warmup_steps), 0), self.total - 1)
+        self.lrf = lrf
+        self.cosine = cosine
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / (self.warmup + 1)
+        progress = min(max((step - self.warmup) / max(self.total - 1 - self.warmup, 1), 0.0), 1.0)
+        if self.cosine:
+            return self.lrf + (1.0 - self.lrf) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0 - (1.0 - self.lrf) * progress
+
+
+def build_optimizer(params: List[nn.Parameter], tcfg: Dict[str, Any]) -> torch.optim.Optimizer:
+    decay = [p for p in params if p.ndim > 1]
+    no_decay = [p for p in params if p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": tcfg["weight_decay"]},
+              {"params": no_decay, "weight_decay": 0.0}]
+    if tcfg["optimizer"] == "adamw":
+        return torch.optim.AdamW(groups, lr=tcfg["lr"], betas=(tcfg["momentum"], 0.999))
+    if tcfg["optimizer"] == "sgd":
+        return torch.optim.SGD(groups, lr=tcfg["lr"], momentum=tcfg["momentum"], nesterov=True)
+    raise ConfigError(f"train.optimizer: expected adamw or sgd, got {tcfg['optimizer']!r}")
+
+
+def _check_optional(section: Dict[str, Any], key: str, types: Any, minimum: float) -> None:
+    value = section[key]
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, types) or value < minimum:
+        raise ConfigError(f"train.{key}: expected null or a number >= {minimum}, got {value!r}")
+
+
+def _finite(v: torch.Tensor) -> bool:
+    return bool(torch.isfinite(v).all())
+
+
+class Trainer:
+    """``Trainer(cfg).fit()`` trains, validates, checkpoints and writes the test report.
+
+    ``cfg`` is a validated config (:func:`mtkd.engine.config.load_config`);
+    ``task`` overrides the task looked up from ``cfg["task"]``.
+    """
+
+    def __init__(self, cfg: Dict[str, Any], task: Optional[Task] = None):
+        self.cfg = cfg
+        self.tcfg = cfg["train"]
+        if self.tcfg["nonfinite"] not in ("stop", "skip"):
+            raise ConfigError(f"train.nonfinite: expected stop or skip, got {self.tcfg['nonfinite']!r}")
+        for key in ("epochs", "batch", "val_every"):
+            if self.tcfg[key] < 1:
+                raise ConfigError(f"train.{key}: must be >= 1, got {self.tcfg[key]}")
+        _check_optional(self.tcfg, "max_steps", int, 1)
+        _check_optional(self.tcfg, "time_budget_s", (int, float), 0)
+        resume = self.tcfg["resume"]
+        if resume is not None and not isinstance(resume, (bool, str)):
+            raise ConfigError(f"train.resume: expected a path or true, got {resume!r}")
+        self.task = task if task is not None else get_task(cfg["task"])
+        self.out = Path(cfg["out"])
+        self.dist = ddp.setup(self.tcfg["device"])
+        self.device = self.dist.device
+        self.amp = bool(self.tcfg["amp"])
+        self.step = 0
+        self.skipped = 0
+        self.train_wall = 0.0
+        self.best_score = -math.inf
+        self.best_epoch = 0
+
+    # -- building -------------------------------------------------------------------
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if not self.amp:
+            return contextlib.nullcontext()
+        dtype = torch.float16 if self.device.type == "cuda" else torch.bfloat16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def _loader(self, dataset: Any, train: bool) -> DataLoader:
+        t = self.tcfg
+        kwargs: Dict[str, Any] = dict(batch_size=t["batch"], num_workers=t["workers"],
+                                      collate_fn=self.task.collate, pin_memory=self.device.type == "cuda",
+                                      worker_init_fn=_seed_worker)
+        if train:
+            self.sampler = DistributedSampler(dataset, num_replicas=self.dist.world_size, rank=self.dist.rank,
+                                              shuffle=True, seed=self.cfg["seed"])
+            self.generator = torch.Generator()
+            kwargs.update(sampler=self.sampler, generator=self.generator,
+                          drop_last=len(self.sampler) >= t["batch"])
+        return DataLoader(dataset, shuffle=False, **kwargs)
+
+    def build(self) -> None:
+        cfg, t = self.cfg, self.tcfg
+        seed_everything(cfg["seed"])
+        self.train_ds = self.task.build_dataset(cfg, "train", True)
+        if len(self.train_ds) == 0:
+            raise ConfigError("data.train: the training split is empty")
+        self.classes = list(self.train_ds.classes)
+        self.val_ds = self.task.build_dataset(cfg, "val", False) if self.dist.is_main else None
+        self.train_loader = self._loader(self.train_ds, train=True)
+        self.val_loader = self._loader(self.val_ds, train=False) if self.val_ds is not None else None
+
+        nc = len(self.classes)
+        self.model = self.task.build_model(cfg, nc).to(self.device)
+        self.teacher = self.task.build_teacher(cfg, nc, self.model)
+        if self.teacher is not None:
+            self.teacher = self.teacher.to(self.device).eval()
+            for p in self.teacher.parameters():
+                p.requires_grad_(False)
+        self.composer = LossComposer(cfg["loss"], with_teacher=self.teacher is not None).to(self.device)
+        self.composer.bind(self.model, self.teacher)
+        self.requires = self.composer.requires
+        self._lazy_forward()
+        ddp.broadcast_module(self.composer, self.dist)
+
+        params, seen = [], set()
+        for p in list(self.model.parameters()) + list(self.composer.student_parameters()):
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                params.append(p)
+        self.params = params
+        self.composer_params = [p for p in self.composer.student_parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(params, t)
+        steps_per_epoch = len(self.train_loader)
+        total = t["epochs"] * steps_per_epoch
+        if t["max_steps"] is not None:
+            total = min(total, int(t["max_steps"]))
+        self.schedule = WarmupDecay(total, round(t["warmup_epochs"] * steps_per_epoch), t["lrf"], t["cosine"])
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.schedule)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp and self.device.type == "cuda")
+        self.ema = ModelEMA(self.model, t["ema_decay"], t["ema_tau"]) if t["ema"] else None
+        self.net = ddp.wrap(self.model, self.dist)
+
+    def _lazy_forward(self) -> None:
+        n = min(self.tcfg["batch"], len(self.train_ds))
+        batch = to_device(self.task.collate([self.train_ds[i] for i in range(n)]), self.device)
+        saved = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        self.model.train()
+        with self._autocast():
+            s_out, t_out = self._forward(batch)
+            self.composer(s_out, t_out, batch)
+        self.model.load_state_dict(saved)
+
+    # -- one step -------------------------------------------------------------------
+    def _teacher_forward(self, images: torch.Tensor) -> Optional[Dict[str, Any]]:
+        if self.teacher is None:
+            return None
+        if "teacher_grad" in self.requires:
+            return self.teacher(images)
+        with torch.no_grad():
+            return self.teacher(images)
+
+    def _forward(self, batch: Dict[str, Any], net: Optional[nn.Module] = None) -> tuple:
+        if "input_grad" in self.requires:
+            batch["images"].requires_grad_(True)
+        s_out = (net or self.model)(batch["images"])
+        return s_out, self._teacher_forward(batch["images"])
+
+    def train_step(self, batch: Dict[str, Any]) -> Optional[Dict[str, float]]:
+        """Forward, loss, backward, optimizer/EMA/aux steps. ``None`` when the step was skipped."""
+        batch = to_device(batch, self.device)
+        with self._autocast():
+            s_out, t_out = self._forward(batch, self.net)
+            total, logs = self.composer(s_out, t_out, batch)
+        if ddp.any_true(not _finite(total), self.dist):
+            bad = [k for k, v in logs.items() if not _finite(v)] or ["total"]
+            where = f"step {self.step + 1} (epoch {self.epoch + 1})"
+            if self.tcfg["nonfinite"] == "stop":
+                raise RuntimeError(f"non-finite loss at {where}: non-finite terms {bad} "
+                                   "(set train.nonfinite=skip to skip such steps)")
+            self.skipped += 1
+            warnings.warn(f"non-finite loss at {where}: terms {bad}; step skipped "
+                          f"({self.skipped} skipped so far)", RuntimeWarning, stacklevel=2)
+            self.optimizer.zero_grad(set_to_none=True)
+            return None
+        self.scaler.scale(total).backward()
+        ddp.average_grads(self.composer_params, self.dist)
+        if self.tcfg["grad_clip"] > 0:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.params, self.tcfg["grad_clip"])
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.step += 1
+        if self.ema is not None:
+            self.ema.update(self.model)
+        aux = self.composer.aux_step(detach_tree(s_out), detach_tree(t_out), batch)
+        out = {k: float(v) for k, v in logs.items()}
+        out.update(aux)
+        return out
+
+    # -- the loop -------------------------------------------------------------------
+    @property
+    def eval_model(self) -> nn.Module:
+        return self.ema.module if self.ema is not None else self.model
+
+    def _budget_spent(self) -> bool:
+        t = self.tcfg
+        spent = t["max_steps"] is not None and self.step >= t["max_steps"]
+        if t["time_budget_s"] is not None:
+            spent = ddp.any_true(spent or self.train_wall >= t["time_budget_s"], self.dist)
+        return spent
+
+    def train_epoch(self) -> tuple[Dict[str, float], bool]:
+        """One epoch; returns (mean of each logged term, budget spent)."""
+        self.sampler.set_epoch(self.epoch)
+        self.generator.manual_seed(self.cfg["seed"] * 1000 + self.epoch * 16 + self.dist.rank)
+        self.net.train()
+        self.composer.train()
+        sums: Dict[str, float] = {}
+        counts: Dict[str, int] = {}
+        spent = False
+        bar = tqdm(self.train_loader, desc=f"epoch {self.epoch + 1}/{self.tcfg['epochs']}",
+                   disable=not self.dist.is_main, leave=False, dynamic_ncols=True)
+        tick = time.perf_counter()
+        for batch in bar:
+            logs = self.train_step(batch)
+            now = time.perf_counter()
+            self.train_wall += now - tick
+            tick = now
+            if logs is not None:
+                for k, v in logs.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                    counts[k] = counts.get(k, 0) + 1
+                bar.set_postfix(loss=f"{sums['total'] / counts['total']:.4g}", refresh=False)
+            if self._budget_spent():
+                spent = True
+                break
+        bar.close()
+        return ddp.reduce_means(sums, counts, self.dist), spent
+
+    def _score(self, metrics: Dict[str, float]) -> float:
+        key = self.tcfg["save_best_on"]
+        if key == "fitness":
+            return float(self.task.fitness(metrics))
+        if key not in metrics:
+            raise ConfigError(f"train.save_best_on: {key!r} is not a val metric; "
+                              f"available: fitness, {', '.join(sorted(metrics))}")
+        return float(metrics[key])
+
+    def _base_ckpt(self, metrics: Dict[str, float]) -> Dict[str, Any]:
+        return {"format": ckpt_io.FORMAT, "task": self.task.name, "classes": self.classes,
+                "config": self.cfg, "epoch": self.epoch + 1, "step": self.step, "metrics": metrics,
+                "best_score": self.best_score, "model": self.eval_model.state_dict()}
+
+    def _train_state(self) -> Dict[str, Any]:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                "ema_updates": self.ema.updates if self.ema is not None else 0,
+                "composer": self.composer.state_dict(), "composer_extra": self.composer.extra_state(),
+                "rng": ckpt_io.rng_state(), "history": self.logger.history, "skipped": self.skipped,
+                "train_wall": self.train_wall, "best_epoch": self.best_epoch}
+
+    def _resume(self) -> int:
+        path = self.tcfg["resume"]
+        if path is None or path is False:
+            return 0
+        path = self.out / "last.pt" if path is True else Path(path)
+        ck = ckpt_io.load_checkpoint(path)
+        st = ck.get("train_state")
+        if st is None:
+            raise MtkdError(f"{path}: has no training state to resume from (use last.pt)")
+        try:
+            self.model.load_state_dict(st["model"])
+            self.composer.load_state_dict(st["composer"])
+        except RuntimeError as exc:
+            raise MtkdError(f"{path}: does not match this run's model/losses: "
+                            f"{str(exc).strip().splitlines()[0]}") from None
+        self.optimizer.load_state_dict(st["optimizer"])
+        self.scheduler.load_state_dict(st["scheduler"])
+        # the step count comes from the checkpoint, the schedule's shape from this run's config
+        # (identical unless train.epochs/max_steps were changed to extend the run)
+        self.scheduler.lr_lambdas = [self.schedule] * len(self.optimizer.param_groups)
+        self.scaler.load_state_dict(st["scaler"])
+        if self.ema is not None:
+            self.ema.load_state_dict(ck["model"], st["ema_updates"])
+        self.composer.load_extra_state(st["composer_extra"])
+        ckpt_io.set_rng_state(st["rng"])
+        self.logger.history = list(st["history"])
+        self.step, self.skipped, self.train_wall = ck["step"], st["skipped"], st["train_wall"]
+        self.best_score, self.best_epoch = ck["best_score"], st["best_epoch"]
+        return int(ck["epoch"])
+
+    def _end_of_epoch(self, means: Dict[str, float], validate: bool) -> None:
+        """Rank 0: validate, choose best, log, draw ``val_pred.png``, save ``last.pt``.
+
+        ``curves.png`` is drawn once, after training (matplotlib takes seconds).
+        """
+        metrics: Dict[str, float] = {}
+        if validate:
+            metrics = self.task.evaluate(self.eval_model, self.val_loader, self.val_ds, self.cfg,
+                                         self.device, self.amp)
+            score = self._score(metrics)
+            if score > self.best_score:
+                self.best_score, self.best_epoch = score, self.epoch + 1
+                ckpt_io.save_atomic(self._base_ckpt(metrics), self.out / "best.pt")
+        row: Dict[str, float] = {"epoch": self.epoch + 1, "step": self.step,
+                                 "lr": self.optimizer.param_groups[0]["lr"], "train_wall_s": self.train_wall,
+                                 "skipped_steps": self.skipped}
+        row.update({f"train/{k}": v for k, v in means.items()})
+        row.update({f"val/{k}": v for k, v in metrics.items()})
+        self.logger.log_epoch(row)
+        ckpt = self._base_ckpt(metrics)
+        ckpt["train_state"] = self._train_state()
+        ckpt_io.save_atomic(ckpt, self.out / "last.pt")
+        if self.tcfg["plots"] and validate:
+            self.task.draw_val(self.eval_model, self.val_ds, self.out / "val_pred.png", self.cfg, self.device)
+
+    def test_report(self) -> Dict[str, Any]:
+        """Rank 0: the best weights on the TEST split -> ``test_metrics.json``."""
+        best = ckpt_io.load_checkpoint(self.out / "best.pt")
+        model = self.eval_model
+        model.load_state_dict(best["model"])
+        test_ds = self.task.build_dataset(self.cfg, "test", False)
+        metrics = self.task.evaluate(model, self._loader(test_ds, train=False), test_ds, self.cfg,
+                                     self.device, self.amp)
+        report: Dict[str, Any] = {"split": "test", "checkpoint": str(self.out / "best.pt"),
+                                  "best_epoch": self.best_epoch, "val_best_score": self.best_score,
+                                  "save_best_on": self.tcfg["save_best_on"], **metrics}
+        report.update(self.task.model_info(model, self.cfg))
+        report.update({"steps": self.step, "skipped_steps": self.skipped, "train_wall_s": self.train_wall,
+                       "epochs_run": self.epoch + 1, "world_size": self.dist.world_size})
+        (self.out / "test_metrics.json").write_text(json.dumps(report, indent=2))
+        return report
+
+    def fit(self) -> Dict[str, Any]:
+        """Train (or resume), then report on the test split. Returns the report (``{}`` off rank 0)."""
+        report: Dict[str, Any] = {}
+        clean = False
+        try:
+            self.build()
+            main = self.dist.is_main
+            if main:
+                self.out.mkdir(parents=True, exist_ok=True)
+                dump_config(self.cfg, self.out / "config.yaml")
+            self.logger = RunLogger(self.out, enabled=main, tensorboard=self.tcfg["tensorboard"])
+            self.start_epoch = start = self._resume()
+            epochs = self.tcfg["epochs"]
+            self.epoch = start - 1
+            spent = self.tcfg["max_steps"] is not None and self.step >= self.tcfg["max_steps"]
+            while not spent and self.epoch + 1 < epochs:
+                self.epoch += 1
+                means, spent = self.train_epoch()
+                last = spent or self.epoch + 1 == epochs
+                if main:
+                    self._end_of_epoch(means, validate=last or (self.epoch + 1) % self.tcfg["val_every"] == 0)
+                ddp.barrier(self.dist)
+            if main:
+                self.logger.close()
+                if self.tcfg["plots"] and self.logger.history:
+                    from mtkd.engine.plots import plot_loss_curves
+
+                    plot_loss_curves(self.logger.csv_path, self.out / "curves.png")
+                report = self.test_report()
+            clean = True
+        finally:
+            self._teardown(clean)
+        return report
+
+    def _teardown(self, clean: bool) -> None:
+        if getattr(self, "logger", None) is not None:
+            self.logger.close()
+        for name in ("net", "model", "optimizer", "ema", "teacher", "composer"):
+            if hasattr(self, name):
+                delattr(self, name)
+        ddp.shutdown(self.dist, barrier=clean)
+
+
+def train(cfg: Dict[str, Any], task: Optional[Task] = None) -> Dict[str, Any]:
+    """Train the run described by ``cfg``; returns the test report (rank 0)."""
+    return Trainer(cfg, task).fit()
+
+
+def load_model(cfg: Dict[str, Any], ckpt_path: str | Path,
+               task: Optional[Task] = None) -> tuple[Task, nn.Module, List[str], torch.device]:
+    """The model of ``cfg["model"]`` with a checkpoint's ``"model"`` weights, in eval mode.
+
+    Returns ``(task, model, classes, device)``; ``classes`` are the checkpoint's.
+    Weights that do not fit the config's model raise an MtkdError naming the file.
+    """
+    task = task if task is not None else get_task(cfg["task"])
+    device = ddp.resolve_device(cfg["train"]["device"])
+    ck = ckpt_io.load_checkpoint(ckpt_path, trust_pickle=False)
+    classes = ck.get("classes")
+    if not classes:
+        raise MtkdError(f"{ckpt_path}: checkpoint has no class list")
+    model = task.build_model(cfg, len(classes))
+    try:
+        model.load_state_dict(ck["model"])
+    except RuntimeError as exc:
+        raise MtkdError(f"{ckpt_path}: weights do not fit the model of the config: "
+                        f"{str(exc).strip().splitlines()[0]}") from None
+    return task, model.to(device).eval(), list(classes), device
+
+
+def evaluate_checkpoint(cfg: Dict[str, Any], ckpt_path: str | Path, split: str = "test",
+                        task: Optional[Task] = None) -> Dict[str, Any]:
+    """Metrics of a checkpoint on ``split`` plus params/gflops/latency."""
+    task, model, classes, device = load_model(cfg, ckpt_path, task)
+    ds = task.build_dataset(cfg, split, False)
+    if list(ds.classes) != classes:
+        raise MtkdError(f"{ckpt_path}: trained on classes {classes} but data.{split} has {list(ds.classes)}")
+    t = cfg["train"]
+    loader = DataLoader(ds, batch_size=t["batch"], num_workers=t["workers"], collate_fn=task.collate)
+    metrics: Dict[str, Any] = {"split": split, "checkpoint": str(ckpt_path)}
+    metrics.update(task.evaluate(model, loader, ds, cfg, device, bool(t["amp"])))
+    metrics.update(task.model_info(model, cfg))
+    return metrics
+
+
+def predict_checkpoint(cfg: Dict[str, Any], ckpt_path: str | Path, source: str | Path, out: str | Path,
+                       task: Optional[Task] = None) -> Any:
+    """Predict every image of folder ``source`` into folder ``out`` with a checkpoint."""
+    source = Path(source)
+    if not source.is_dir():
+        raise MtkdError(f"{source}: source folder not found")
+    task, model, classes, device = load_model(cfg, ckpt_path, task)
+    Path(out).mkdir(parents=True, exist_ok=True)
+    return task.predict(model, source, Path(out), classes, cfg, device)

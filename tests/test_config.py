@@ -1,0 +1,90 @@
+"""Config loading: defaults, `_base_` chains, overrides, validation errors."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mtkd.engine.config import DEFAULTS_PATH, FREE_FORM, build_config, load_config, parse_overrides
+from mtkd.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write(path: Path, data) -> Path:
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_unknown_nested_key_names_dotted_key_and_suggests(tmp_path):
+    cfg = write(tmp_path / "c.yaml", {"train": {"lrr": 0.1}})
+    with pytest.raises(ConfigError, match=r"train\.lrr: unknown config key; did you mean 'train\.lr'\?"):
+        load_config(cfg)
+    with pytest.raises(ConfigError, match=r"eval\.max_dett"):
+        build_config({"eval": {"max_dett": 5}})
+    with pytest.raises(ConfigError, match=r"^modle: unknown config key; did you mean 'model'\?$"):
+        build_config({"modle": {}})
+
+
+def test_type_mismatch_names_key():
+    with pytest.raises(ConfigError, match=r"train\.epochs: expected int, got str"):
+        build_config({"train": {"epochs": "ten"}})
+    with pytest.raises(ConfigError, match=r"train\.amp: expected bool"):
+        build_config({"train": {"amp": 1}})
+    with pytest.raises(ConfigError, match=r"data\.mean: expected list"):
+        build_config({"data": {"mean": 0.5}})
+    # an int where the default is a float is fine; null defaults take anything
+    cfg = build_config({"train": {"lr": 1, "max_steps": 100}, "data": {"classes": ["a", "b"]}})
+    assert cfg["train"]["lr"] == 1 and cfg["train"]["max_steps"] == 100 and cfg["data"]["classes"] == ["a", "b"]
+
+
+def test_base_chain_and_overrides(tmp_path):
+    (tmp_path / "sub").mkdir()
+    write(tmp_path / "base.yaml", {"seed": 3, "train": {"epochs": 7, "batch": 4}, "data": {"imgsz": 96}})
+    write(tmp_path / "sub" / "mid.yaml", {"_base_": "../base.yaml", "train": {"batch": 2}})
+    run = write(tmp_path / "sub" / "run.yaml", {"_base_": "mid.yaml", "out": "runs/x"})
+    cfg = load_config(run, ["train.lr=0.05", "data.classes=[cat, dog]", "teacher.ckpt=t.pt", "train.amp=true"])
+    assert cfg["seed"] == 3 and cfg["train"]["epochs"] == 7 and cfg["train"]["batch"] == 2
+    assert cfg["data"]["imgsz"] == 96 and cfg["out"] == "runs/x"
+    assert cfg["train"]["lr"] == 0.05 and cfg["data"]["classes"] == ["cat", "dog"]
+    assert cfg["teacher"]["ckpt"] == "t.pt" and cfg["train"]["amp"] is True
+    # untouched keys keep their defaults
+    defaults = yaml.safe_load(DEFAULTS_PATH.read_text())
+    assert cfg["train"]["optimizer"] == defaults["train"]["optimizer"]
+    with pytest.raises(ConfigError, match=r"train\.bacth"):
+        load_config(run, ["train.bacth=3"])
+
+
+def test_base_cycle_and_bad_yaml(tmp_path):
+    write(tmp_path / "a.yaml", {"_base_": "b.yaml"})
+    write(tmp_path / "b.yaml", {"_base_": "a.yaml"})
+    with pytest.raises(ConfigError, match="_base_ cycle"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "bad.yaml").write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: invalid YAML"):
+        load_config(tmp_path / "bad.yaml")
+    with pytest.raises(ConfigError, match=r"nope\.yaml: config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="expected key.sub=value"):
+        parse_overrides(["train.lr"])
+
+
+def test_free_form_subtree_replaces_default_and_is_not_validated():
+    assert "loss" in FREE_FORM
+    cfg = build_config({"loss": {"seg": {"hard": {"name": "seg_ce", "anything": 1}}}})
+    assert cfg["loss"] == {"seg": {"hard": {"name": "seg_ce", "anything": 1}}}  # no default det loss merged in
+    cfg = build_config({}, ["loss.det.alpha=0.5"])  # overrides still merge inside the given tree
+    assert cfg["loss"] == {"det": {"alpha": 0.5}}
+    assert build_config({})["loss"]["det"]["hard"]["name"] == "yolo_det"
+    with pytest.raises(ConfigError, match="data.augment: expected dict"):
+        build_config({"data": {"augment": [1]}})
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
+def test_shipped_configs_load_and_stay_short(name):
+    path = ROOT / "configs" / name
+    cfg = load_config(path)
+    assert cfg["task"] == "multitask"
+    if name != "defaults.yaml":
+        assert len(path.read_text().splitlines()) <= 60

@@ -1,0 +1,303 @@
+"""Trainer, checkpoints, EMA and budgets on a tiny stand-in task (seconds on a CPU).
+
+The stand-in ("toy") task is a 1-class segmentation problem on 16x16 random
+images whose label is a fixed function of the pixels, with a BatchNorm model
+and a registered loss that carries a lazy adapter (so the trainer's lazy
+forward and ``student_parameters`` are exercised) and counts optimizer steps
+through ``aux_step`` (so it can emit a NaN at a chosen step).
+"""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any, Dict, List
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from mtkd.engine import checkpoint as ckpt_io
+from mtkd.engine.config import build_config
+from mtkd.engine.ema import ModelEMA
+from mtkd.engine.tasks import register_task
+from mtkd.engine.trainer import Trainer, WarmupDecay, evaluate_checkpoint
+from mtkd.errors import ConfigError, MtkdError
+from mtkd.losses.base import Loss, register
+
+
+class ToyData(torch.utils.data.Dataset):
+    classes = ["blob"]
+
+    def __init__(self, n: int, seed: int):
+        g = torch.Generator().manual_seed(seed)
+        self.images = torch.randn(n, 3, 16, 16, generator=g)
+        self.masks = (self.images[:, 0] + 0.5 * self.images[:, 1] > 0).long()
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> Dict[str, Any]:
+        return {"image": self.images[i], "mask": self.masks[i], "index": i}
+
+
+class ToyNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> Dict[str, Any]:
+        f = self.body(x)
+        return {"seg": self.head(f), "feats": {"p3": f}}
+
+
+@register_task("toy")
+class ToyTask:
+    name = "toy"
+
+    def build_dataset(self, cfg: Dict[str, Any], split: str, train: bool) -> ToyData:
+        return ToyData({"train": 24, "val": 8, "test": 8}[split], seed={"train": 1, "val": 2, "test": 3}[split])
+
+    def collate(self, items: List[Dict[str, Any]]) -> Dict[str, Any]:
+        return {"images": torch.stack([x["image"] for x in items]),
+                "masks": torch.stack([x["mask"] for x in items]),
+                "index": torch.tensor([x["index"] for x in items])}
+
+    def build_model(self, cfg: Dict[str, Any], num_classes: int) -> nn.Module:
+        return ToyNet()
+
+    def build_teacher(self, cfg: Dict[str, Any], num_classes: int, student: nn.Module) -> None:
+        return None
+
+    def evaluate(self, model, loader, dataset, cfg, device, amp) -> Dict[str, float]:
+        model.eval()
+        correct = total = 0
+        with torch.no_grad():
+            for batch in loader:
+                pred = model(batch["images"].to(device))["seg"].argmax(1)
+                correct += (pred == batch["masks"].to(device)).sum().item()
+                total += batch["masks"].numel()
+        return {"pixel_acc": correct / total}
+
+    def fitness(self, metrics: Dict[str, float]) -> float:
+        return metrics["pixel_acc"]
+
+    def model_info(self, model: nn.Module, cfg: Dict[str, Any]) -> Dict[str, float]:
+        # the real mtkd.models.info.model_info imports timm/smp: too slow for torchrun workers here
+        return {"params": sum(p.numel() for p in model.parameters()), "gflops": 0.0, "latency_ms": 0.0}
+
+    def draw_val(self, model, dataset, path, cfg, device) -> None:
+        with torch.no_grad():
+            pred = model.eval()(dataset[0]["image"][None].to(device))["seg"].argmax(1)[0]
+        Image.fromarray((pred.cpu().numpy() * 255).astype("uint8")).save(path)
+
+    def predict(self, model, source, out, classes, cfg, device) -> None:
+        raise NotImplementedError("the toy task has no predictor")
+
+
+@register("toy_seg")
+class ToySegLoss(Loss):
+    """Cross-entropy plus a tiny penalty through a lazy 1x1 adapter on ``feats.p3``.
+
+    ``nan_step``: return NaN once, for the optimizer step with that number
+    (steps counted through ``aux_step``; 0 = never).
+    """
+
+    def __init__(self, nan_step: int = 0):
+        super().__init__()
+        self.adapter = nn.LazyConv2d(4, 1)
+        self.nan_step = nan_step
+        self.steps = 0
+        self.fired = False
+
+    def forward(self, student_out, teacher_out, batch):
+        ce = F.cross_entropy(student_out["seg"], batch["masks"])
+        reg = 1e-3 * self.adapter(student_out["feats"]["p3"]).pow(2).mean()
+        if self.training and not self.fired and self.steps + 1 == self.nan_step:
+            self.fired = True
+            return {"ce": ce * float("nan"), "reg": reg}
+        return {"ce": ce, "reg": reg}
+
+    def aux_step(self, student_out, teacher_out, batch) -> Dict[str, float]:
+        self.steps += 1
+        return {"steps": self.steps}
+
+
+def toy_cfg(out: Path, **train: Any) -> Dict[str, Any]:
+    t = {"epochs": 2, "batch": 8, "lr": 0.02, "workers": 0, "device": "cpu", "warmup_epochs": 0.5,
+         "tensorboard": False, "plots": False, "ema_tau": 3.0, "ema_decay": 0.9}
+    t.update(train)
+    return build_config({"task": "toy", "out": str(out), "loss": {"seg": {"hard": {"name": "toy_seg"}}},
+                         "train": t})
+
+
+def read_rows(path: Path) -> List[Dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_tiny_run_writes_outputs_and_loss_falls(tmp_path):
+    cfg = toy_cfg(tmp_path / "run", epochs=3, tensorboard=True, plots=True)
+    trainer = Trainer(cfg)
+    report = trainer.fit()
+    out = tmp_path / "run"
+    for name in ("results.csv", "curves.png", "val_pred.png", "last.pt", "best.pt", "test_metrics.json",
+                 "config.yaml"):
+        assert (out / name).is_file(), name
+    assert list((out / "tb").iterdir()), "no TensorBoard events"
+    rows = read_rows(out / "results.csv")
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    losses = [float(r["train/total"]) for r in rows]
+    assert losses[-1] < losses[0]
+    assert {"train/seg/hard/ce", "train/seg/hard/reg", "train/seg/hard/steps", "val/pixel_acc"} <= set(rows[0])
+    # 24 images, batch 8 -> 3 steps per epoch
+    assert int(rows[-1]["step"]) == 9 and report["steps"] == 9
+    saved = json.loads((out / "test_metrics.json").read_text())
+    assert saved["split"] == "test" and saved["params"] > 0 and 0.0 <= saved["pixel_acc"] <= 1.0
+    assert saved["best_epoch"] in (1, 2, 3)
+    # weights_only loading works on both checkpoints
+    for name in ("last.pt", "best.pt"):
+        ck = torch.load(out / name, weights_only=True)
+        assert ck["format"] == ckpt_io.FORMAT and ck["classes"] == ["blob"]
+    last = torch.load(out / "last.pt", weights_only=True)
+    # the lazy adapter materialised, joined the optimizer and is checkpointed
+    adapter_w = last["train_state"]["composer"]["hard.seg.adapter.weight"]
+    assert adapter_w.shape == (4, 8, 1, 1)
+    n_opt = sum(len(g["params"]) for g in last["train_state"]["optimizer"]["param_groups"])
+    assert n_opt == len(list(ToyNet().parameters())) + 2
+    # best.pt holds the EMA weights, which differ from the raw weights
+    assert not torch.equal(last["model"]["head.weight"], last["train_state"]["model"]["head.weight"])
+
+
+def test_resume_matches_uninterrupted_run(tmp_path):
+    full = Trainer(toy_cfg(tmp_path / "full", epochs=2))
+    full.fit()
+    crashing = toy_cfg(tmp_path / "part", epochs=2)
+    crashing["loss"]["seg"]["hard"]["nan_step"] = 4  # dies in epoch 2, after last.pt of epoch 1
+    with pytest.raises(RuntimeError, match="step 4"):
+        Trainer(crashing).fit()
+    assert torch.load(tmp_path / "part" / "last.pt", weights_only=True)["epoch"] == 1
+    resumed = Trainer(toy_cfg(tmp_path / "part", epochs=2, resume=True))
+    resumed.fit()
+    assert resumed.start_epoch == 1  # continued at epoch 2 (0-based 1)
+    a = torch.load(tmp_path / "full" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "part" / "last.pt", weights_only=True)
+    assert a["epoch"] == b["epoch"] == 2 and a["step"] == b["step"] == 6
+    for key in ("model",):
+        for name, t in a[key].items():
+            assert torch.equal(t, b[key][name]), name
+    for name, t in a["train_state"]["model"].items():
+        assert torch.equal(t, b["train_state"]["model"][name]), name
+    assert torch.equal(a["train_state"]["composer"]["hard.seg.adapter.weight"],
+                       b["train_state"]["composer"]["hard.seg.adapter.weight"])
+    assert [r["epoch"] for r in read_rows(tmp_path / "part" / "results.csv")] == ["1", "2"]
+
+
+def test_nonfinite_loss_stops_naming_the_step(tmp_path):
+    cfg = toy_cfg(tmp_path / "nan", epochs=1)
+    cfg["loss"]["seg"]["hard"]["nan_step"] = 2
+    with pytest.raises(RuntimeError, match=r"step 2 .*seg/hard/ce"):
+        Trainer(cfg).fit()
+
+
+def test_nonfinite_loss_skipped_with_warning(tmp_path):
+    cfg = toy_cfg(tmp_path / "skip", epochs=1, nonfinite="skip")
+    cfg["loss"]["seg"]["hard"]["nan_step"] = 2
+    with pytest.warns(RuntimeWarning, match=r"step 2 .*skipped \(1 skipped so far\)"):
+        report = Trainer(cfg).fit()
+    assert report["skipped_steps"] == 1 and report["steps"] == 2  # 3 batches, one skipped
+    assert read_rows(tmp_path / "skip" / "results.csv")[0]["skipped_steps"] == "1"
+
+
+def test_max_steps_budget_stops_mid_epoch(tmp_path):
+    report = Trainer(toy_cfg(tmp_path / "budget", epochs=5, max_steps=4)).fit()
+    assert report["steps"] == 4 and report["epochs_run"] == 2
+    rows = read_rows(tmp_path / "budget" / "results.csv")
+    assert [int(r["step"]) for r in rows] == [3, 4]
+    assert float(rows[-1]["train_wall_s"]) > 0
+
+
+def test_time_budget_stops_early(tmp_path):
+    report = Trainer(toy_cfg(tmp_path / "time", epochs=50, time_budget_s=1e-9)).fit()
+    assert report["steps"] == 1 and report["epochs_run"] == 1
+    with pytest.raises(ConfigError, match="train.max_steps"):
+        Trainer(toy_cfg(tmp_path / "bad", max_steps="ten"))
+
+
+def test_evaluate_checkpoint_and_class_check(tmp_path):
+    cfg = toy_cfg(tmp_path / "ev", epochs=1)
+    Trainer(cfg).fit()
+    metrics = evaluate_checkpoint(cfg, tmp_path / "ev" / "best.pt", "val")
+    best = json.loads((tmp_path / "ev" / "test_metrics.json").read_text())
+    assert metrics["split"] == "val" and metrics["params"] == best["params"]
+    ck = torch.load(tmp_path / "ev" / "best.pt", weights_only=True)
+    assert metrics["pixel_acc"] == pytest.approx(ck["metrics"]["pixel_acc"])
+    ck["classes"] = ["a", "b"]
+    torch.save(ck, tmp_path / "other.pt")
+    with pytest.raises(MtkdError, match="other.pt"):
+        evaluate_checkpoint(cfg, tmp_path / "other.pt", "val")
+
+
+def test_checkpoint_errors_name_the_file(tmp_path):
+    with pytest.raises(MtkdError, match=r"missing\.pt: checkpoint not found"):
+        ckpt_io.load_checkpoint(tmp_path / "missing.pt")
+    bad = tmp_path / "torn.pt"
+    bad.write_bytes(b"\x80\x04not a zip")
+    with pytest.raises(MtkdError, match=r"torn\.pt: cannot read checkpoint") as err:
+        ckpt_io.load_checkpoint(bad)
+    assert "\n" not in str(err.value)
+    # pickled objects outside the allow-list are refused unless trusted
+    evil = tmp_path / "pickled.pt"
+    torch.save({"model": {}, "obj": ToyData(1, 0)}, evil)
+    with pytest.raises(MtkdError, match="pickled.pt"):
+        ckpt_io.load_checkpoint(evil)
+    assert isinstance(ckpt_io.load_checkpoint(evil, trust_pickle=True)["obj"], ToyData)
+
+
+def test_atomic_save_leaves_no_temp_and_rng_roundtrip(tmp_path):
+    import random
+
+    import numpy as np
+
+    state = ckpt_io.rng_state()
+    ckpt_io.save_atomic({"model": {}, "rng": state}, tmp_path / "c.pt")
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    ckpt_io.set_rng_state(torch.load(tmp_path / "c.pt", weights_only=True)["rng"])
+    assert torch.equal(torch.rand(3), expected[0])
+    assert np.array_equal(np.random.rand(3), expected[1])
+    assert random.random() == expected[2]
+
+
+def test_ema_ramp_and_average():
+    model = nn.Linear(2, 1)
+    ema = ModelEMA(model, decay=0.9, tau=1.0)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+        ema.module.weight.fill_(0.0)
+    ema.update(model)
+    d = 0.9 * (1 - torch.exp(torch.tensor(-1.0))).item()
+    assert ema.current_decay() == pytest.approx(d)
+    assert torch.allclose(ema.module.weight, torch.full_like(model.weight, 1 - d))
+    for _ in range(50):
+        ema.update(model)
+    assert ema.current_decay() == pytest.approx(0.9)
+
+
+def test_warmup_decay_schedule():
+    f = WarmupDecay(total_steps=10, warmup_steps=2, lrf=0.1, cosine=True)
+    values = [f(i) for i in range(10)]
+    assert values[0] < values[1] < values[2] == pytest.approx(1.0)
+    assert values[-1] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(values[2:], values[3:]))
+
+
+def test_amp_bf16_on_cpu_trains(tmp_path):
+    report = Trainer(toy_cfg(tmp_path / "amp", epochs=1, amp=True)).fit()
+    assert report["steps"] == 3
+    last = torch.load(tmp_path / "amp" / "last.pt", weights_only=True)
+    assert all(torch.isfinite(t).all() for t in last["train_state"]["model"].values() if t.is_floating_point())
+    assert last["train_state"]["model"]["head.weight"].dtype == torch.float32  # autocast keeps fp32 weights
