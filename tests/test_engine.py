@@ -301,3 +301,11 @@ def test_amp_bf16_on_cpu_trains(tmp_path):
     last = torch.load(tmp_path / "amp" / "last.pt", weights_only=True)
     assert all(torch.isfinite(t).all() for t in last["train_state"]["model"].values() if t.is_floating_point())
     assert last["train_state"]["model"]["head.weight"].dtype == torch.float32  # autocast keeps fp32 weights
+
+
+def test_early_stopping_after_patience_epochs(tmp_path):
+    # lr 0: the val score never improves on epoch 1, so patience 2 stops after epoch 3
+    report = Trainer(toy_cfg(tmp_path / "es", epochs=10, lr=0.0, patience=2)).fit()
+    assert report["epochs_run"] == 3 and report["best_epoch"] == 1
+    with pytest.raises(ConfigError, match="train.patience"):
+        Trainer(toy_cfg(tmp_path / "bad", patience=0))

@@ -173,6 +173,7 @@ class Trainer:
                 raise ConfigError(f"train.{key}: must be >= 1, got {self.tcfg[key]}")
         _check_optional(self.tcfg, "max_steps", int, 1)
         _check_optional(self.tcfg, "time_budget_s", (int, float), 0)
+        _check_optional(self.tcfg, "patience", int, 1)
         resume = self.tcfg["resume"]
         if resume is not None and not isinstance(resume, (bool, str)):
             raise ConfigError(f"train.resume: expected a path or true, got {resume!r}")
@@ -400,6 +401,11 @@ class Trainer:
         self.best_score, self.best_epoch = ck["best_score"], st["best_epoch"]
         return int(ck["epoch"])
 
+    def _patience_exhausted(self) -> bool:
+        """Early stopping: ``train.patience`` epochs since the best val score."""
+        patience = self.tcfg["patience"]
+        return patience is not None and self.best_epoch > 0 and self.epoch + 1 - self.best_epoch >= patience
+
     def _end_of_epoch(self, means: Dict[str, float], validate: bool) -> None:
         """Rank 0: validate, choose best, log, draw ``val_pred.png``, save ``last.pt``.
 
@@ -463,6 +469,11 @@ class Trainer:
                 last = spent or self.epoch + 1 == epochs
                 if main:
                     self._end_of_epoch(means, validate=last or (self.epoch + 1) % self.tcfg["val_every"] == 0)
+                if ddp.any_true(main and self._patience_exhausted(), self.dist):
+                    if main:
+                        print(f"early stopping: no val improvement for {self.tcfg['patience']} epochs "
+                              f"(best epoch {self.best_epoch})", flush=True)
+                    break
                 ddp.barrier(self.dist)
             if main:
                 self.logger.close()

@@ -30,13 +30,14 @@ from mtkd.models.neck import PAN
 
 #: Presets, measured at 128 px with nc=20 on the 2-core CPU (``model_info``;
 #: a train step = forward + yolo_det + seg_ce + backward at batch 16):
-#: student 3.6 M params, 0.21 GFLOPs, step 0.7 CPU-s on 1 thread (0.35-0.45 s
-#: wall on 2 idle threads); teacher 24.0 M params, 2.68 GFLOPs (12.9x), step
-#: 3.0 CPU-s on 1 thread (about 1.5 s wall on 2 threads).
+#: student 3.6 M params, 0.21 GFLOPs, forward+backward 0.66 s on 1 thread;
+#: teacher (resnet18) 13.9 M params, 1.47 GFLOPs (7x), forward+backward 1.34 s
+#: on 1 thread. A resnet34 teacher (24.0 M, 2.68 GFLOPs, 2.57 s) was the first
+#: choice; it doubled the teacher's training time on this CPU for no need.
 PRESETS: Dict[str, Dict[str, Any]] = {
     "student": {"backbone": "mobilenetv3_large_100", "neck_channels": 32, "neck_depth": 1, "head_channels": 32,
                 "reg_max": 16, "seg_channels": 32, "seg_c2": False, "det": True, "seg": True},
-    "teacher": {"backbone": "resnet34", "neck_channels": 64, "neck_depth": 2, "head_channels": 64,
+    "teacher": {"backbone": "resnet18", "neck_channels": 64, "neck_depth": 2, "head_channels": 64,
                 "reg_max": 16, "seg_channels": 64, "seg_c2": False, "det": True, "seg": True},
 }
 
