@@ -149,6 +149,19 @@ def _run_synthetic(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- yolo ----------------------------------------------------------------------------
+@command("yolo", help="distil into an Ultralytics YOLO model: mtkd yolo train model=... teacher=... data=...")
+def _yolo_args(p: argparse.ArgumentParser) -> Runner:
+    p.add_argument("args", nargs=argparse.REMAINDER, help="[train] key=value ... (Ultralytics style)")
+    return _run_yolo
+
+
+def _run_yolo(args: argparse.Namespace) -> int:
+    from mtkd.yolo.cli import main as yolo_main
+
+    return yolo_main(list(args.args))
+
+
 # -- entry point ---------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     for module in COMMAND_MODULES:

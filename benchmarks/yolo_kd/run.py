@@ -1,0 +1,324 @@
+#!/usr/bin/env python
+"""Benchmark: distillation into an Ultralytics YOLO student, four ways, several seeds.
+
+Roles (same student, data, epochs, seed and initial weights within a seed):
+
+* ``plain``: Ultralytics fine-tune, no teacher;
+* ``ultralytics_kd``: Ultralytics' own ``distill_model=teacher.pt`` (``dis`` default);
+* ``mtkd_out``: mtkd output-level KD (``kd_cls kd_dfl kd_obj``, ``kd_feat=0``);
+* ``mtkd_out_feat``: mtkd output + neck-feature KD (``kd_feat`` > 0);
+* ``plain_wall`` (equal wall-clock): plain, given Ultralytics' ``time=`` budget
+  equal to the training-loop time of this seed's ``mtkd_out_feat`` run, so it
+  gets the extra epochs KD's cost would have bought.
+
+The teacher (``--teacher-model``, default ``yolov8s.yaml``) is trained once
+with plain Ultralytics and reused (``<out>/teacher/weights/last.pt``, or
+``--teacher PATH``). Each seed's student starts from one randomly initialised
+checkpoint (``init_s<seed>.pt``, built with ``torch.manual_seed(seed)``) that
+every role loads, and Ultralytics' ``seed=<seed>`` fixes the data order and
+augmentation. Each run is its own subprocess (same threads, clean state);
+``wall_s`` times ``trainer.train()`` inside it, ``epoch_s`` is the median of
+the training loop's per-epoch times (callbacks on epoch start/end, so
+validation is excluded). Metrics are Ultralytics' final validation (of
+``best.pt``; with per-epoch validation off that is the last epoch's EMA).
+
+Writes ``<out>/results.json``
+(``{"benchmark", "data", "budget", "teacher", "runs": [{role, seed, epochs,
+steps, wall_s, epoch_s, map50_95, map50, params, gflops}], "summary"}``) and
+``<out>/results.md``. Without ``--data`` the synthetic set is generated with
+``mtkd.datasets.make_synthetic`` into ``<out>/data``.
+
+Default budget (estimated from runs on the shared 2-core CPU, not measured
+end to end): teacher yolov8s 60 epochs on 200 images at 96 px about 10 min;
+per seed five student runs of 20 epochs about 13 min; 3 seeds about 50 min.
+Check that the teacher is clearly better than the students before reading
+the comparison; ``--teacher-epochs`` can be raised once (the checkpoint is
+reused by later invocations with the same ``--out``).
+
+Tiny check: ``python benchmarks/yolo_kd/run.py --out /tmp/b --seeds 0 --epochs 1
+--teacher-epochs 1 --n-train 16 --n-val 8 --imgsz 64``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List
+
+ROLES = ("plain", "ultralytics_kd", "mtkd_out", "mtkd_out_feat", "plain_wall")
+MTKD_BEST_CANDIDATES = ("mtkd_out", "mtkd_out_feat")
+
+
+def parse(argv: List[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", help="YOLO data yaml (default: generate the synthetic set into <out>/data)")
+    p.add_argument("--out", default="benchmarks/yolo_kd/out", help="output folder")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
+    p.add_argument("--epochs", type=int, default=20, help="student epochs (every role)")
+    p.add_argument("--teacher-epochs", type=int, default=60, help="teacher epochs (trained once, reused)")
+    p.add_argument("--teacher", help="an existing teacher .pt to reuse instead of training one")
+    p.add_argument("--teacher-model", default="yolov8s.yaml", help="teacher architecture")
+    p.add_argument("--student", default="yolov8n.yaml", help="student architecture (random init per seed)")
+    p.add_argument("--imgsz", type=int, default=96)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--n-train", type=int, default=200, help="synthetic train images (without --data)")
+    p.add_argument("--n-val", type=int, default=60, help="synthetic val images (without --data)")
+    p.add_argument("--kd", default="kd_cls=1.0,kd_dfl=0.5,kd_obj=0.5,kd_t=2.0",
+                   help="mtkd output-level KD args for both mtkd roles")
+    p.add_argument("--kd-feat", type=float, default=1.0, help="kd_feat of the mtkd_out_feat role")
+    p.add_argument("--roles", default=",".join(ROLES), help=f"subset of {','.join(ROLES)}")
+    p.add_argument("--val", action="store_true", help="validate every epoch (default: only the last)")
+    p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one training, print its JSON
+    return p.parse_args(argv)
+
+
+# -- one training run (in its own process) ------------------------------------------------------
+def run_one(spec: Dict[str, Any]) -> Dict[str, Any]:
+    import mtkd  # noqa: F401  (offline switches first)
+    from ultralytics.models.yolo.detect import DetectionTrainer
+    from ultralytics.utils.torch_utils import get_flops, get_num_params
+
+    from mtkd.yolo.trainer import KDDetectionTrainer
+
+    overrides = dict(spec["overrides"])
+    cls = KDDetectionTrainer if any(k.startswith("kd_") for k in overrides) else DetectionTrainer
+    trainer = cls(overrides=overrides)
+    epoch_times: List[float] = []
+    epoch_cpu: List[float] = []
+    marks: Dict[str, float] = {}
+
+    def epoch_start(_t: Any) -> None:
+        marks["epoch"], marks["epoch_cpu"] = time.perf_counter(), time.process_time()
+
+    def epoch_end(_t: Any) -> None:
+        epoch_times.append(time.perf_counter() - marks["epoch"])
+        epoch_cpu.append(time.process_time() - marks["epoch_cpu"])
+
+    trainer.add_callback("on_train_start", lambda t: marks.__setitem__("start", time.perf_counter()))
+    trainer.add_callback("on_train_epoch_start", epoch_start)
+    trainer.add_callback("on_train_epoch_end", epoch_end)
+    trainer.add_callback("on_fit_epoch_end", lambda t: marks.__setitem__("loop_end", time.perf_counter()))
+    t0 = time.perf_counter()
+    trainer.train()
+    wall = time.perf_counter() - t0
+    model = trainer.ema.ema
+    metrics = trainer.metrics or {}
+    epochs = len(epoch_times)
+    return {
+        "epochs": epochs,
+        "steps": epochs * len(trainer.train_loader),
+        "wall_s": round(wall, 2),
+        "loop_s": round(marks.get("loop_end", t0) - marks.get("start", t0), 2),
+        "epoch_s": round(statistics.median(epoch_times), 3) if epoch_times else None,
+        "epoch_cpu_s": round(statistics.median(epoch_cpu), 3) if epoch_cpu else None,
+        "map50_95": round(float(metrics.get("metrics/mAP50-95(B)", 0.0)), 5),
+        "map50": round(float(metrics.get("metrics/mAP50(B)", 0.0)), 5),
+        "params": int(get_num_params(model)),
+        "gflops": round(float(get_flops(model, trainer.args.imgsz)), 3),
+        "save_dir": str(trainer.save_dir),
+    }
+
+
+def spawn(spec: Dict[str, Any], log: Path) -> Dict[str, Any]:
+    """Run one training in a fresh interpreter; its JSON result is the last stdout line."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--one", json.dumps(spec)]
+    with open(log, "w") as fh:
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=fh, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"run failed ({spec['overrides'].get('name')}); see {log}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# -- the benchmark ----------------------------------------------------------------------------------
+def save_init(student_cfg: str, data_yaml: Path, seed: int, path: Path) -> Path:
+    """A randomly initialised student, saved the way Ultralytics reads checkpoints."""
+    import torch
+    import yaml
+    from ultralytics.nn.tasks import DetectionModel
+
+    names = yaml.safe_load(data_yaml.read_text())["names"]
+    names = dict(enumerate(names)) if isinstance(names, list) else {int(k): v for k, v in names.items()}
+    torch.manual_seed(seed)
+    model = DetectionModel(student_cfg, nc=len(names), verbose=False)
+    model.names = names
+    torch.save({"model": model, "train_args": {}}, path)
+    return path
+
+
+def summarise(runs: List[Dict[str, Any]]) -> Dict[str, Any]:
+    by_role: Dict[str, List[Dict[str, Any]]] = {}
+    for r in runs:
+        by_role.setdefault(r["role"], []).append(r)
+    summary: Dict[str, Any] = {"roles": {}}
+    base_epoch = {k: statistics.median([r["epoch_s"] for r in v]) for k, v in by_role.items()}
+    base_cpu = {k: statistics.median([r["epoch_cpu_s"] for r in v]) for k, v in by_role.items()}
+    for role, rs in by_role.items():
+        row = {"n": len(rs), "epochs": statistics.median([r["epochs"] for r in rs]),
+               "wall_s_median": statistics.median([r["wall_s"] for r in rs]),
+               "epoch_s_median": base_epoch[role], "epoch_cpu_s_median": base_cpu[role]}
+        for metric in ("map50_95", "map50"):
+            vals = [r[metric] for r in rs]
+            row[metric] = {"min": min(vals), "median": statistics.median(vals), "max": max(vals)}
+        if "plain" in base_epoch:
+            row["epoch_time_vs_plain"] = round(base_epoch[role] / base_epoch["plain"], 3)
+        if "ultralytics_kd" in base_epoch:
+            row["epoch_time_vs_ultralytics_kd"] = round(base_epoch[role] / base_epoch["ultralytics_kd"], 3)
+            row["epoch_cpu_vs_ultralytics_kd"] = round(base_cpu[role] / base_cpu["ultralytics_kd"], 3)
+        summary["roles"][role] = row
+    mtkd = [r for r in MTKD_BEST_CANDIDATES if r in summary["roles"]]
+    if mtkd and "ultralytics_kd" in summary["roles"]:
+        best = max(mtkd, key=lambda r: (summary["roles"][r]["map50_95"]["median"],
+                                        summary["roles"][r]["map50_95"]["min"]))
+        ours, theirs = summary["roles"][best], summary["roles"]["ultralytics_kd"]
+        summary["target"] = {
+            "mtkd_best": best,
+            "beats_median": ours["map50_95"]["median"] > theirs["map50_95"]["median"],
+            "beats_worst_seed": ours["map50_95"]["min"] > theirs["map50_95"]["min"],
+            "epoch_time_ratio": ours.get("epoch_time_vs_ultralytics_kd"),
+            "epoch_cpu_ratio": ours.get("epoch_cpu_vs_ultralytics_kd"),
+            "within_1_15x": (ours.get("epoch_time_vs_ultralytics_kd") or 99) <= 1.15,
+        }
+    return summary
+
+
+def write_md(path: Path, result: Dict[str, Any]) -> None:
+    s, b = result["summary"], result["budget"]
+    lines = [
+        "# YOLO distillation benchmark",
+        "",
+        f"Data: `{result['data']['yaml']}` ({result['data']['nc']} classes). Student `{b['student']}`, teacher "
+        f"`{b['teacher_model']}` ({b['teacher_epochs']} epochs, mAP50-95 {result['teacher'].get('map50_95')}, "
+        f"mAP50 {result['teacher'].get('map50')}). {b['epochs']} epochs, imgsz {b['imgsz']}, batch {b['batch']}, "
+        f"seeds {b['seeds']}, device {b['device']} ({b['cpu_count']} CPUs). Total {b['total_s'] / 60:.1f} min.",
+        "",
+        "Metrics: Ultralytics' final validation. Epoch time: median training-loop epoch (validation excluded), "
+        "measured in this run; wall-clock, and process CPU time (robust to other load on a shared machine).",
+        "",
+        "| role | epochs | mAP50-95 min / median / max | mAP50 min / median / max | epoch s | vs plain | "
+        "vs ultralytics_kd | CPU vs ultralytics_kd |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for role in ROLES:
+        if role not in s["roles"]:
+            continue
+        r = s["roles"][role]
+        m, m50 = r["map50_95"], r["map50"]
+        lines.append(
+            f"| {role} | {r['epochs']} | {m['min']:.4f} / {m['median']:.4f} / {m['max']:.4f} | "
+            f"{m50['min']:.4f} / {m50['median']:.4f} / {m50['max']:.4f} | {r['epoch_s_median']:.2f} | "
+            f"{r.get('epoch_time_vs_plain', float('nan')):.2f}x | "
+            f"{r.get('epoch_time_vs_ultralytics_kd', float('nan')):.2f}x | "
+            f"{r.get('epoch_cpu_vs_ultralytics_kd', float('nan')):.2f}x |")
+    if "target" in s:
+        t = s["target"]
+        lines += ["", f"Target (mtkd's best, `{t['mtkd_best']}`, vs Ultralytics' distill_model): beats median "
+                      f"{'yes' if t['beats_median'] else 'no'}, beats worst seed "
+                      f"{'yes' if t['beats_worst_seed'] else 'no'}, "
+                      f"epoch time {t['epoch_time_ratio']}x wall, {t['epoch_cpu_ratio']}x CPU "
+                      f"({'within' if t['within_1_15x'] else 'over'} 1.15x on wall-clock)."]
+    lines += ["", "`plain_wall`: plain fine-tune given the wall-clock of that seed's `mtkd_out_feat` training loop "
+                  "(Ultralytics `time=`), i.e. the epochs KD's extra cost would buy.", ""]
+    path.write_text("\n".join(lines))
+
+
+def main(argv: List[str] | None = None) -> int:
+    args = parse(argv)
+    if args.one:
+        print(json.dumps(run_one(json.loads(args.one))))
+        return 0
+    t_start = time.perf_counter()
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    logs = out / "logs"
+    logs.mkdir(exist_ok=True)
+    roles = [r for r in args.roles.split(",") if r]
+    bad = sorted(set(roles) - set(ROLES))
+    if bad:
+        raise SystemExit(f"--roles: unknown {bad}; known {ROLES}")
+    seeds = [int(s) for s in args.seeds.split(",") if s != ""]
+    kd_args = dict(kv.split("=", 1) for kv in args.kd.split(",") if kv)
+
+    if args.data:
+        data = Path(args.data).resolve()
+    else:
+        import mtkd  # noqa: F401
+        from mtkd.datasets import make_synthetic
+
+        data = out / "data" / "yolo" / "data.yaml"
+        if not data.exists():
+            data = make_synthetic(out / "data", n_train=args.n_train, n_val=args.n_val, seed=0,
+                                  formats=("yolo",))["yolo"]
+    import yaml
+
+    nc = len(yaml.safe_load(data.read_text())["names"])
+    common = dict(data=str(data), imgsz=args.imgsz, batch=args.batch, device=args.device, workers=args.workers,
+                  amp=False, plots=False, val=args.val, project=str(out / "runs"), exist_ok=True, verbose=False)
+
+    teacher_info: Dict[str, Any] = {}
+    if args.teacher:
+        teacher = Path(args.teacher).resolve()
+        teacher_info = {"path": str(teacher), "reused": True}
+    else:
+        teacher = out / "runs" / "teacher" / "weights" / "last.pt"
+        if teacher.exists():
+            teacher_info = json.loads((out / "teacher.json").read_text()) if (out / "teacher.json").exists() else {}
+            teacher_info["reused"] = True
+        else:
+            spec = {"overrides": {**common, "model": args.teacher_model, "epochs": args.teacher_epochs, "seed": 0,
+                                  "name": "teacher"}}
+            teacher_info = spawn(spec, logs / "teacher.log")
+            teacher = Path(teacher_info["save_dir"]) / "weights" / "last.pt"
+            (out / "teacher.json").write_text(json.dumps(teacher_info))
+        teacher_info["path"] = str(teacher)
+
+    runs: List[Dict[str, Any]] = []
+    for seed in seeds:
+        init = save_init(args.student, data, seed, out / f"init_s{seed}.pt")
+        base = {**common, "model": str(init), "epochs": args.epochs, "seed": seed}
+        loop_ref: float | None = None
+        for role in roles:
+            o = {**base, "name": f"{role}_s{seed}"}
+            if role == "ultralytics_kd":
+                o["distill_model"] = str(teacher)
+            elif role in ("mtkd_out", "mtkd_out_feat"):
+                o.update(kd_args, kd_teacher=str(teacher), kd_feat=args.kd_feat if role == "mtkd_out_feat" else 0.0)
+            elif role == "plain_wall":
+                if loop_ref is None:
+                    print(f"seed {seed}: plain_wall skipped (needs mtkd_out_feat first)", flush=True)
+                    continue
+                o["time"] = loop_ref / 3600.0
+            r = spawn({"overrides": o}, logs / f"{role}_s{seed}.log")
+            if role == "mtkd_out_feat":
+                loop_ref = r["loop_s"]
+            runs.append({"role": role, "seed": seed, **r})
+            print(f"seed {seed} {role:15s} mAP50-95 {r['map50_95']:.4f} mAP50 {r['map50']:.4f} "
+                  f"epochs {r['epochs']} epoch_s {r['epoch_s']} wall {r['wall_s']}s", flush=True)
+
+    result = {
+        "benchmark": "yolo_kd",
+        "data": {"yaml": str(data), "nc": nc},
+        "budget": {"epochs": args.epochs, "teacher_epochs": None if args.teacher else args.teacher_epochs,
+                   "seeds": seeds,
+                   "imgsz": args.imgsz, "batch": args.batch, "device": args.device, "student": args.student,
+                   "teacher_model": args.teacher_model, "kd": kd_args, "kd_feat": args.kd_feat,
+                   "val_every_epoch": args.val, "cpu_count": os.cpu_count(),
+                   "total_s": round(time.perf_counter() - t_start, 1)},
+        "teacher": teacher_info,
+        "runs": runs,
+        "summary": summarise(runs),
+    }
+    (out / "results.json").write_text(json.dumps(result, indent=2))
+    write_md(out / "results.md", result)
+    print((out / "results.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,10 @@
+"""mtkd's plug-in to Ultralytics YOLO: output-level and neck-feature distillation.
+
+* :mod:`mtkd.yolo.adapter`: Ultralytics ``Detect`` output -> :class:`mtkd.structures.DetOutput`.
+* :mod:`mtkd.yolo.losses`: the distillation terms.
+* :mod:`mtkd.yolo.teacher`: ``kd_teacher`` -> a frozen teacher (YOLO ``.pt``, mtkd checkpoint, teacher YAML).
+* :mod:`mtkd.yolo.trainer`: ``KDDetectionTrainer``, a ``DetectionTrainer`` subclass.
+* :mod:`mtkd.yolo.cli`: ``main(argv)`` for ``mtkd yolo train key=value ...``.
+
+Nothing here is imported eagerly, so ``import mtkd.yolo`` stays cheap.
+"""

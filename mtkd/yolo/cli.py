@@ -1,0 +1,82 @@
+"""``mtkd yolo train key=value ...``: Ultralytics-style distillation from the command line.
+
+Every Ultralytics train argument works as in ``yolo train`` (``model data epochs
+imgsz batch device workers project name ...``), plus:
+
+* ``teacher=PATH`` (alias of ``kd_teacher``): an Ultralytics ``.pt``, an mtkd
+  checkpoint, or a YAML with an mtkd ``teacher:`` section;
+* ``kd_cls kd_dfl kd_obj kd_feat kd_t kd_feat_t``: see
+  :data:`mtkd.yolo.trainer.KD_DEFAULTS`.
+
+Examples::
+
+    mtkd yolo train model=yolo11n.yaml teacher=runs/detect/t/weights/best.pt data=data.yaml epochs=50 imgsz=640
+    python tools/distill_yolo.py model=yolov8n.pt teacher=t.pt data=data.yaml kd_feat=1.0 device=0,1
+
+``device=cpu`` (or ``mps``) defaults ``amp=False``. Bad input prints one line
+and exits with status 2.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Any, Dict, List, Optional, Sequence
+
+from mtkd.errors import ConfigError, MtkdError
+
+USAGE = ("usage: mtkd yolo train model=STUDENT(.yaml|.pt) teacher=TEACHER data=DATA.yaml "
+         "[epochs= imgsz= batch= device= workers= ...] [kd_cls= kd_dfl= kd_obj= kd_feat= kd_t= kd_feat_t=]")
+
+
+def parse_args(argv: Sequence[str]) -> Dict[str, Any]:
+    """``key=value`` tokens -> dict, values typed the way Ultralytics' CLI types them."""
+    from ultralytics.cfg import smart_value
+
+    args: Dict[str, Any] = {}
+    for token in argv:
+        key, sep, value = token.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"{token}: expected key=value")
+        key = "kd_teacher" if key == "teacher" else key
+        args[key] = smart_value(value)
+    return args
+
+
+def train(args: Dict[str, Any]) -> Any:
+    """Run one distillation from parsed args; returns the finished ``KDDetectionTrainer``
+    (``.save_dir``, ``.best``, ``.metrics``)."""
+    from ultralytics import YOLO
+    from ultralytics.utils import DEFAULT_CFG_DICT
+
+    from mtkd.yolo.trainer import KDDetectionTrainer, split_kd_args
+
+    ultra, kd = split_kd_args(args)
+    unknown = sorted(set(ultra) - set(DEFAULT_CFG_DICT))
+    if unknown:
+        raise ConfigError(f"{unknown[0]}: not an Ultralytics or mtkd argument")
+    if not ultra.get("model"):
+        raise ConfigError("model: required (a YOLO model .yaml or .pt, the student)")
+    if str(ultra.get("device", "")).lower() in ("cpu", "mps"):
+        ultra.setdefault("amp", False)
+    ultra.pop("mode", None)
+    model = YOLO(str(ultra.pop("model")))
+    if model.task != "detect":
+        raise ConfigError(f"model: {model.model_name} is a {model.task} model; distillation needs a detect model")
+    model.train(trainer=KDDetectionTrainer, **ultra, **kd)
+    return model.trainer
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Entry point of ``mtkd yolo`` (``argv`` without the program name; a leading ``train`` is optional)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "train":
+        argv = argv[1:]
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0 if argv else 2
+    try:
+        trainer = train(parse_args(argv))
+    except MtkdError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"results: {trainer.save_dir}")
+    return 0

@@ -1,0 +1,235 @@
+"""``KDDetectionTrainer``: Ultralytics' ``DetectionTrainer`` plus mtkd distillation.
+
+A plug-in, not a fork: Ultralytics' data, augmentation, optimiser, EMA,
+validation, run folder and checkpoints are all its own. The subclass only
+
+1. accepts ``kd_*`` keys beside Ultralytics' own. They are taken out before
+   Ultralytics validates its args and put back on ``self.args`` afterwards, so
+   the args Ultralytics' DDP launcher hands each worker carry them and each
+   worker rebuilds teacher, adapters and criterion from them (nothing is held
+   in memory across the relaunch). They are recorded in ``kd.yaml`` beside
+   ``args.yaml``, and kept out of everything Ultralytics re-validates or saves
+   (the validator's args, the checkpoint's ``train_args`` and model ``args``),
+   so ``args.yaml`` and the checkpoints stay plain Ultralytics ones;
+2. loads the teacher (:mod:`mtkd.yolo.teacher`) when training is set up;
+3. adds the feature adapters' parameters to Ultralytics' optimiser through
+   ``build_optimizer`` (same param-group rules as the student's);
+4. wraps the student's criterion with :class:`KDCriterion`, which appends the
+   KD terms to Ultralytics' loss vector; the trainer derives ``loss_names``
+   from the loss dict, so each term becomes its own ``train/kd_*`` column in
+   ``results.csv`` (``val/kd_*`` stay 0: validation computes the plain loss).
+
+What is saved: Ultralytics saves its EMA, a deep copy of the student made
+before the criterion is wrapped; :class:`KDCriterion` also reduces to the plain
+criterion whenever it is copied or pickled, and Ultralytics strips criteria
+from checkpoints. So ``best.pt`` holds only Ultralytics classes - no teacher,
+no adapters, no mtkd class - and loads where mtkd is not installed. The
+optimizer state in ``last.pt`` includes the adapters' moments (tensors only).
+``resume`` needs the ``kd_*`` arguments again (they are not in the
+checkpoint); the adapters then restart from their init.
+
+DDP (multi-GPU, Ultralytics' own relaunch): adapters live outside the
+``DistributedDataParallel`` wrapper, so their gradients are all-reduced here
+before each optimiser step.
+
+Usage::
+
+    from ultralytics import YOLO
+    from mtkd.yolo.trainer import KDDetectionTrainer
+
+    YOLO("yolo11n.yaml").train(trainer=KDDetectionTrainer, data="data.yaml", epochs=50,
+                               kd_teacher="runs/detect/teacher/weights/best.pt", kd_feat=1.0)
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+from pathlib import Path
+from typing import Any, Dict, Iterator, Mapping, Optional, Tuple
+
+import torch
+from torch import nn
+
+from mtkd.errors import ConfigError
+from mtkd.yolo.adapter import detect_to_detoutput, neck_channels, neck_feats
+from mtkd.yolo.losses import YoloKD
+from mtkd.yolo.teacher import build_teacher
+
+from ultralytics.models.yolo.detect import DetectionTrainer  # noqa: E402  (after mtkd's offline switches)
+from ultralytics.utils import DEFAULT_CFG, RANK, YAML
+from ultralytics.utils.torch_utils import unwrap_model
+
+#: The ``kd_*`` arguments and their defaults. Weights of 0 switch a term off.
+KD_DEFAULTS: Dict[str, Any] = {
+    "kd_teacher": None,  # path: Ultralytics .pt, mtkd checkpoint, or YAML with an mtkd teacher: section
+    "kd_cls": 1.0,  # class-score KL (teacher-score gated)
+    "kd_dfl": 0.5,  # box-distribution KL (L1 on ltrb, column kd_box, for heads without DFL)
+    "kd_obj": 0.5,  # objectness-proxy KL, dense
+    "kd_feat": 0.0,  # neck CWD through 1x1 adapters
+    "kd_t": 2.0,  # temperature of the output terms
+    "kd_feat_t": 1.0,  # CWD temperature
+}
+
+
+def split_kd_args(args: Optional[Mapping[str, Any]]) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """Split ``args`` into (Ultralytics' keys, checked ``kd_*`` values)."""
+    rest, kd = {}, {}
+    for key, value in dict(args or {}).items():
+        if not key.startswith("kd_"):
+            rest[key] = value
+            continue
+        if key not in KD_DEFAULTS:
+            raise ConfigError(f"{key}: unknown distillation argument; known: {', '.join(KD_DEFAULTS)}")
+        if key == "kd_teacher":
+            kd[key] = None if value in (None, "") else str(value)
+            continue
+        try:
+            kd[key] = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    return rest, kd
+
+
+@contextlib.contextmanager
+def _without_kd_args(*namespaces: Any) -> Iterator[None]:
+    """Temporarily remove the ``kd_*`` attributes from argument namespaces."""
+    saved = []
+    for ns in namespaces:
+        if ns is not None and hasattr(ns, "__dict__"):
+            saved.append((ns, {k: ns.__dict__.pop(k) for k in KD_DEFAULTS if k in ns.__dict__}))
+    try:
+        yield
+    finally:
+        for ns, values in saved:
+            ns.__dict__.update(values)
+
+
+class KDCriterion:
+    """Ultralytics' criterion with the KD terms appended to its loss vector.
+
+    Called by the student's ``loss()`` with the train-mode predictions; the
+    KD terms are scaled by the batch size exactly as Ultralytics scales its own
+    (its trainer sums the vector and divides nothing). Eval-mode predictions
+    (a tuple) get the plain loss. Copying or pickling yields the plain
+    criterion, so no EMA copy or checkpoint ever carries the teacher.
+    """
+
+    def __init__(self, base: Any, head: nn.Module, teacher: Any, kd: YoloKD):
+        self.base = base
+        self.head = head
+        self.teacher = teacher
+        self.kd = kd
+
+    def __call__(self, preds: Any, batch: Dict[str, Any]) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        loss, items = self.base(preds, batch)
+        if isinstance(preds, tuple):
+            return loss, items
+        images = batch["img"]
+        student = detect_to_detoutput(preds, self.head)
+        teacher, t_feats = self.teacher(images)
+        terms = self.kd(student, teacher, neck_feats(preds) if self.kd.w_feat else None, t_feats)
+        if not terms:
+            return loss, items
+        kd_vec = torch.stack(list(terms.values())).to(loss.dtype) * images.shape[0]
+        return torch.cat([loss, kd_vec]), {**items, **{k: v.detach() for k, v in terms.items()}}
+
+    def update(self) -> None:
+        """Forward Ultralytics' per-epoch schedule (YOLO26's one2many/one2one mix)."""
+        if hasattr(self.base, "update"):
+            self.base.update()
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        # Rebuild as (a copy of) the plain criterion: stdlib ``copy.copy`` applied to the base.
+        return copy.copy, (self.base,)
+
+
+class _StudentAndAdapters(nn.Module):
+    """What Ultralytics' ``build_optimizer`` walks: the student and the KD adapters.
+
+    ``model`` mirrors the student's layer list, which ``build_optimizer`` reads
+    for MuSGD's head learning-rate boost.
+    """
+
+    def __init__(self, student: nn.Module, kd: nn.Module):
+        super().__init__()
+        self.student = student
+        self.kd = kd
+
+    @property
+    def model(self) -> nn.Module:
+        return self.student.model
+
+
+class KDDetectionTrainer(DetectionTrainer):
+    """``DetectionTrainer`` with a frozen teacher and mtkd's KD terms (see the module doc)."""
+
+    def __init__(self, cfg: Any = DEFAULT_CFG, overrides: Optional[Dict[str, Any]] = None,
+                 _callbacks: Optional[dict] = None):
+        overrides, kd = split_kd_args(overrides)
+        if isinstance(cfg, dict):
+            cfg, kd_cfg = split_kd_args(cfg)
+            kd = {**kd_cfg, **kd}
+        kd = {**KD_DEFAULTS, **kd}
+        if not kd["kd_teacher"]:  # checked before Ultralytics creates the run folder
+            raise ConfigError("kd_teacher: required (an Ultralytics .pt, an mtkd checkpoint or a teacher YAML)")
+        if not Path(kd["kd_teacher"]).is_file():
+            raise ConfigError(f"kd_teacher: {kd['kd_teacher']} not found")
+        if overrides.get("distill_model"):
+            raise ConfigError("kd_teacher: use kd_teacher or Ultralytics' distill_model, not both")
+        super().__init__(cfg, overrides, _callbacks)
+        for key, value in kd.items():
+            setattr(self.args, key, value)
+        if RANK in {-1, 0}:
+            YAML.save(self.save_dir / "kd.yaml", {k: getattr(self.args, k) for k in KD_DEFAULTS})
+        self.kd_teacher: Any = None
+        self.kd_loss: Optional[YoloKD] = None
+
+    # -- set-up ----------------------------------------------------------------------------
+    def _setup_train(self) -> None:
+        """Load the teacher, run Ultralytics' set-up, then wrap the student's criterion.
+
+        The wrap comes last, after Ultralytics has made its EMA copy.
+        """
+        self.kd_teacher = build_teacher(self.args.kd_teacher, int(self.data["nc"]), self.device)
+        super()._setup_train()
+        student = unwrap_model(self.model)
+        base = student.criterion if getattr(student, "criterion", None) is not None else student.init_criterion()
+        student.criterion = KDCriterion(base, student.model[-1], self.kd_teacher, self.kd_loss)
+
+    def build_optimizer(self, model: nn.Module, name: str = "auto", lr: float = 0.001, momentum: float = 0.9,
+                        decay: float = 1e-5, iterations: float = 1e5) -> torch.optim.Optimizer:
+        """Build the KD module (its adapters need the student), then Ultralytics' optimiser over both."""
+        student = unwrap_model(model)
+        s_strides = tuple(int(s) for s in student.stride.tolist())
+        if s_strides != self.kd_teacher.strides:
+            raise ConfigError(f"kd_teacher: teacher strides {list(self.kd_teacher.strides)} differ from the "
+                              f"student's {list(s_strides)}")
+        a = self.args
+        self.kd_loss = YoloKD(cls=a.kd_cls, dfl=a.kd_dfl, obj=a.kd_obj, feat=a.kd_feat, t=a.kd_t,
+                              feat_t=a.kd_feat_t, student_channels=neck_channels(student) if a.kd_feat else None,
+                              teacher_channels=self.kd_teacher.channels).to(self.device)
+        return super().build_optimizer(_StudentAndAdapters(student, self.kd_loss), name, lr, momentum, decay,
+                                       iterations)
+
+    def get_validator(self) -> Any:
+        """Ultralytics' validator, built from args without the ``kd_*`` keys it would reject."""
+        with _without_kd_args(self.args):
+            return super().get_validator()
+
+    def save_model(self) -> bool:
+        """Ultralytics' save, with the ``kd_*`` keys out of ``train_args`` and the model's ``args``."""
+        ema_args = getattr(getattr(self.ema, "ema", None), "args", None)
+        with _without_kd_args(self.args, ema_args):
+            return super().save_model()
+
+    # -- the step ----------------------------------------------------------------------------
+    def optimizer_step(self) -> None:
+        """All-reduce the adapters' gradients under DDP (they are outside its wrapper), then step."""
+        if self.world_size > 1 and self.kd_loss is not None:
+            import torch.distributed as dist
+
+            for p in self.kd_loss.parameters():
+                if p.grad is not None:
+                    dist.all_reduce(p.grad)
+                    p.grad /= self.world_size
+        super().optimizer_step()
