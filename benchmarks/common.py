@@ -1,0 +1,446 @@
+"""Shared helpers of the mtkd benchmarks: run configs, collect records, write results.
+
+A benchmark is a list of training runs, each a *record*::
+
+    {"role": "kd", "seed": 0, "epochs": 25, "steps": 500, "wall_s": 812.4,
+     "map50_95": 0.41, "map50": 0.63, "miou": 0.58, "params": 3.6e6, "gflops": 0.21,
+     "out": "benchmarks/kd_gain/runs/kd_s0"}
+
+``wall_s`` is the *training* wall-clock of the run (``train_wall_s`` of
+``test_metrics.json``: data loading + steps, no validation), the same clock
+``train.time_budget_s`` budgets, so equal-wall-clock comparisons use one
+clock. Metrics are on the TEST split with the run's ``best.pt`` (chosen on
+val). A record may carry further keys (``latency_ms``, ``out``); tables show
+:data:`METRICS`.
+
+Every benchmark writes, into its ``--out`` folder:
+
+* ``results.json``: ``{"benchmark": name, "data": path, "budget": {...},
+  "runs": [record, ...], ...extra}``;
+* ``results.md``: made only from that JSON, one table row per role with
+  min / median / max of each metric over its seeds, the seeds listed, plus
+  the benchmark's derived lines (verdicts, ratios).
+
+Runs are resumable across sittings: :class:`Results` loads an existing
+``results.json``, :meth:`Results.has` tells whether a ``(role, seed)`` is
+already there, :meth:`Results.add` replaces or appends a record and rewrites
+both files at once (so an interrupted sitting keeps every finished run).
+
+Typical use (see ``benchmarks/kd_gain/run.py``)::
+
+    p = argparse.ArgumentParser(); add_common_args(p, default_out="benchmarks/x")
+    args = p.parse_args()
+    data = data_overrides(args.data, args.format) + list(args.set)
+    res = Results(args.out, "x", data=args.data, budget={"epochs": args.epochs})
+    for role, seed in progress(plan, desc="x"):
+        if not res.has(role, seed):
+            rec = run_record(role, "configs/x.yaml", seed, res.run_dir(role, seed),
+                             overrides=data + [f"train.epochs={args.epochs}"])
+            res.add(rec)
+    res.write(derived=["..."])
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+from tqdm import tqdm
+
+METRICS = ("map50_95", "map50", "miou")
+"""Quality metrics summarised per role (higher is better)."""
+COST = ("params", "gflops", "epochs", "steps", "wall_s")
+"""Cost columns summarised per role (median only in the table)."""
+RECORD_KEYS = ("role", "seed", "epochs", "steps", "wall_s") + METRICS + ("params", "gflops")
+FORMATS = ("voc", "coco", "yolo")
+
+
+# -- data ---------------------------------------------------------------------------------------
+def infer_format(path: str | Path) -> Tuple[str, Path]:
+    """``(format, root)`` of a dataset path.
+
+    * a ``.yaml``/``.yml`` file -> ``yolo`` (the data yaml is the root);
+    * a folder with ``Annotations/`` or ``JPEGImages/`` -> ``voc``;
+    * a folder with ``annotations/*.json`` -> ``coco``;
+    * a folder holding ``voc/`` (or ``coco/``, or ``yolo/data.yaml``), as
+      ``mtkd make-synthetic`` writes it -> that layout, in this order.
+
+    Raises ``ConfigError`` (one line naming the path) when nothing matches.
+    """
+    from mtkd.errors import ConfigError
+
+    p = Path(path)
+    if p.is_file() and p.suffix in (".yaml", ".yml"):
+        return "yolo", p
+    if not p.is_dir():
+        raise ConfigError(f"--data {p}: no such dataset folder or YOLO data yaml")
+    if (p / "Annotations").is_dir() or (p / "JPEGImages").is_dir():
+        return "voc", p
+    if (p / "annotations").is_dir() and any((p / "annotations").glob("*.json")):
+        return "coco", p
+    for sub in ("voc", "coco"):
+        if (p / sub).is_dir():
+            return infer_format(p / sub)
+    if (p / "yolo" / "data.yaml").is_file():
+        return "yolo", p / "yolo" / "data.yaml"
+    raise ConfigError(f"--data {p}: not a VOC tree (Annotations/), COCO tree (annotations/*.json), "
+                      "YOLO data yaml or make-synthetic folder; pass --format")
+
+
+def data_overrides(path: str | Path, fmt: Optional[str] = None) -> List[str]:
+    """Config overrides (``data.format=...``, ``data.root=...``) pointing a run at ``path``.
+
+    ``fmt`` (``voc``/``coco``/``yolo``) skips inference; the path is then used
+    as the root as given (a make-synthetic folder still resolves to its
+    ``<fmt>/`` layout).
+    """
+    from mtkd.errors import ConfigError
+
+    if fmt is None:
+        fmt, root = infer_format(path)
+    else:
+        if fmt not in FORMATS:
+            raise ConfigError(f"--format: expected one of {', '.join(FORMATS)}, got {fmt!r}")
+        root = Path(path)
+        sub = root / ("yolo/data.yaml" if fmt == "yolo" else fmt)
+        if sub.exists():
+            root = sub
+    return [f"data.format={fmt}", f"data.root={json.dumps(str(root))}"]
+
+
+def add_common_args(parser: argparse.ArgumentParser, default_out: str,
+                    default_data: str = "data/synthetic", seeds: Sequence[int] = (0, 1, 2)) -> None:
+    """``--data``, ``--format``, ``--out``, ``--seeds``, ``--set`` (shared by every benchmark)."""
+    parser.add_argument("--data", default=default_data,
+                        help="dataset: a VOC tree, a COCO tree, a YOLO data yaml or a make-synthetic folder "
+                             f"(default {default_data})")
+    parser.add_argument("--format", choices=FORMATS, default=None,
+                        help="dataset format (default: inferred from --data)")
+    parser.add_argument("--out", default=default_out, help=f"output folder (default {default_out})")
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(seeds),
+                        help=f"seeds (default {' '.join(map(str, seeds))})")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra config override for every run, e.g. --set train.workers=0 "
+                             "or --set data.ann_file=annotations/instances_{split}2017.json (repeatable)")
+
+
+def progress(items: Iterable[Any], desc: str, total: Optional[int] = None) -> Iterable[Any]:
+    """A tqdm bar over a benchmark's planned runs (one line, stays on screen)."""
+    items = list(items)
+    return tqdm(items, desc=desc, total=total if total is not None else len(items), dynamic_ncols=True)
+
+
+# -- runs ---------------------------------------------------------------------------------------
+def run_config(config: str | Path, overrides: Sequence[str] = (), *, seed: int, out: str | Path,
+               epochs: Optional[int] = None, max_steps: Optional[int] = None,
+               time_budget_s: Optional[float] = None) -> Dict[str, Any]:
+    """Train ``config`` in-process with ``overrides`` plus seed/out/budget; returns the test report.
+
+    ``epochs``, ``max_steps``, ``time_budget_s`` become ``train.*`` overrides
+    when given (after ``overrides``, so they win). A previous run in ``out``
+    is overwritten (benchmarks decide what to skip via :class:`Results`).
+    """
+    from mtkd.engine.config import load_config
+    from mtkd.engine.trainer import train
+
+    ov = list(overrides) + [f"seed={int(seed)}", f"out={json.dumps(str(out))}"]
+    if epochs is not None:
+        ov.append(f"train.epochs={int(epochs)}")
+    if max_steps is not None:
+        ov.append(f"train.max_steps={int(max_steps)}")
+    if time_budget_s is not None:
+        ov.append(f"train.time_budget_s={float(time_budget_s)}")
+    cfg = load_config(config, ov)
+    return train(cfg)
+
+
+def make_record(role: str, seed: int, report: Mapping[str, Any], out: Optional[str | Path] = None,
+                **extra: Any) -> Dict[str, Any]:
+    """A run record from a test report (the dict of ``test_metrics.json``).
+
+    Missing metrics (e.g. ``miou`` of a detection-only model) are ``None``.
+    """
+    rec: Dict[str, Any] = {"role": role, "seed": int(seed),
+                           "epochs": report.get("epochs_run"), "steps": report.get("steps"),
+                           "wall_s": report.get("train_wall_s")}
+    for k in METRICS + ("params", "gflops", "latency_ms"):
+        v = report.get(k)
+        rec[k] = float(v) if isinstance(v, (int, float)) else None
+    if out is not None:
+        rec["out"] = str(out)
+    rec.update(extra)
+    return rec
+
+
+def record_from_dir(role: str, seed: int, run_dir: str | Path, **extra: Any) -> Dict[str, Any]:
+    """The record of a finished run folder (reads ``<run_dir>/test_metrics.json``)."""
+    from mtkd.errors import MtkdError
+
+    path = Path(run_dir) / "test_metrics.json"
+    if not path.is_file():
+        raise MtkdError(f"{path}: not found; the run in {run_dir} has not finished")
+    return make_record(role, seed, json.loads(path.read_text()), out=run_dir, **extra)
+
+
+def run_record(role: str, config: str | Path, seed: int, out: str | Path,
+               overrides: Sequence[str] = (), **budget: Any) -> Dict[str, Any]:
+    """:func:`run_config` then :func:`make_record`; ``budget`` = epochs/max_steps/time_budget_s.
+
+    The record also gets ``total_s``: wall-clock of the whole call (build,
+    training, validation, test).
+    """
+    t0 = time.perf_counter()
+    report = run_config(config, overrides, seed=seed, out=out, **budget)
+    return make_record(role, seed, report, out=out, total_s=time.perf_counter() - t0)
+
+
+def random_checkpoint(path: str | Path, model_cfg: Mapping[str, Any], classes: Sequence[str],
+                      seed: int = 0) -> Path:
+    """Save a randomly initialised mtkd model as a checkpoint ``teacher.ckpt`` accepts.
+
+    For cost measurements (step times) where the teacher's weights do not
+    matter, and for tests. Holds ``model`` (state dict), ``classes`` and
+    ``config.model``; loads with ``weights_only=True``.
+    """
+    import torch
+
+    from mtkd.engine.checkpoint import save_atomic
+    from mtkd.models import build_model
+
+    torch.manual_seed(seed)
+    model = build_model(dict(model_cfg), len(classes))
+    save_atomic({"model": model.state_dict(), "classes": list(classes),
+                 "config": {"model": dict(model_cfg)}}, path)
+    return Path(path)
+
+
+# -- statistics ---------------------------------------------------------------------------------
+def _values(runs: Iterable[Mapping[str, Any]], role: str, key: str) -> List[float]:
+    return [float(r[key]) for r in runs if r["role"] == role and isinstance(r.get(key), (int, float))]
+
+
+def roles_of(runs: Iterable[Mapping[str, Any]]) -> List[str]:
+    """Roles in first-appearance order."""
+    out: List[str] = []
+    for r in runs:
+        if r["role"] not in out:
+            out.append(r["role"])
+    return out
+
+
+def stats(values: Sequence[float]) -> Optional[Dict[str, float]]:
+    """``{"min", "median", "max", "n"}`` of ``values`` (``None`` when empty)."""
+    if not values:
+        return None
+    return {"min": min(values), "median": statistics.median(values), "max": max(values), "n": len(values)}
+
+
+def summarize(runs: Sequence[Mapping[str, Any]],
+              keys: Sequence[str] = METRICS + COST) -> Dict[str, Dict[str, Any]]:
+    """``{role: {"seeds": [...], key: stats(...) or None}}`` over ``runs``."""
+    out: Dict[str, Dict[str, Any]] = {}
+    for role in roles_of(runs):
+        entry: Dict[str, Any] = {"seeds": sorted(int(r["seed"]) for r in runs if r["role"] == role)}
+        for k in keys:
+            entry[k] = stats(_values(runs, role, k))
+        out[role] = entry
+    return out
+
+
+def gap_closed(teacher: float, plain: float, student: float) -> Optional[float]:
+    """Fraction of the teacher-plain gap a student closes: ``(s - p) / (t - p)``.
+
+    1 = the student matches the teacher, 0 = no better than plain, negative =
+    worse than plain, > 1 = better than the teacher. ``None`` when the gap is
+    not positive (the teacher is not better, so the fraction is meaningless).
+    """
+    gap = teacher - plain
+    if not (gap > 0) or any(math.isnan(v) for v in (teacher, plain, student)):
+        return None
+    return (student - plain) / gap
+
+
+def median_of(runs: Sequence[Mapping[str, Any]], role: str, key: str) -> Optional[float]:
+    v = _values(runs, role, key)
+    return statistics.median(v) if v else None
+
+
+def fmt(v: Any, digits: int = 3) -> str:
+    """A table cell: floats to ``digits`` places, large numbers in M, None as '-'."""
+    if v is None:
+        return "-"
+    if isinstance(v, float) and math.isnan(v):
+        return "nan"
+    if isinstance(v, (int, float)) and abs(v) >= 1e5:
+        return f"{v / 1e6:.2f}M"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def markdown(payload: Mapping[str, Any], derived: Sequence[str] = (),
+             metrics: Sequence[str] = METRICS, cost: Sequence[str] = COST) -> str:
+    """The Markdown report of a results payload (``results.json``'s dict)."""
+    runs = payload.get("runs", [])
+    lines = [f"# {payload['benchmark']}", "",
+             f"Data: `{payload.get('data')}`  ", f"Budget: `{json.dumps(payload.get('budget', {}))}`", ""]
+    if runs:
+        summ = summarize(runs, tuple(metrics) + tuple(cost))
+        head = ["role", "seeds"] + [f"{m} min / med / max" for m in metrics] + [f"{c} (med)" for c in cost]
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for role, s in summ.items():
+            cells = [role, ",".join(map(str, s["seeds"]))]
+            for m in metrics:
+                st = s[m]
+                cells.append("-" if st is None else f"{fmt(st['min'])} / {fmt(st['median'])} / {fmt(st['max'])}")
+            for c in cost:
+                st = s[c]
+                cells.append("-" if st is None else fmt(st["median"], {"wall_s": 1, "epochs": 0, "steps": 0}.get(c, 3)))
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    if derived:
+        lines += [f"- {d}" for d in derived] + [""]
+    return "\n".join(lines)
+
+
+# -- results files ------------------------------------------------------------------------------
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class Results:
+    """``<out>/results.json`` + ``results.md`` of one benchmark, resumable.
+
+    An existing ``results.json`` is loaded and its runs kept; ``data`` and
+    ``budget`` are updated to this sitting's values, and a record for the same
+    ``(role, seed)`` replaces the old one. ``extra`` keys (e.g. ``teacher``)
+    are stored at the top level of the JSON. ``metrics`` (min/median/max
+    columns) and ``cost`` (median columns) choose the Markdown table's
+    columns; the defaults fit training runs.
+    """
+
+    def __init__(self, out: str | Path, benchmark: str, data: Any = None,
+                 budget: Optional[Mapping[str, Any]] = None, metrics: Sequence[str] = METRICS,
+                 cost: Sequence[str] = COST, **extra: Any):
+        self.metrics, self.cost = tuple(metrics), tuple(cost)
+        self.out = Path(out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.json_path = self.out / "results.json"
+        self.md_path = self.out / "results.md"
+        old: Dict[str, Any] = {}
+        if self.json_path.is_file():
+            old = json.loads(self.json_path.read_text())
+        self.payload: Dict[str, Any] = dict(old)
+        self.payload.update({"benchmark": benchmark, "data": str(data) if data is not None else old.get("data"),
+                             "budget": dict(budget or old.get("budget", {}))})
+        self.payload.update(extra)
+        self.payload.setdefault("runs", [])
+        self.derived: List[str] = list(old.get("derived", []))
+
+    @property
+    def runs(self) -> List[Dict[str, Any]]:
+        return self.payload["runs"]
+
+    def run_dir(self, role: str, seed: int) -> Path:
+        """Where a run of ``(role, seed)`` trains: ``<out>/runs/<role>_s<seed>`` ('@' -> '_at_')."""
+        return self.out / "runs" / f"{role.replace('@', '_at_')}_s{int(seed)}"
+
+    def get(self, role: str, seed: int) -> Optional[Dict[str, Any]]:
+        for r in self.runs:
+            if r["role"] == role and int(r["seed"]) == int(seed):
+                return r
+        return None
+
+    def has(self, role: str, seed: int) -> bool:
+        return self.get(role, seed) is not None
+
+    def add(self, record: Mapping[str, Any], write: bool = True) -> None:
+        """Insert (or replace the same ``(role, seed)``) and rewrite the files."""
+        rec = dict(record)
+        self.payload["runs"] = [r for r in self.runs
+                                if not (r["role"] == rec["role"] and int(r["seed"]) == int(rec["seed"]))]
+        self.runs.append(rec)
+        if write:
+            self.write()
+
+    def write(self, derived: Optional[Sequence[str]] = None, **extra: Any) -> None:
+        """Write ``results.json`` and ``results.md``; ``derived`` lines go into both."""
+        if derived is not None:
+            self.derived = list(derived)
+        self.payload.update(extra)
+        self.payload["derived"] = self.derived
+        _atomic_write(self.json_path, json.dumps(self.payload, indent=2, default=str) + "\n")
+        _atomic_write(self.md_path, markdown(self.payload, self.derived, self.metrics, self.cost))
+
+
+def write_results(out: str | Path, benchmark: str, data: Any, budget: Mapping[str, Any],
+                  runs: Sequence[Mapping[str, Any]], derived: Sequence[str] = (),
+                  metrics: Sequence[str] = METRICS, cost: Sequence[str] = COST, **extra: Any) -> Path:
+    """One-shot: write ``results.json``/``results.md`` with exactly ``runs``; returns the JSON path."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    payload = {"benchmark": benchmark, "data": str(data), "budget": dict(budget),
+               "runs": [dict(r) for r in runs], **extra, "derived": list(derived)}
+    _atomic_write(out / "results.json", json.dumps(payload, indent=2, default=str) + "\n")
+    _atomic_write(out / "results.md", markdown(payload, derived, metrics, cost))
+    return out / "results.json"
+
+
+# -- step timing --------------------------------------------------------------------------------
+def build_trainer(config: str | Path, overrides: Sequence[str] = (), seed: int = 0) -> Any:
+    """A built (not fitted) :class:`mtkd.engine.trainer.Trainer` of ``config``: data,
+    model, teacher, losses and optimizer ready, so ``train_step(batch)`` can be timed.
+    Writes nothing (no run folder is created until ``fit``)."""
+    from mtkd.engine.config import load_config
+    from mtkd.engine.trainer import Trainer
+
+    cfg = load_config(config, list(overrides) + [f"seed={int(seed)}"])
+    trainer = Trainer(cfg)
+    trainer.build()
+    trainer.epoch = 0
+    return trainer
+
+
+def take_batches(loader: Iterable[Any], n: int) -> List[Any]:
+    """The first ``n`` batches of a loader (fewer when it is shorter)."""
+    out: List[Any] = []
+    for batch in loader:
+        out.append(batch)
+        if len(out) >= n:
+            break
+    return out
+
+
+def interleaved_times(fns: Mapping[str, Any], batches: Sequence[Any], repeats: int,
+                      warmup: int = 1) -> Dict[str, List[List[float]]]:
+    """Seconds of ``fn(batch)`` per name, ``[repeat][batch]``, measured side by side.
+
+    Within each repeat every batch is run by every function in turn, the
+    order of the functions rotating from batch to batch, so slow drifts of
+    the machine (another process, thermal state) hit all of them alike.
+    ``warmup`` untimed passes over the first batch come first (allocator,
+    lazy init). Each call gets a shallow copy of the batch dict.
+    """
+    names = list(fns)
+    for _ in range(warmup):
+        for name in names:
+            fns[name](dict(batches[0]))
+    times: Dict[str, List[List[float]]] = {n: [] for n in names}
+    for _ in range(repeats):
+        row: Dict[str, List[float]] = {n: [] for n in names}
+        for i, batch in enumerate(batches):
+            k = i % len(names)
+            for name in names[k:] + names[:k]:
+                t0 = time.perf_counter()
+                fns[name](dict(batch))
+                row[name].append(time.perf_counter() - t0)
+        for n in names:
+            times[n].append(row[n])
+    return times

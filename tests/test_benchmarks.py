@@ -1,0 +1,135 @@
+"""The benchmark helpers (benchmarks/common.py), the kd_gain verdicts and one tiny kd_overhead run."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+import mtkd  # noqa: F401  (offline switches first)
+from mtkd.datasets import make_synthetic
+from mtkd.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from benchmarks import common  # noqa: E402
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / name / "run.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _rec(role: str, seed: int, m5095: float, m50: float, miou: float, wall: float = 10.0) -> dict:
+    return {"role": role, "seed": seed, "epochs": 5, "steps": 50, "wall_s": wall, "map50_95": m5095,
+            "map50": m50, "miou": miou, "params": 3.6e6, "gflops": 0.21}
+
+
+FAKE = [_rec("teacher", 0, 0.50, 0.80, 0.70),
+        _rec("plain", 0, 0.20, 0.40, 0.30), _rec("plain", 1, 0.24, 0.44, 0.36), _rec("plain", 2, 0.22, 0.50, 0.33),
+        _rec("kd", 0, 0.30, 0.60, 0.52), _rec("kd", 1, 0.36, 0.66, 0.50), _rec("kd", 2, 0.33, 0.64, 0.56)]
+
+
+def test_summarize_min_median_max_and_seeds() -> None:
+    s = common.summarize(FAKE)
+    assert list(s) == ["teacher", "plain", "kd"]
+    assert s["plain"]["seeds"] == [0, 1, 2]
+    assert s["plain"]["map50"] == {"min": 0.40, "median": 0.44, "max": 0.50, "n": 3}
+    assert s["kd"]["miou"]["min"] == 0.50 and s["kd"]["miou"]["median"] == 0.52 and s["kd"]["miou"]["max"] == 0.56
+    assert s["teacher"]["map50_95"]["n"] == 1
+
+
+def test_gap_closed() -> None:
+    assert common.gap_closed(0.8, 0.4, 0.6) == pytest.approx(0.5)
+    assert common.gap_closed(0.8, 0.4, 0.3) == pytest.approx(-0.25)
+    assert common.gap_closed(0.8, 0.4, 0.8) == pytest.approx(1.0)
+    assert common.gap_closed(0.4, 0.4, 0.5) is None  # no gap: meaningless
+    assert common.gap_closed(0.3, 0.4, 0.5) is None
+
+
+def test_results_json_and_markdown_resume_and_replace(tmp_path: Path) -> None:
+    res = common.Results(tmp_path, "fake", data="d", budget={"epochs": 5})
+    for r in FAKE:
+        res.add(r)
+    res.write(derived=["a verdict"])
+    payload = json.loads((tmp_path / "results.json").read_text())
+    assert payload["benchmark"] == "fake" and payload["data"] == "d" and payload["budget"] == {"epochs": 5}
+    assert len(payload["runs"]) == len(FAKE)
+    md = (tmp_path / "results.md").read_text()
+    assert "| plain | 0,1,2 | 0.200 / 0.220 / 0.240 | 0.400 / 0.440 / 0.500 | 0.300 / 0.330 / 0.360 |" in md
+    assert "- a verdict" in md
+
+    again = common.Results(tmp_path, "fake", data="d2")  # a later sitting
+    assert again.has("kd", 2) and not again.has("kd", 3)
+    assert again.payload["budget"] == {"epochs": 5}
+    again.add(_rec("kd", 2, 0.9, 0.9, 0.9))
+    payload = json.loads((tmp_path / "results.json").read_text())
+    kd2 = [r for r in payload["runs"] if r["role"] == "kd" and r["seed"] == 2]
+    assert len(kd2) == 1 and kd2[0]["map50"] == 0.9
+    assert payload["data"] == "d2" and payload["derived"] == ["a verdict"]
+
+
+def test_make_record_from_report() -> None:
+    report = {"map50_95": 0.1, "map50": 0.2, "miou": 0.3, "params": 10, "gflops": 0.5, "latency_ms": 2.0,
+              "steps": 7, "train_wall_s": 3.5, "epochs_run": 2}
+    rec = common.make_record("plain", 1, report, out="x")
+    assert {k: rec[k] for k in common.RECORD_KEYS} == {
+        "role": "plain", "seed": 1, "epochs": 2, "steps": 7, "wall_s": 3.5, "map50_95": 0.1, "map50": 0.2,
+        "miou": 0.3, "params": 10.0, "gflops": 0.5}
+    assert common.make_record("det", 0, {"map50": 0.2})["miou"] is None
+
+
+def test_infer_format_and_overrides(tmp_path: Path) -> None:
+    (tmp_path / "voc" / "Annotations").mkdir(parents=True)
+    (tmp_path / "coco" / "annotations").mkdir(parents=True)
+    (tmp_path / "coco" / "annotations" / "instances_train.json").write_text("{}")
+    (tmp_path / "data.yaml").write_text("names: [a]\n")
+    assert common.infer_format(tmp_path / "voc") == ("voc", tmp_path / "voc")
+    assert common.infer_format(tmp_path / "coco") == ("coco", tmp_path / "coco")
+    assert common.infer_format(tmp_path / "data.yaml") == ("yolo", tmp_path / "data.yaml")
+    assert common.infer_format(tmp_path) == ("voc", tmp_path / "voc")  # a make-synthetic folder
+    assert common.data_overrides(tmp_path, "coco") == ["data.format=coco", f'data.root="{tmp_path / "coco"}"']
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="--format"):
+        common.infer_format(tmp_path / "empty")
+
+
+def test_kd_gain_verdicts_on_fake_records() -> None:
+    kd_gain = _load("kd_gain")
+    lines, summary = kd_gain.verdicts(FAKE, {"train_images": 9, "without_seg": 3, "without_det": 0})
+    assert summary["premise"]["holds"]  # 0.80 - 0.44 and 0.70 - 0.33
+    assert summary["gap_closed"]["kd"]["map50"] == pytest.approx((0.64 - 0.44) / (0.80 - 0.44))
+    assert summary["gap_closed"]["kd"]["miou"] == pytest.approx((0.52 - 0.33) / (0.70 - 0.33))
+    assert summary["half_gap_met"] is True
+    # worst kd map50 0.60 > best plain 0.50; worst kd miou 0.50 > best plain 0.36
+    assert summary["worst_kd_above_best_plain"]["kd"] == {"map50_95": True, "map50": True, "miou": True}
+    assert any("3/9" in line for line in lines)
+
+    weak = [r if r["role"] != "teacher" else _rec("teacher", 0, 0.3, 0.5, 0.4) for r in FAKE]
+    lines, summary = kd_gain.verdicts(weak)
+    assert not summary["premise"]["holds"]
+    assert any("FAILS" in line for line in lines)
+
+
+def test_kd_overhead_tiny_run(tmp_path: Path) -> None:
+    make_synthetic(tmp_path / "data", n_train=4, n_val=2, n_test=0, imgsz=(32, 48), formats=("voc",))
+    kd_overhead = _load("kd_overhead")
+    out = tmp_path / "out"
+    payload = kd_overhead.main(["--data", str(tmp_path / "data"), "--out", str(out), "--batches", "1",
+                                "--repeats", "2", "--warmup", "1", "--teacher-ckpt", str(tmp_path / "none.pt"),
+                                "--teacher-preset", "student", "--set", "data.imgsz=32", "--set", "train.batch=2",
+                                "--set", "loss.extra=[]"])
+    runs = payload["runs"]
+    assert [r["seed"] for r in runs] == [0, 1]
+    for r in runs:
+        assert r["overhead"] == pytest.approx(r["kd_ms"] / r["plain_ms"])
+        assert r["limit"] == pytest.approx(1 + r["teacher_fwd_ms"] / r["plain_ms"])
+        assert r["limit"] > 1
+    assert (out / "random_teacher.pt").is_file()
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["benchmark"] == "kd_overhead" and len(saved["runs"]) == 2
+    assert "overhead min / med / max" in (out / "results.md").read_text()
