@@ -252,3 +252,16 @@ def test_usable_from_composer_config():
     assert trainable and not any(p is q for p in trainable for q in composer.extra["dml"].peer.parameters())
     # Without a teacher only DML is kept (the others require one).
     assert list(LossComposer(cfg, with_teacher=False).extra.keys()) == ["dml"]
+
+
+def test_lwm_teacher_feat_names_the_teachers_map():
+    # at 16 px f3 is 4x4 and f2 8x8: pairing them is an error that points at teacher_feat
+    student, teacher = TinyCls(4), TinyCls(6)
+    with pytest.raises(ConfigError, match="teacher_feat"):
+        step(build_loss("lwm", feat="f3", teacher_feat="f2"), student, teacher, cls_batch(2))
+    torch.manual_seed(1)
+    batch = cls_batch(2)
+    explicit, _, _ = step(build_loss("lwm", feat="f3", teacher_feat="f3"), student, teacher,
+                          {k: v.clone() for k, v in batch.items()})
+    default, _, _ = step(build_loss("lwm", feat="f3"), student, teacher, {k: v.clone() for k, v in batch.items()})
+    assert torch.isfinite(explicit) and torch.allclose(explicit, default)

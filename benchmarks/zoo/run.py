@@ -116,7 +116,7 @@ CLASSIFY_LOSSES: Dict[str, tuple] = {
     "sobolev": (20.0, {}),
     "bss": (2.0, {"T": 3.0, "attack_size": 32}),
     "cc": (100.0, {"gamma": 0.4, "P_order": 2}),
-    "lwm": (0.4, {}),
+    "lwm": (0.4, {"feat": "f3", "teacher_feat": "f2"}),  # cnn4 f3 and resnet f2 are both stride 8
     "irg": (1.0, {"w_irg_vert": 0.1, "w_irg_edge": 5.0, "w_irg_tran": 5.0}),
     "vid": (1.0, {"sf": 1.0, "init_var": 5.0}),
     "ofd": (0.5, {}),

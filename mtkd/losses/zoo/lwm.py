@@ -21,7 +21,9 @@ taken without it (same value).
 
 The adapter uses one feature map, ``feat`` (default ``"f3"``, a middle stage
 as the reference's second of three residual stages); student and teacher
-maps must have the same spatial size. It needs the teacher's graph
+maps must have the same spatial size; ``teacher_feat`` names the teacher's
+map when the two backbones' strides differ (e.g. student ``f3`` at stride 8,
+teacher ``f2``). It needs the teacher's graph
 (``teacher_grad``) and, as in the reference, input gradients
 (``input_grad``), so that the teacher's map is differentiable even with
 frozen teacher weights. Classification only: ConfigError without ``"logits"``.
@@ -65,9 +67,11 @@ class LwMLoss(Loss):
 
     requires = frozenset({"teacher", "teacher_grad", "input_grad", "labels"})
 
-    def __init__(self, feat: str = "f3"):
+    def __init__(self, feat: str = "f3", teacher_feat: Optional[str] = None):
         super().__init__()
         self.feat = feat
+        # the teacher's map may have another name when the two backbones' strides differ
+        self.teacher_feat = teacher_feat or feat
         self.core = LwM()
 
     def forward(self, student_out: Dict[str, Any], teacher_out: Optional[Dict[str, Any]],
@@ -75,9 +79,10 @@ class LwMLoss(Loss):
         teacher_out = require_teacher(teacher_out, "lwm")
         out_s, out_t, target = classification_inputs(student_out, teacher_out, batch, "lwm")
         fm_s = get_feature(student_out, self.feat, "lwm")
-        fm_t = get_feature(teacher_out, self.feat, "lwm")
-        check_graph(fm_t, f"the teacher's feature {self.feat!r}", "lwm")
+        fm_t = get_feature(teacher_out, self.teacher_feat, "lwm")
+        check_graph(fm_t, f"the teacher's feature {self.teacher_feat!r}", "lwm")
         if fm_s.shape[2:] != fm_t.shape[2:]:
             raise ConfigError(f"loss 'lwm': feat: {self.feat!r} has spatial size {tuple(fm_s.shape[2:])} "
-                              f"in the student and {tuple(fm_t.shape[2:])} in the teacher")
+                              f"in the student and {self.teacher_feat!r} {tuple(fm_t.shape[2:])} in the teacher; "
+                              f"pick maps of one stride with feat / teacher_feat")
         return self.core(out_s, fm_s, out_t, fm_t, target)
