@@ -104,5 +104,6 @@ def _demo_args(p: argparse.ArgumentParser):
     p.add_argument("--seg-missing", type=float, default=0.33,
                    help="fraction of training images without masks (the teacher fills them in)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--workers", type=int, default=0,
+                   help="DataLoader workers (0: on 2 cores a worker process competes with the 2 torch threads)")
     return run_demo
