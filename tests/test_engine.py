@@ -196,6 +196,20 @@ def test_resume_matches_uninterrupted_run(tmp_path):
     assert [r["epoch"] for r in read_rows(tmp_path / "part" / "results.csv")] == ["1", "2"]
 
 
+def test_resume_with_more_epochs_extends_the_schedule(tmp_path):
+    # a finished 2-epoch run ends at lr * lrf; resumed to 6 epochs it must train at the
+    # longer schedule's (higher) rate, not stay at the old run's final rate
+    Trainer(toy_cfg(tmp_path / "ext", epochs=2)).fit()
+    ext = Trainer(toy_cfg(tmp_path / "ext", epochs=6, resume=True))
+    ext.fit()
+    rows = read_rows(tmp_path / "ext" / "results.csv")
+    assert [r["epoch"] for r in rows] == ["1", "2", "3", "4", "5", "6"]
+    lrs = [float(r["lr"]) for r in rows]
+    assert lrs[1] == pytest.approx(0.02 * 0.01)  # end of the 2-epoch schedule
+    assert lrs[2] > 10 * lrs[1]  # epoch 3 follows the 6-epoch cosine again
+    assert lrs[5] == pytest.approx(0.02 * 0.01)
+
+
 def test_nonfinite_loss_stops_naming_the_step(tmp_path):
     cfg = toy_cfg(tmp_path / "nan", epochs=1)
     cfg["loss"]["seg"]["hard"]["nan_step"] = 2

@@ -48,6 +48,7 @@ teacher's forward keeps its graph; ``input_grad``: the input images get
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import time
@@ -387,10 +388,16 @@ class Trainer:
             raise MtkdError(f"{path}: does not match this run's model/losses: "
                             f"{str(exc).strip().splitlines()[0]}") from None
         self.optimizer.load_state_dict(st["optimizer"])
+        # LambdaLR.load_state_dict writes the saved schedule's attributes into our lambda
+        # object; keep a fresh copy so a changed train.epochs/max_steps extends the run
+        schedule = copy.copy(self.schedule)
         self.scheduler.load_state_dict(st["scheduler"])
+        self.schedule = schedule
         # the step count comes from the checkpoint, the schedule's shape from this run's config
         # (identical unless train.epochs/max_steps were changed to extend the run)
         self.scheduler.lr_lambdas = [self.schedule] * len(self.optimizer.param_groups)
+        for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
+            group["lr"] = base * self.schedule(self.scheduler.last_epoch)
         self.scaler.load_state_dict(st["scaler"])
         if self.ema is not None:
             self.ema.load_state_dict(ck["model"], st["ema_updates"])
