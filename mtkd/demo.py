@@ -67,7 +67,8 @@ def run_demo(args: argparse.Namespace) -> int:
     if not (teacher_dir / "test_metrics.json").exists():
         print(f"[demo] first run: training the teacher once ({args.teacher_epochs} epochs; on 2 CPU cores "
               f"this takes the longest part of the demo). Later runs reuse {teacher_ckpt}.", flush=True)
-        _train("synthetic_teacher.yaml", common + [f"out={teacher_dir}", f"train.epochs={args.teacher_epochs}"])
+        _train("synthetic_teacher.yaml", common + [f"out={teacher_dir}", f"train.epochs={args.teacher_epochs}",
+                                              f"train.val_every={args.val_every}"])
     else:
         print(f"[demo] reusing the teacher {teacher_ckpt}", flush=True)
     teacher = json.loads((teacher_dir / "test_metrics.json").read_text())
@@ -77,7 +78,8 @@ def run_demo(args: argparse.Namespace) -> int:
             ("distilled student", "synthetic_kd.yaml", "kd")]
     for role, cfg_name, sub in runs:
         print(f"[demo] training the {role} ({args.epochs} epochs) ...", flush=True)
-        extra = [f"out={out / sub}", f"train.epochs={args.epochs}", f"seed={args.seed}"]
+        extra = [f"out={out / sub}", f"train.epochs={args.epochs}", f"seed={args.seed}",
+                 f"train.val_every={args.val_every}"]
         if sub == "kd":
             extra.append(f"teacher.ckpt={teacher_ckpt}")
         rows.append({"role": role, **_train(cfg_name, common + extra)})
@@ -97,13 +99,16 @@ def _demo_args(p: argparse.ArgumentParser):
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--data", default="data/synthetic")
     p.add_argument("--epochs", type=int, default=25, help="epochs of each student")
-    p.add_argument("--teacher-epochs", type=int, default=25)
+    p.add_argument("--teacher-epochs", type=int, default=50)
     p.add_argument("--n-train", type=int, default=320)
     p.add_argument("--n-val", type=int, default=80)
     p.add_argument("--n-test", type=int, default=160)
     p.add_argument("--seg-missing", type=float, default=0.33,
                    help="fraction of training images without masks (the teacher fills them in)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--val-every", type=int, default=5,
+                   help="validate every N epochs (and after the last): on 2 cores "
+                        "a validation costs about a training epoch")
     p.add_argument("--workers", type=int, default=0,
                    help="DataLoader workers (0: on 2 cores a worker process competes with the 2 torch threads)")
     return run_demo
