@@ -107,8 +107,7 @@ def _demo_args(p: argparse.ArgumentParser):
                    help="fraction of training images without masks (the teacher fills them in)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--val-every", type=int, default=5,
-                   help="validate every N epochs (and after the last): on 2 cores "
-                        "a validation costs about a training epoch")
+                   help="validate every N epochs (and always after the last one)")
     p.add_argument("--workers", type=int, default=0,
                    help="DataLoader workers (0: on 2 cores a worker process competes with the 2 torch threads)")
     return run_demo
