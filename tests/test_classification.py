@@ -130,6 +130,26 @@ def test_student_output_dict():
     assert torch.allclose(out["embed"], out["feats"]["f4"].mean((2, 3)))
 
 
+def test_cnn8_teacher_matches_student_strides_and_is_bigger():
+    def count_params(m):
+        return sum(p.numel() for p in m.parameters())
+
+    s, t = build_classifier("cnn4", 3), build_classifier("cnn8", 3)
+    out_s, out_t = s(torch.randn(2, 3, 32, 32)), t(torch.randn(2, 3, 32, 32))
+    _check_output(out_t, 2, 3)
+    # same map sizes under the same names, twice the channels
+    for k in ("f1", "f2", "f3", "f4"):
+        assert out_t["feats"][k].shape[-2:] == out_s["feats"][k].shape[-2:]
+        assert out_t["feats"][k].shape[1] == 2 * out_s["feats"][k].shape[1]
+    n_convs = sum(isinstance(m, torch.nn.Conv2d) for m in t.modules())
+    assert n_convs == 8
+    assert count_params(t) > 8 * count_params(s)
+    with pytest.raises(ConfigError, match="cnn8"):
+        build_classifier("cnn8", 3, bogus=1)
+    with pytest.raises(ConfigError, match="depth"):
+        build_classifier("cnn4", 3, depth=0)
+
+
 @pytest.mark.parametrize("name", ["resnet18", "timm/resnet18"])
 def test_teacher_output_dict_and_deepcopy(name):
     m = build_classifier(name, 4).eval()

@@ -91,5 +91,8 @@ def test_loss_entries_follow_the_reference_and_dense_options():
     assert zoo.loss_entry("crd", 100, 5, dense=False)["nce_k"] == 400
     assert zoo.loss_entry("ft", 100, 5, dense=False)["para_steps"] == 5
     assert zoo.loss_entry("st", 100, 5, dense=True)["output"] == "seg"
+    # LwM pairs stride-8 maps: f3 of the CNN teacher, f2 of a ResNet
+    assert zoo.loss_entry("lwm", 100, 5, dense=False)["teacher_feat"] == "f3"
+    assert zoo.loss_entry("lwm", 100, 5, dense=False, teacher_arch="resnet18")["teacher_feat"] == "f2"
     assert set(zoo.CLASSIFY_LOSSES) - set(zoo.DENSE_LOSSES) == {"bss", "sobolev", "lwm"}
     assert len(zoo.CLASSIFY_LOSSES) == 21

@@ -5,6 +5,12 @@
   average pool, then ``Linear(256,128) - ReLU - Dropout - Linear(128, nc)``.
   ``feats`` f1..f4 are the four block outputs (strides 2, 4, 8, 8); ``embed``
   is the pooled 256-d vector.
+* ``cnn8`` - the same layout with two convs per block and doubled widths
+  (64/128/256/512, hidden 256): about 14x the student's FLOPs, with ``feats``
+  f1..f4 at the student's strides (2, 4, 8, 8), so every feature-map loss of
+  the zoo pairs maps of equal size without resizing. The zoo benchmark's
+  default teacher (a torchvision ResNet-18 downsamples 4x in its stem and
+  loses 32 px textures; measured: it did not beat the student there).
 * :class:`TappedClassifier` - any torchvision or timm classifier, built with
   ``nc`` outputs (its classifier replaced), random init. Forward hooks read
   ``feats`` f1..f4 = the maps at strides 4, 8, 16, 32 and ``embed`` = the
@@ -14,7 +20,7 @@
   module found by a probe forward (see :func:`_probe_taps`). Models without
   such maps (e.g. ViTs) give fewer or no feats.
 
-Names: ``cnn4`` is the student; ``torchvision/<name>`` or ``timm/<name>``
+Names: ``cnn4`` is the student, ``cnn8`` its bigger sibling; ``torchvision/<name>`` or ``timm/<name>``
 pick a library; a bare name is torchvision's when torchvision has that
 classification model (so seed-style torchvision state dicts load), else timm's.
 No weights are ever downloaded.
@@ -33,6 +39,11 @@ from torch import nn
 from mtkd.errors import ConfigError, MtkdError
 
 STUDENT = "cnn4"
+#: The built-in CNNs by name: constructor defaults of :class:`Cnn4`.
+CNN_VARIANTS: Dict[str, Dict[str, Any]] = {
+    "cnn4": {},
+    "cnn8": {"widths": (64, 128, 256, 512), "hidden": 256, "depth": 2},
+}
 TAP_STRIDES = (4, 8, 16, 32)
 PROBE_SIZES = (128, 224)
 
@@ -41,14 +52,18 @@ class Cnn4(nn.Module):
     """The 4-block CNN student (see the module doc)."""
 
     def __init__(self, num_classes: int, widths: Sequence[int] = (32, 64, 128, 256), hidden: int = 128,
-                 drop_rate: float = 0.2):
+                 drop_rate: float = 0.2, depth: int = 1):
         super().__init__()
         if len(widths) != 4:
             raise ConfigError(f"model.widths: expected 4 block widths, got {list(widths)}")
+        if int(depth) < 1:
+            raise ConfigError(f"model.depth: convs per block must be >= 1, got {depth}")
         blocks = []
         c_in = 3
         for i, c in enumerate(widths):
-            layers: List[nn.Module] = [nn.Conv2d(c_in, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU(inplace=True)]
+            layers: List[nn.Module] = []
+            for j in range(int(depth)):
+                layers += [nn.Conv2d(c_in if j == 0 else c, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU(inplace=True)]
             if i < 3:
                 layers.append(nn.MaxPool2d(2, 2))
             blocks.append(nn.Sequential(*layers))
@@ -207,13 +222,16 @@ def _timm_taps(model: nn.Module) -> Tuple[Dict[str, str], Optional[str]]:
 def build_classifier(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
     """A randomly initialised classifier returning the mtkd output dict.
 
-    ``name``: ``cnn4`` (kwargs: ``widths``, ``hidden``, ``drop_rate``) or a
+    ``name``: ``cnn4``/``cnn8`` (kwargs: ``widths``, ``hidden``, ``drop_rate``, ``depth``) or a
     torchvision/timm name (kwargs go to the library's constructor).
     """
     if num_classes < 1:
         raise ConfigError(f"num_classes: must be >= 1, got {num_classes}")
-    if name == STUDENT:
-        return Cnn4(num_classes, **kwargs)
+    if name in CNN_VARIANTS:
+        try:
+            return Cnn4(num_classes, **{**CNN_VARIANTS[name], **kwargs})
+        except TypeError as exc:
+            raise ConfigError(f"model {name!r}: bad arguments {sorted(kwargs)}: {exc}") from None
     lib, arch = _resolve(name)
     try:
         if lib == "torchvision":
