@@ -133,3 +133,18 @@ def test_kd_overhead_tiny_run(tmp_path: Path) -> None:
     saved = json.loads((out / "results.json").read_text())
     assert saved["benchmark"] == "kd_overhead" and len(saved["runs"]) == 2
     assert "overhead min / med / max" in (out / "results.md").read_text()
+
+
+def test_yolo_kd_keeps_runs_of_an_earlier_sitting_and_refuses_another_budget(tmp_path) -> None:
+    yk = _load("yolo_kd")
+    budget = {"epochs": 20, "imgsz": 96, "student": "yolov8n.yaml", "kd": {"kd_cls": "1.0"}}
+    path = tmp_path / "results.json"
+    assert yk.load_previous(path, budget) == []
+    run = {"role": "plain", "seed": 0, "map50_95": 0.01}
+    path.write_text(json.dumps({"budget": {**budget, "seeds": [0], "total_s": 12.0}, "runs": [run]}))
+    assert yk.load_previous(path, dict(budget)) == [run]  # seeds and total_s may differ
+    with pytest.raises(SystemExit, match="epochs differ"):
+        yk.load_previous(path, {**budget, "epochs": 5})
+    path.write_text("{not json")
+    with pytest.raises(SystemExit, match="not valid JSON"):
+        yk.load_previous(path, budget)

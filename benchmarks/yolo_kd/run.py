@@ -35,6 +35,11 @@ Check that the teacher is clearly better than the students before reading
 the comparison; ``--teacher-epochs`` can be raised once (the checkpoint is
 reused by later invocations with the same ``--out``).
 
+Resumable: ``<out>/results.json`` is rewritten after every run, and a later
+invocation with the same ``--out`` and budget keeps its (role, seed) runs and
+runs only the missing ones (so ``--seeds 0`` now, ``--seeds 0,1,2`` later);
+a different budget stops with an error instead of mixing runs.
+
 Tiny check: ``python benchmarks/yolo_kd/run.py --out /tmp/b --seeds 0 --epochs 1
 --teacher-epochs 1 --n-train 16 --n-val 8 --imgsz 64``.
 """
@@ -228,6 +233,23 @@ def write_md(path: Path, result: Dict[str, Any]) -> None:
     path.write_text("\n".join(lines))
 
 
+def load_previous(path: Path, budget: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """The runs of an earlier sitting in ``path`` (kept and skipped), or [] when
+    there is none; a sitting with another budget stops instead of mixing runs."""
+    if not path.is_file():
+        return []
+    try:
+        old = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise SystemExit(f"{path}: not valid JSON ({exc}); move it away to start afresh") from None
+    old_budget = {k: v for k, v in old.get("budget", {}).items() if k not in ("seeds", "total_s")}
+    if old_budget != budget:
+        diff = sorted(k for k in set(old_budget) | set(budget) if old_budget.get(k) != budget.get(k))
+        raise SystemExit(f"{path}: stored runs have another budget ({', '.join(diff)} differ); "
+                         "use another --out or move the file away")
+    return list(old.get("runs", []))
+
+
 def main(argv: List[str] | None = None) -> int:
     args = parse(argv)
     if args.one:
@@ -278,12 +300,37 @@ def main(argv: List[str] | None = None) -> int:
             (out / "teacher.json").write_text(json.dumps(teacher_info))
         teacher_info["path"] = str(teacher)
 
-    runs: List[Dict[str, Any]] = []
+    budget = {"epochs": args.epochs, "teacher_epochs": None if args.teacher else args.teacher_epochs,
+              "imgsz": args.imgsz, "batch": args.batch, "device": args.device, "student": args.student,
+              "teacher_model": args.teacher_model, "kd": kd_args, "kd_feat": args.kd_feat,
+              "val_every_epoch": args.val, "cpu_count": os.cpu_count()}
+    runs = load_previous(out / "results.json", budget)
+
+    def save() -> None:
+        done_seeds = sorted({r["seed"] for r in runs})
+        result = {
+            "benchmark": "yolo_kd",
+            "data": {"yaml": str(data), "nc": nc},
+            "budget": {**budget, "seeds": done_seeds,
+                       "total_s": round(time.perf_counter() - t_start, 1)},
+            "teacher": teacher_info,
+            "runs": runs,
+            "summary": summarise(runs),
+        }
+        (out / "results.json").write_text(json.dumps(result, indent=2))
+        write_md(out / "results.md", result)
+
     for seed in seeds:
         init = save_init(args.student, data, seed, out / f"init_s{seed}.pt")
         base = {**common, "model": str(init), "epochs": args.epochs, "seed": seed}
         loop_ref: float | None = None
         for role in roles:
+            prev = next((r for r in runs if r["role"] == role and r["seed"] == seed), None)
+            if prev is not None:  # finished in an earlier sitting with the same budget
+                if role == "mtkd_out_feat":
+                    loop_ref = prev.get("loop_s")
+                print(f"seed {seed} {role}: kept from {out / 'results.json'}", flush=True)
+                continue
             o = {**base, "name": f"{role}_s{seed}"}
             if role == "ultralytics_kd":
                 o["distill_model"] = str(teacher)
@@ -298,24 +345,11 @@ def main(argv: List[str] | None = None) -> int:
             if role == "mtkd_out_feat":
                 loop_ref = r["loop_s"]
             runs.append({"role": role, "seed": seed, **r})
+            save()
             print(f"seed {seed} {role:15s} mAP50-95 {r['map50_95']:.4f} mAP50 {r['map50']:.4f} "
                   f"epochs {r['epochs']} epoch_s {r['epoch_s']} wall {r['wall_s']}s", flush=True)
 
-    result = {
-        "benchmark": "yolo_kd",
-        "data": {"yaml": str(data), "nc": nc},
-        "budget": {"epochs": args.epochs, "teacher_epochs": None if args.teacher else args.teacher_epochs,
-                   "seeds": seeds,
-                   "imgsz": args.imgsz, "batch": args.batch, "device": args.device, "student": args.student,
-                   "teacher_model": args.teacher_model, "kd": kd_args, "kd_feat": args.kd_feat,
-                   "val_every_epoch": args.val, "cpu_count": os.cpu_count(),
-                   "total_s": round(time.perf_counter() - t_start, 1)},
-        "teacher": teacher_info,
-        "runs": runs,
-        "summary": summarise(runs),
-    }
-    (out / "results.json").write_text(json.dumps(result, indent=2))
-    write_md(out / "results.md", result)
+    save()
     print((out / "results.md").read_text())
     return 0
 
