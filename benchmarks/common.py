@@ -159,6 +159,76 @@ def run_config(config: str | Path, overrides: Sequence[str] = (), *, seed: int, 
     return train(cfg)
 
 
+def train_job(config: str, overrides: Sequence[str], seed: int, out: str, epochs: Optional[int],
+              threads: Optional[int]) -> Tuple[Dict[str, Any], float]:
+    """One :func:`run_config` run in a worker process: ``(test report, seconds)``.
+
+    Top-level (picklable by reference) so :func:`run_jobs` can hand it to a
+    spawned process; ``threads`` caps that process's torch CPU threads.
+    """
+    import torch
+
+    import mtkd  # noqa: F401  (offline switches before any library import)
+
+    if threads:
+        torch.set_num_threads(int(threads))
+    t0 = time.perf_counter()
+    report = run_config(config, overrides, seed=seed, out=out, epochs=epochs)
+    return report, time.perf_counter() - t0
+
+
+def run_jobs(jobs: Sequence[Tuple[Any, Mapping[str, Any]]], n_jobs: int, threads_per_job: Optional[int],
+             on_done: Any, desc: str) -> None:
+    """Run independent training runs, ``n_jobs`` at a time, and report each as it finishes.
+
+    ``jobs`` is a list of ``(key, kwargs of train_job)``; ``on_done(key, report,
+    seconds, error)`` is called in the parent, in completion order, with
+    ``error`` an :class:`mtkd.errors.MtkdError` (bad config or data: recorded,
+    the others go on) or ``None``. Any other exception stops the benchmark.
+    ``n_jobs == 1`` runs in this process (torch threads as set by the caller);
+    more use a ``spawn`` process pool, each worker with ``threads_per_job``
+    threads: independent runs on one machine, not distributed training
+    (multi-GPU training is ``torchrun``'s job, see the README).
+    """
+    from mtkd.errors import MtkdError
+
+    if not jobs:
+        return
+    bar = tqdm(total=len(jobs), desc=desc, dynamic_ncols=True)
+    if n_jobs <= 1:
+        for key, kw in jobs:
+            t0 = time.perf_counter()
+            try:
+                report = run_config(kw["config"], kw["overrides"], seed=kw["seed"], out=kw["out"],
+                                    epochs=kw.get("epochs"))
+                on_done(key, report, time.perf_counter() - t0, None)
+            except MtkdError as exc:
+                on_done(key, None, time.perf_counter() - t0, exc)
+            bar.update()
+        bar.close()
+        return
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    with ProcessPoolExecutor(max_workers=n_jobs, mp_context=mp.get_context("spawn")) as pool:
+        futures = {pool.submit(train_job, kw["config"], list(kw["overrides"]), kw["seed"], kw["out"],
+                               kw.get("epochs"), threads_per_job): key for key, kw in jobs}
+        for fut in as_completed(futures):
+            key = futures[fut]
+            try:
+                report, secs = fut.result()
+                on_done(key, report, secs, None)
+            except MtkdError as exc:
+                on_done(key, None, 0.0, exc)
+            bar.update()
+    bar.close()
+
+
+def default_jobs() -> int:
+    """Parallel runs by default: 2 on a machine with 2+ CPU cores (each run 1 thread there), else 1."""
+    return 2 if (os.cpu_count() or 1) >= 2 else 1
+
+
 def make_record(role: str, seed: int, report: Mapping[str, Any], out: Optional[str | Path] = None,
                 **extra: Any) -> Dict[str, Any]:
     """A run record from a test report (the dict of ``test_metrics.json``).

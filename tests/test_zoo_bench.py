@@ -22,7 +22,7 @@ def _args(tmp, *extra):
     return ["--out", str(tmp / "res"), "--runs", str(tmp / "runs"), "--seeds", "0", "--epochs", "1",
             "--teacher-epochs", "1", "--min-gap", "-100", "--classes", "3", "--per-class", "4",
             "--test-per-class", "2", "--imgsz", "16", "--set", "train.batch=6", "--set", "train.device=cpu",
-            *extra]
+            "--jobs", "1", *extra]
 
 
 @pytest.fixture(scope="module")
@@ -96,3 +96,31 @@ def test_loss_entries_follow_the_reference_and_dense_options():
     assert zoo.loss_entry("lwm", 100, 5, dense=False, teacher_arch="resnet18")["teacher_feat"] == "f2"
     assert set(zoo.CLASSIFY_LOSSES) - set(zoo.DENSE_LOSSES) == {"bss", "sobolev", "lwm"}
     assert len(zoo.CLASSIFY_LOSSES) == 21
+
+
+def test_parallel_jobs_record_every_run_and_keep_going_after_a_bad_one(bench, tmp_path):
+    """--jobs 2: students train in two spawned processes; a run that fails with a
+    config error is recorded as failed and the others still finish."""
+    import sys
+
+    sys.path.insert(0, str(RUN.parents[2]))
+    from benchmarks import common
+
+    seen = {}
+
+    def on_done(key, report, secs, error):
+        seen[key] = (report, secs, error)
+
+    ok = dict(config=str(zoo.PLAIN_CFG), seed=0, epochs=1,
+              overrides=[f"data.root={bench / 'runs' / 'data'}", "data.imgsz=16", "train.batch=6",
+                         "train.device=cpu", "train.plots=false", "train.tensorboard=false"])
+    jobs = [("a", {**ok, "out": str(tmp_path / "a")}),
+            ("bad", {**ok, "overrides": ok["overrides"] + ["train.no_such_key=1"], "out": str(tmp_path / "bad")}),
+            ("b", {**ok, "seed": 1, "out": str(tmp_path / "b")})]
+    common.run_jobs(jobs, 2, 1, on_done, desc="t")
+    assert set(seen) == {"a", "bad", "b"}
+    assert seen["bad"][0] is None and "train.no_such_key" in str(seen["bad"][2])
+    for key in ("a", "b"):
+        report, secs, error = seen[key]
+        assert error is None and secs > 0 and report["steps"] == 2 and 0.0 <= report["top1"] <= 100.0
+        assert (tmp_path / key / "best.pt").is_file()

@@ -68,7 +68,17 @@ top1, top5 | map50_95, map50, miou, params, gflops, out}], "derived"}``) and
 ``<out>/results.md``; run folders (checkpoints) go to ``--runs``, outside the
 repository. Resumable: finished ``(role, seed)`` records are skipped.
 
-Full default run (estimated 30 min on 2 cores, see ``benchmarks/zoo/README.md``)::
+Parallel runs (``--jobs``, default 2 on a machine with 2+ cores): the
+teacher trains alone with every thread (``--threads``, default the CPU
+count); the plain and distilled students, independent runs, train
+``--jobs`` at a time, each in its own spawned process with ``threads //
+jobs`` torch threads, and are recorded as they finish. On 2 cores two
+1-thread runs finish sooner than one 2-thread run after another: these tiny
+models do not keep two threads busy. ``wall_s`` of a run is then its own
+training time on one thread beside another run; the budget records
+``jobs``.
+
+Full default run (cost measured in ``benchmarks/zoo/README.md``)::
 
     python benchmarks/zoo/run.py
 
@@ -155,7 +165,10 @@ def parse(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="extra config override for every classification run (repeatable)")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's); 1 is steadier on a machine shared with other jobs")
+                   help="torch CPU threads in all (default: the CPU count); the teacher uses them all, "
+                        "each of the --jobs parallel student runs its share")
+    p.add_argument("--jobs", type=int, default=common.default_jobs(),
+                   help="student runs trained at once, each in its own process (default: 2 on 2+ cores)")
     g = p.add_argument_group("synthetic data (without --data)")
     g.add_argument("--classes", type=int, default=8)
     g.add_argument("--per-class", type=int, default=64)
@@ -232,12 +245,28 @@ def run_or_fail(res: common.Results, role: str, seed: int, fn: Any, **extra: Any
     try:
         rec = fn()
     except MtkdError as exc:
-        rec = {"role": role, "seed": int(seed), "error": str(exc), **extra}
-        print(f"[zoo] {role} seed {seed} failed: {exc}", file=sys.stderr)
-    rec["total_s"] = time.perf_counter() - t0
+        rec = failed_record(role, seed, exc, **extra)
+    add_record(res, rec, time.perf_counter() - t0)
+    return rec if "error" not in rec else None
+
+
+def failed_record(role: str, seed: int, error: Exception, **extra: Any) -> Dict[str, Any]:
+    print(f"[zoo] {role} seed {seed} failed: {error}", file=sys.stderr)
+    return {"role": role, "seed": int(seed), "error": str(error), **extra}
+
+
+def add_record(res: common.Results, rec: Dict[str, Any], secs: float) -> None:
+    """Store a finished run (``total_s``: its seconds, build and evaluation included) and rewrite the results."""
+    rec["total_s"] = secs
     res.add(rec, write=False)
     write(res)
-    return rec if "error" not in rec else None
+
+
+def job_threads(args: argparse.Namespace) -> int:
+    """Torch threads of each parallel student run: the thread budget split over ``--jobs``."""
+    import os
+
+    return max(1, (args.threads or os.cpu_count() or 1) // max(1, args.jobs))
 
 
 def done(res: common.Results, role: str, seed: int) -> bool:
@@ -357,12 +386,17 @@ def run_classify(args: argparse.Namespace, res: common.Results, data: Path) -> b
     if not done(res, "teacher", 0):
         return False
     # plain
-    for seed in common.progress(args.seeds, desc="plain"):
-        if not done(res, "plain", seed):
-            out = runs / f"plain_s{seed}"
-            run_or_fail(res, "plain", seed, lambda: classify_record(
-                "plain", seed, common.run_config(PLAIN_CFG, base, seed=seed, out=out, epochs=args.epochs), out,
-                loss=None))
+    def plain_done(key: tuple, report: Optional[Dict[str, Any]], secs: float, error: Optional[Exception]) -> None:
+        seed, out = key
+        rec = (classify_record("plain", seed, report, out, loss=None) if error is None
+               else failed_record("plain", seed, error, set="classify"))
+        add_record(res, rec, secs)
+
+    common.run_jobs([((seed, runs / f"plain_s{seed}"),
+                      dict(config=str(PLAIN_CFG), overrides=base, seed=seed, out=str(runs / f"plain_s{seed}"),
+                           epochs=args.epochs))
+                     for seed in args.seeds if not done(res, "plain", seed)],
+                    args.jobs, job_threads(args), plain_done, desc="plain")
     t_top1 = common.median_of(res.runs, "teacher", "top1")
     p_top1 = common.median_of([r for r in res.runs if "error" not in r], "plain", "top1")
     if t_top1 is None or p_top1 is None or t_top1 - p_top1 < args.min_gap:
@@ -378,17 +412,24 @@ def run_classify(args: argparse.Namespace, res: common.Results, data: Path) -> b
     batch = load_config(PLAIN_CFG, base)["train"]["batch"]
     spe = steps_per_epoch(n_train, batch)
     teacher = [f"teacher.ckpt={_q(str(ckpt))}", f"teacher.model={_q({'name': args.teacher_arch})}"]
-    plan = [(name, seed) for name in args.losses for seed in args.seeds]
-    for name, seed in common.progress(plan, desc="zoo"):
+    jobs = []
+    for name, seed in [(name, seed) for name in args.losses for seed in args.seeds]:
         if done(res, name, seed):
             continue
         entry = loss_entry(name, n_train, spe, dense=False, teacher_arch=args.teacher_arch)
         extra = [{"name": "ce", "weight": 1.0}, entry]
         out = runs / f"{name}_s{seed}"
         ov = base + teacher + [f"loss.extra={_q(extra)}"]
-        run_or_fail(res, name, seed, lambda: classify_record(
-            name, seed, common.run_config(PLAIN_CFG, ov, seed=seed, out=out, epochs=args.epochs), out,
-            loss=entry), loss=entry, set="classify")
+        jobs.append(((name, seed, entry, out), dict(config=str(PLAIN_CFG), overrides=ov, seed=seed, out=str(out),
+                                                    epochs=args.epochs)))
+
+    def on_done(key: tuple, report: Optional[Dict[str, Any]], secs: float, error: Optional[Exception]) -> None:
+        name, seed, entry, out = key
+        rec = (classify_record(name, seed, report, out, loss=entry) if error is None
+               else failed_record(name, seed, error, loss=entry, set="classify"))
+        add_record(res, rec, secs)
+
+    common.run_jobs(jobs, args.jobs, job_threads(args), on_done, desc="zoo")
     return True
 
 
@@ -398,19 +439,26 @@ def run_dense(args: argparse.Namespace, res: common.Results) -> None:
     from mtkd.engine.tasks import get_task
     from mtkd.engine.trainer import evaluate_checkpoint
 
-    data = common.data_overrides(args.dense_data) + ["train.plots=false", "train.tensorboard=false"]
+    # validated once, after the last epoch: a 3-epoch run's best.pt is its last one anyway
+    data = common.data_overrides(args.dense_data) + ["train.plots=false", "train.tensorboard=false",
+                                                     f"train.val_every={args.dense_epochs}"]
     data += list(args.dense_set)
     runs = Path(args.runs)
     if not done(res, "teacher@dense", 0):
         run_or_fail(res, "teacher@dense", 0, lambda: common.make_record(
             "teacher@dense", 0, evaluate_checkpoint(load_config(DENSE_TEACHER_CFG, data), args.dense_teacher),
             set="dense", given=str(args.dense_teacher)), set="dense")
-    for seed in args.seeds:
-        if not done(res, "plain@dense", seed):
-            out = runs / f"plain_dense_s{seed}"
-            run_or_fail(res, "plain@dense", seed, lambda: common.make_record(
-                "plain@dense", seed, common.run_config(DENSE_STUDENT_CFG, data, seed=seed, out=out,
-                                                       epochs=args.dense_epochs), out, set="dense"), set="dense")
+    def plain_done(key: tuple, report: Optional[Dict[str, Any]], secs: float, error: Optional[Exception]) -> None:
+        seed, out = key
+        rec = (common.make_record("plain@dense", seed, report, out, set="dense") if error is None
+               else failed_record("plain@dense", seed, error, set="dense"))
+        add_record(res, rec, secs)
+
+    common.run_jobs([((seed, runs / f"plain_dense_s{seed}"),
+                      dict(config=str(DENSE_STUDENT_CFG), overrides=data, seed=seed,
+                           out=str(runs / f"plain_dense_s{seed}"), epochs=args.dense_epochs))
+                     for seed in args.seeds if not done(res, "plain@dense", seed)],
+                    args.jobs, job_threads(args), plain_done, desc="plain dense")
     ok = [r for r in res.runs if "error" not in r]
     t_miou, p_miou = common.median_of(ok, "teacher@dense", "miou"), common.median_of(ok, "plain@dense", "miou")
     if t_miou is None or p_miou is None or t_miou - p_miou < args.dense_min_gap:
@@ -425,17 +473,26 @@ def run_dense(args: argparse.Namespace, res: common.Results) -> None:
     spe = steps_per_epoch(n_train, cfg["train"]["batch"])
     hard = {k: v for k, v in cfg["loss"].items() if k != "extra"}
     teacher = [f"teacher.ckpt={_q(str(args.dense_teacher))}"]
-    plan = [(n, s) for n in args.losses if n in DENSE_LOSSES for s in args.seeds]
-    for name, seed in common.progress(plan, desc="zoo dense"):
+    # seed-major: a sitting cut short still covers every loss once
+    plan = [(n, s) for s in args.seeds for n in args.losses if n in DENSE_LOSSES]
+    jobs = []
+    for name, seed in plan:
         role = f"{name}@dense"
         if done(res, role, seed):
             continue
         entry = loss_entry(name, n_train, spe, dense=True)
         out = runs / f"{name}_dense_s{seed}"
         ov = data + teacher + [f"loss={_q({**hard, 'extra': [entry]})}"]
-        run_or_fail(res, role, seed, lambda: common.make_record(
-            role, seed, common.run_config(DENSE_STUDENT_CFG, ov, seed=seed, out=out, epochs=args.dense_epochs),
-            out, set="dense", loss=entry), set="dense", loss=entry)
+        jobs.append(((role, seed, entry, out), dict(config=str(DENSE_STUDENT_CFG), overrides=ov, seed=seed,
+                                                    out=str(out), epochs=args.dense_epochs)))
+
+    def on_done(key: tuple, report: Optional[Dict[str, Any]], secs: float, error: Optional[Exception]) -> None:
+        role, seed, entry, out = key
+        rec = (common.make_record(role, seed, report, out, set="dense", loss=entry) if error is None
+               else failed_record(role, seed, error, loss=entry, set="dense"))
+        add_record(res, rec, secs)
+
+    common.run_jobs(jobs, args.jobs, job_threads(args), on_done, desc="zoo dense")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -448,7 +505,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         torch.set_num_threads(args.threads)
     data = prepare_data(args)
     budget = {"epochs": args.epochs, "teacher_epochs": args.teacher_epochs, "seeds": list(args.seeds),
-              "threads": args.threads,
+              "threads": args.threads, "jobs": args.jobs,
               "imgsz": args.imgsz, "dense_epochs": args.dense_epochs if args.dense else None}
     res = common.Results(args.out, "zoo", data=data, budget=budget)
     old = list(res.payload.get("losses", []))
