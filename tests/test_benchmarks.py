@@ -148,3 +148,12 @@ def test_yolo_kd_keeps_runs_of_an_earlier_sitting_and_refuses_another_budget(tmp
     path.write_text("{not json")
     with pytest.raises(SystemExit, match="not valid JSON"):
         yk.load_previous(path, budget)
+
+
+def test_yolo_kd_train_args_are_typed_and_a_bad_item_names_the_flag() -> None:
+    yk = _load("yolo_kd")
+    assert yk.parse_kv("optimizer=AdamW, lr0=0.002,cos_lr=true,", "--train-args") == {
+        "optimizer": "AdamW", "lr0": 0.002, "cos_lr": True}
+    assert yk.parse_kv("", "--train-args") == {}
+    with pytest.raises(SystemExit, match="--train-args: 'lr0' is not key=value"):
+        yk.parse_kv("optimizer=SGD,lr0", "--train-args")
