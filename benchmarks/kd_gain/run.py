@@ -160,7 +160,7 @@ def verdicts(runs: List[Dict[str, Any]], partial: Optional[Dict[str, int]] = Non
     premise = d50 >= PREMISE and dmiou >= PREMISE
     summary["premise"] = {"map50_margin": d50, "miou_margin": dmiou, "holds": premise}
     lines.append(f"teacher premise (teacher - median plain >= {PREMISE} on mAP50 and mIoU): "
-                 f"mAP50 {d50:+.3f}, mIoU {dmiou:+.3f} -> {'HOLDS' if premise else 'FAILS: no KD claim counts'}")
+                 f"mAP50 {d50:+.4f}, mIoU {dmiou:+.4f} -> {'HOLDS' if premise else 'FAILS: no KD claim counts'}")
     for role in ("kd", "kd@wall") + tuple(r for r in dict.fromkeys(x["role"] for x in runs) if r.startswith("abl:")):
         if not _values(runs, role, "map50"):
             continue
