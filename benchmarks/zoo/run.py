@@ -313,6 +313,8 @@ def markdown(payload: Dict[str, Any]) -> str:
         dense["benchmark"] = f"{payload['benchmark']} (dense, multi-task set)"
         dense["data"] = payload.get("dense_data")
         parts.append(common.markdown(dense, metrics=DENSE_METRICS, cost=CLASSIFY_COST).rstrip())
+    if payload.get("sittings"):  # how the runs were made, when that differs between sittings
+        parts.append("Sittings:\n\n" + "\n".join(f"- {x}" for x in payload["sittings"]))
     for key in ("stopped", "stopped_dense"):
         if payload.get(key):
             parts.append(f"**Stopped:** {payload[key]}.")
