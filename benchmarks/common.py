@@ -199,9 +199,9 @@ def run_jobs(jobs: Sequence[Tuple[Any, Mapping[str, Any]]], n_jobs: int, threads
         for key, kw in jobs:
             t0 = time.perf_counter()
             try:
-                report = run_config(kw["config"], kw["overrides"], seed=kw["seed"], out=kw["out"],
-                                    epochs=kw.get("epochs"))
-                on_done(key, report, time.perf_counter() - t0, None)
+                report, secs = train_job(kw["config"], kw["overrides"], kw["seed"], kw["out"], kw.get("epochs"),
+                                         None)
+                on_done(key, report, secs, None)
             except MtkdError as exc:
                 on_done(key, None, time.perf_counter() - t0, exc)
             bar.update()

@@ -262,6 +262,24 @@ def add_record(res: common.Results, rec: Dict[str, Any], secs: float) -> None:
     write(res)
 
 
+def dense_record(role: str, seed: int, report: Dict[str, Any], out: Path, **extra: Any) -> Dict[str, Any]:
+    return common.make_record(role, seed, report, out, set="dense", **extra)
+
+
+def job_recorder(res: common.Results, make: Any, set_name: str) -> Any:
+    """The ``on_done`` of :func:`common.run_jobs` for jobs keyed ``(role, seed, out, extra)``.
+
+    ``make(role, seed, report, out, **extra)`` builds a finished run's record; a
+    failed run (config or data error) is recorded with ``error`` instead.
+    """
+    def on_done(key: tuple, report: Optional[Dict[str, Any]], secs: float, error: Optional[Exception]) -> None:
+        role, seed, out, extra = key
+        rec = (make(role, seed, report, out, **extra) if error is None
+               else failed_record(role, seed, error, set=set_name, **extra))
+        add_record(res, rec, secs)
+    return on_done
+
+
 def job_threads(args: argparse.Namespace) -> int:
     """Torch threads of each parallel student run: the thread budget split over ``--jobs``."""
     import os
@@ -388,17 +406,11 @@ def run_classify(args: argparse.Namespace, res: common.Results, data: Path) -> b
     if not done(res, "teacher", 0):
         return False
     # plain
-    def plain_done(key: tuple, report: Optional[Dict[str, Any]], secs: float, error: Optional[Exception]) -> None:
-        seed, out = key
-        rec = (classify_record("plain", seed, report, out, loss=None) if error is None
-               else failed_record("plain", seed, error, set="classify"))
-        add_record(res, rec, secs)
-
-    common.run_jobs([((seed, runs / f"plain_s{seed}"),
+    common.run_jobs([(("plain", seed, runs / f"plain_s{seed}", {"loss": None}),
                       dict(config=str(PLAIN_CFG), overrides=base, seed=seed, out=str(runs / f"plain_s{seed}"),
                            epochs=args.epochs))
                      for seed in args.seeds if not done(res, "plain", seed)],
-                    args.jobs, job_threads(args), plain_done, desc="plain")
+                    args.jobs, job_threads(args), job_recorder(res, classify_record, "classify"), desc="plain")
     t_top1 = common.median_of(res.runs, "teacher", "top1")
     p_top1 = common.median_of([r for r in res.runs if "error" not in r], "plain", "top1")
     if t_top1 is None or p_top1 is None or t_top1 - p_top1 < args.min_gap:
@@ -422,16 +434,9 @@ def run_classify(args: argparse.Namespace, res: common.Results, data: Path) -> b
         extra = [{"name": "ce", "weight": 1.0}, entry]
         out = runs / f"{name}_s{seed}"
         ov = base + teacher + [f"loss.extra={_q(extra)}"]
-        jobs.append(((name, seed, entry, out), dict(config=str(PLAIN_CFG), overrides=ov, seed=seed, out=str(out),
-                                                    epochs=args.epochs)))
-
-    def on_done(key: tuple, report: Optional[Dict[str, Any]], secs: float, error: Optional[Exception]) -> None:
-        name, seed, entry, out = key
-        rec = (classify_record(name, seed, report, out, loss=entry) if error is None
-               else failed_record(name, seed, error, loss=entry, set="classify"))
-        add_record(res, rec, secs)
-
-    common.run_jobs(jobs, args.jobs, job_threads(args), on_done, desc="zoo")
+        jobs.append(((name, seed, out, {"loss": entry}),
+                     dict(config=str(PLAIN_CFG), overrides=ov, seed=seed, out=str(out), epochs=args.epochs)))
+    common.run_jobs(jobs, args.jobs, job_threads(args), job_recorder(res, classify_record, "classify"), desc="zoo")
     return True
 
 
@@ -450,17 +455,11 @@ def run_dense(args: argparse.Namespace, res: common.Results) -> None:
         run_or_fail(res, "teacher@dense", 0, lambda: common.make_record(
             "teacher@dense", 0, evaluate_checkpoint(load_config(DENSE_TEACHER_CFG, data), args.dense_teacher),
             set="dense", given=str(args.dense_teacher)), set="dense")
-    def plain_done(key: tuple, report: Optional[Dict[str, Any]], secs: float, error: Optional[Exception]) -> None:
-        seed, out = key
-        rec = (common.make_record("plain@dense", seed, report, out, set="dense") if error is None
-               else failed_record("plain@dense", seed, error, set="dense"))
-        add_record(res, rec, secs)
-
-    common.run_jobs([((seed, runs / f"plain_dense_s{seed}"),
+    common.run_jobs([(("plain@dense", seed, runs / f"plain_dense_s{seed}", {}),
                       dict(config=str(DENSE_STUDENT_CFG), overrides=data, seed=seed,
                            out=str(runs / f"plain_dense_s{seed}"), epochs=args.dense_epochs))
                      for seed in args.seeds if not done(res, "plain@dense", seed)],
-                    args.jobs, job_threads(args), plain_done, desc="plain dense")
+                    args.jobs, job_threads(args), job_recorder(res, dense_record, "dense"), desc="plain dense")
     ok = [r for r in res.runs if "error" not in r]
     t_miou, p_miou = common.median_of(ok, "teacher@dense", "miou"), common.median_of(ok, "plain@dense", "miou")
     if t_miou is None or p_miou is None or t_miou - p_miou < args.dense_min_gap:
@@ -485,16 +484,9 @@ def run_dense(args: argparse.Namespace, res: common.Results) -> None:
         entry = loss_entry(name, n_train, spe, dense=True)
         out = runs / f"{name}_dense_s{seed}"
         ov = data + teacher + [f"loss={_q({**hard, 'extra': [entry]})}"]
-        jobs.append(((role, seed, entry, out), dict(config=str(DENSE_STUDENT_CFG), overrides=ov, seed=seed,
-                                                    out=str(out), epochs=args.dense_epochs)))
-
-    def on_done(key: tuple, report: Optional[Dict[str, Any]], secs: float, error: Optional[Exception]) -> None:
-        role, seed, entry, out = key
-        rec = (common.make_record(role, seed, report, out, set="dense", loss=entry) if error is None
-               else failed_record(role, seed, error, loss=entry, set="dense"))
-        add_record(res, rec, secs)
-
-    common.run_jobs(jobs, args.jobs, job_threads(args), on_done, desc="zoo dense")
+        jobs.append(((role, seed, out, {"loss": entry}), dict(config=str(DENSE_STUDENT_CFG), overrides=ov,
+                                                              seed=seed, out=str(out), epochs=args.dense_epochs)))
+    common.run_jobs(jobs, args.jobs, job_threads(args), job_recorder(res, dense_record, "dense"), desc="zoo dense")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
