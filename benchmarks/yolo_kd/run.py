@@ -74,6 +74,11 @@ def parse(argv: List[str] | None = None) -> argparse.Namespace:
     p.add_argument("--teacher", help="an existing teacher .pt to reuse instead of training one")
     p.add_argument("--teacher-model", default="yolov8s.yaml", help="teacher architecture")
     p.add_argument("--student", default="yolov8n.yaml", help="student architecture (random init per seed)")
+    p.add_argument("--student-init", help="a student .pt every role of every seed starts from (a fine-tune "
+                   "benchmark; default: a random init per seed)")
+    p.add_argument("--pretrain-epochs", type=int, default=0,
+                   help="first train the student plainly for this many epochs (seed 0, once, reused) and start "
+                        "every role of every seed from it: the fine-tuning case, with students off the noise floor")
     p.add_argument("--imgsz", type=int, default=96)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--device", default="cpu")
@@ -111,6 +116,8 @@ def parse_kv(text: str, flag: str) -> Dict[str, Any]:
 
 # -- one training run (in its own process) ------------------------------------------------------
 def run_one(spec: Dict[str, Any]) -> Dict[str, Any]:
+    if "validate" in spec:
+        return validate_one(spec["validate"], spec["overrides"])
     import mtkd  # noqa: F401  (offline switches first)
     from ultralytics.models.yolo.detect import DetectionTrainer
     from ultralytics.utils.torch_utils import get_flops, get_num_params
@@ -154,6 +161,17 @@ def run_one(spec: Dict[str, Any]) -> Dict[str, Any]:
         "gflops": round(float(get_flops(model, trainer.args.imgsz)), 3),
         "save_dir": str(trainer.save_dir),
     }
+
+
+def validate_one(weights: str, overrides: Dict[str, Any]) -> Dict[str, Any]:
+    """Ultralytics' validation of an existing checkpoint (a reused ``--teacher``)."""
+    import mtkd  # noqa: F401
+    from ultralytics import YOLO
+
+    keep = {k: overrides[k] for k in ("data", "imgsz", "batch", "device", "workers") if k in overrides}
+    metrics = YOLO(weights).val(plots=False, verbose=False, project=overrides.get("project"),
+                                name="val_teacher", exist_ok=True, **keep)
+    return {"map50_95": round(float(metrics.box.map), 5), "map50": round(float(metrics.box.map50), 5)}
 
 
 def spawn(spec: Dict[str, Any], log: Path) -> Dict[str, Any]:
@@ -224,8 +242,14 @@ def write_md(path: Path, result: Dict[str, Any]) -> None:
         "# YOLO distillation benchmark",
         "",
         f"Data: `{result['data']['yaml']}` ({result['data']['nc']} classes). Student `{b['student']}`, teacher "
-        f"`{b['teacher_model']}` ({b['teacher_epochs']} epochs, mAP50-95 {result['teacher'].get('map50_95')}, "
-        f"mAP50 {result['teacher'].get('map50')}). {b['epochs']} epochs, imgsz {b['imgsz']}, batch {b['batch']}, "
+        + (f"`{b['teacher_model']}` ({b['teacher_epochs']} epochs" if b.get("teacher_epochs")
+           else f"`{result['teacher'].get('path')}` (reused checkpoint")
+        + f", mAP50-95 {result['teacher'].get('map50_95')}, mAP50 {result['teacher'].get('map50')}). "
+        + (f"Every student starts from `{b['student_init']}`"
+           + (f" (the student trained plainly for {b['pretrain_epochs']} epochs first, seed 0)"
+              if b.get("pretrain_epochs") else "") + ". " if b.get("student_init")
+           else "Students start from a random init per seed. ")
+        + f"{b['epochs']} epochs, imgsz {b['imgsz']}, batch {b['batch']}, "
         f"seeds {b['seeds']}, device {b['device']} ({b['cpu_count']} CPUs). Total {b['total_s'] / 60:.1f} min.",
         "",
         "Metrics: Ultralytics' final validation. Epoch time: median training-loop epoch (validation excluded), "
@@ -313,7 +337,10 @@ def main(argv: List[str] | None = None) -> int:
     teacher_info: Dict[str, Any] = {}
     if args.teacher:
         teacher = Path(args.teacher).resolve()
-        teacher_info = {"path": str(teacher), "reused": True}
+        if not teacher.is_file():
+            raise SystemExit(f"--teacher: {teacher} does not exist")
+        teacher_info = {"path": str(teacher), "reused": True,
+                        **spawn({"validate": str(teacher), "overrides": common}, logs / "teacher_val.log")}
     else:
         teacher = out / "runs" / "teacher" / "weights" / "last.pt"
         if teacher.exists():
@@ -327,7 +354,23 @@ def main(argv: List[str] | None = None) -> int:
             (out / "teacher.json").write_text(json.dumps(teacher_info))
         teacher_info["path"] = str(teacher)
 
+    student_init: Path | None = Path(args.student_init).resolve() if args.student_init else None
+    if student_init is not None and not student_init.is_file():
+        raise SystemExit(f"--student-init: {student_init} does not exist")
+    if student_init is None and args.pretrain_epochs > 0:
+        student_init = out / "runs" / "student_pretrain" / "weights" / "last.pt"
+        if not student_init.exists():
+            init0 = save_init(args.student, data, 0, out / "init_s0.pt")
+            spec = {"overrides": {**common, "model": str(init0), "epochs": args.pretrain_epochs, "seed": 0,
+                                  "name": "student_pretrain"}}
+            info = spawn(spec, logs / "student_pretrain.log")
+            (out / "student_pretrain.json").write_text(json.dumps(info))
+            print(f"student pre-trained {args.pretrain_epochs} epochs: mAP50-95 {info['map50_95']:.4f} "
+                  f"mAP50 {info['map50']:.4f}", flush=True)
+
     budget = {"epochs": args.epochs, "teacher_epochs": None if args.teacher else args.teacher_epochs,
+              "student_init": str(student_init) if student_init else None,
+              "pretrain_epochs": args.pretrain_epochs if not args.student_init else 0,
               "imgsz": args.imgsz, "batch": args.batch, "device": args.device, "student": args.student,
               "teacher_model": args.teacher_model, "kd": kd_args, "kd_feat": args.kd_feat,
               "val_every_epoch": args.val, "cpu_count": os.cpu_count(), "train_args": train_args}
@@ -348,7 +391,7 @@ def main(argv: List[str] | None = None) -> int:
         write_md(out / "results.md", result)
 
     for seed in seeds:
-        init = save_init(args.student, data, seed, out / f"init_s{seed}.pt")
+        init = student_init or save_init(args.student, data, seed, out / f"init_s{seed}.pt")
         base = {**common, "model": str(init), "epochs": args.epochs, "seed": seed}
         loop_ref: float | None = None
         for role in roles:
