@@ -115,6 +115,28 @@ def test_kd_gain_verdicts_on_fake_records() -> None:
     assert any("FAILS" in line for line in lines)
 
 
+def test_kd_gain_moves_runs_of_another_teacher_to_superseded_and_keeps_plain(tmp_path: Path) -> None:
+    kd_gain = _load("kd_gain")
+    a, b = tmp_path / "a.pt", tmp_path / "b.pt"
+    a.write_bytes(b"teacher after 170 epochs")
+    b.write_bytes(b"teacher after 230 epochs")
+    assert kd_gain.file_sha256(a) != kd_gain.file_sha256(b)
+    payload = {"runs": [dict(r) for r in FAKE]}
+    assert kd_gain.supersede_stale_runs(payload, kd_gain.file_sha256(a)) == 0  # first stamp: nothing stale
+    assert kd_gain.supersede_stale_runs(payload, kd_gain.file_sha256(a)) == 0  # same teacher: kept
+    n_plain = sum(r["role"] == "plain" for r in FAKE)
+    moved = kd_gain.supersede_stale_runs(payload, kd_gain.file_sha256(b))
+    assert moved == len(FAKE) - n_plain > 0
+    assert {r["role"] for r in payload["runs"]} == {"plain"}
+    assert payload["superseded"][0]["teacher_sha256"] == kd_gain.file_sha256(a)
+    assert len(payload["superseded"][0]["runs"]) == moved  # nothing deleted
+    assert payload["teacher_sha256"] == kd_gain.file_sha256(b)
+    # a results.json written before hashing: only an explicit --teacher-changed supersedes
+    legacy = {"runs": [dict(r) for r in FAKE]}
+    assert kd_gain.supersede_stale_runs(dict(legacy), "x") == 0
+    assert kd_gain.supersede_stale_runs(legacy, "x", changed=True) == moved
+
+
 def test_kd_overhead_tiny_run(tmp_path: Path) -> None:
     make_synthetic(tmp_path / "data", n_train=4, n_val=2, n_test=0, imgsz=(32, 48), formats=("voc",))
     kd_overhead = _load("kd_overhead")

@@ -31,7 +31,11 @@ Every run is trained in-process by :func:`mtkd.engine.trainer.train` into
 finish, and a (role, seed) already there is skipped, so the benchmark
 resumes across sittings (``--force`` re-runs); a sitting whose epochs,
 ``--set`` overrides or teacher differ from the stored runs' stops with an
-error instead of mixing them. A missing ``--teacher-ckpt``
+error instead of mixing them. The teacher checkpoint's SHA-256 is stored
+(``teacher_sha256``): when the file at the same path has other weights (a
+teacher trained on), the teacher, KD and ablation runs move to the JSON's
+``superseded`` list and are re-run, and the plain runs, which never load the
+teacher, are kept. A missing ``--teacher-ckpt``
 is trained first with ``configs/synthetic_teacher.yaml`` (``--teacher-epochs``).
 
 Full run (lead)::
@@ -47,6 +51,7 @@ Tiny check::
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -84,6 +89,9 @@ def parse(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--ablations", nargs="+", default=list(ABLATIONS), help="which ablation configs")
     p.add_argument("--equal-wallclock", action=argparse.BooleanOptionalAction, default=True,
                    help="also run kd@wall: KD with the plain run's training wall-clock (default on)")
+    p.add_argument("--teacher-changed", action="store_true",
+                   help="the teacher at --teacher-ckpt was retrained since an older results.json (written before "
+                        "teachers were hashed): move its teacher-dependent runs to 'superseded' and re-run them")
     p.add_argument("--force", action="store_true", help="re-run (role, seed) pairs already in results.json")
     return p.parse_args(argv)
 
@@ -191,6 +199,33 @@ def verdicts(runs: List[Dict[str, Any]], partial: Optional[Dict[str, int]] = Non
     return lines, summary
 
 
+def file_sha256(path: Path) -> str:
+    """The checkpoint's content hash: a teacher trained on in place keeps its path, not its hash."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def supersede_stale_runs(payload: Dict[str, Any], digest: str, changed: bool = False) -> int:
+    """Move the runs that saw another teacher to ``payload["superseded"]``; returns how many moved.
+
+    Stale when the stored ``teacher_sha256`` differs from ``digest`` (or, for a
+    file written before hashing, when ``changed`` says so). Plain runs never
+    load the teacher and stay; nothing is deleted. Stamps ``digest``.
+    """
+    stored = payload.get("teacher_sha256")
+    moved = 0
+    if (stored is not None and stored != digest) or (stored is None and changed):
+        old = [r for r in payload.get("runs", []) if r["role"] != "plain"]
+        payload.setdefault("superseded", []).append({"teacher_sha256": stored, "runs": old})
+        payload["runs"] = [r for r in payload.get("runs", []) if r["role"] == "plain"]
+        moved = len(old)
+    payload["teacher_sha256"] = digest
+    return moved
+
+
 # -- main ---------------------------------------------------------------------------------------
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     args = parse(argv)
@@ -210,8 +245,13 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
             if key in prev and prev[key] != now:
                 raise SystemExit(f"[kd_gain] {old}: its runs used {key}={prev[key]!r}, this sitting "
                                  f"{now!r}; use the same settings, another --out, or --force")
+    digest = file_sha256(ckpt)
     res = Results(args.out, "kd_gain", data=args.data, budget=budget, teacher=str(ckpt),
                   partial_labels=partial)
+    moved = supersede_stale_runs(res.payload, digest, args.teacher_changed)
+    if moved:
+        print(f"[kd_gain] {ckpt} changed since {res.json_path} was written: {moved} teacher-dependent "
+              "runs moved to 'superseded' and re-run; plain runs kept")
     teacher_ov = [f"teacher.ckpt={json.dumps(str(ckpt))}"]
     plan: List[Tuple[str, int, str, List[str]]] = [("teacher", -1, "", [])]
     for seed in args.seeds:
