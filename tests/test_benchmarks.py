@@ -179,3 +179,21 @@ def test_yolo_kd_train_args_are_typed_and_a_bad_item_names_the_flag() -> None:
     assert yk.parse_kv("", "--train-args") == {}
     with pytest.raises(SystemExit, match="--train-args: 'lr0' is not key=value"):
         yk.parse_kv("optimizer=SGD,lr0", "--train-args")
+
+
+def test_yolo_kd_summary_judges_mtkd_best_against_ultralytics_and_the_plain_baselines() -> None:
+    yk = _load("yolo_kd")
+
+    def run(role, seed, m, epochs=20):
+        return {"role": role, "seed": seed, "epochs": epochs, "wall_s": 10.0, "epoch_s": 1.0, "epoch_cpu_s": 1.0,
+                "map50_95": m, "map50": 2 * m}
+
+    runs = [run("plain", 0, 0.010), run("plain", 1, 0.014),
+            run("ultralytics_kd", 0, 0.008), run("ultralytics_kd", 1, 0.012),
+            run("mtkd_out", 0, 0.013), run("mtkd_out", 1, 0.016),  # median above plain, worst seed below its best
+            run("mtkd_out_feat", 0, 0.011), run("mtkd_out_feat", 1, 0.012),
+            run("plain_wall", 0, 0.009, 34), run("plain_wall", 1, 0.0125, 34)]
+    t = yk.summarise(runs)["target"]
+    assert t["mtkd_best"] == "mtkd_out" and t["beats_median"] and t["beats_worst_seed"]
+    assert t["vs_plain"] == {"beats_median": True, "worst_above_best": False}
+    assert t["vs_plain_wall"] == {"beats_median": True, "worst_above_best": True}
