@@ -151,7 +151,8 @@ def test_zero_when_student_is_teacher(name):
     loss = build_loss(name, **({"reinit": False} if name == "dml" else {}))
     loss.bind(student, student)
     value, _, _ = step(loss, student, student, batch)
-    assert abs(value.item()) < 1e-10
+    # zero up to float32 rounding (1e-10 failed at 3.5e-10 for dml with another thread count)
+    assert abs(value.item()) < 1e-7
 
 
 def test_sobolev_without_input_grad_is_config_error():
