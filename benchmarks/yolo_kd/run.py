@@ -34,7 +34,7 @@ epochs on 200 images at 96 px, 2340 steps) is trained once; the student
 seed 0) and every role of every seed fine-tunes that checkpoint for 20
 epochs. Measured on the 2-core CPU with one thread per run and the machine
 shared with one other job: teacher 30 min, pre-training 4.3 min, about 13
-min per seed for the five roles, 3 seeds: about 73 min in all, of which the
+min per seed for the five roles, 3 seeds: about 72 min in all, of which the
 teacher and the pre-trained student (reused by later invocations with the
 same ``--out``, or passed with ``--teacher`` / ``--student-init``) are 34.
 With ``--pretrain-epochs 0`` every seed starts from its own random init; 20
