@@ -13,7 +13,8 @@ Protocol (the issue's, binding):
   steps. Reported beside the equal-epoch figures; targets do not apply.
 * Ablation (``--ablation``, on by default, one seed: the first of
   ``--seeds``): ``abl:<name>`` for each ``configs/ablation/<name>.yaml``
-  (seg_kl, det_mse, feat_gan, cwd, all).
+  (seg_kl, det_mse, feat_gan, cwd alone; ``all`` = the kd config plus the
+  feature-GAN, which the kd default leaves out).
 * Verdicts (``results.md``'s lines, also in the JSON's ``derived``):
   the teacher premise (teacher - median plain >= 0.10 mAP50 and >= 0.10
   mIoU; until it holds no KD claim counts), the fraction of the
