@@ -251,21 +251,31 @@ def summarise(runs: List[Dict[str, Any]]) -> Dict[str, Any]:
     return summary
 
 
+def _shown(path: Any) -> str:
+    """A path as the table shows it: relative to the working directory when under it."""
+    try:
+        return str(Path(str(path)).resolve().relative_to(Path.cwd().resolve()))
+    except (ValueError, OSError):
+        return str(path)
+
+
 def write_md(path: Path, result: Dict[str, Any]) -> None:
     s, b = result["summary"], result["budget"]
+    kd = ",".join(f"{k}={v}" for k, v in (b.get("kd") or {}).items())
     lines = [
         "# YOLO distillation benchmark",
         "",
-        f"Data: `{result['data']['yaml']}` ({result['data']['nc']} classes). Student `{b['student']}`, teacher "
+        f"Data: `{_shown(result['data']['yaml'])}` ({result['data']['nc']} classes). Student `{b['student']}`, teacher "
         + (f"`{b['teacher_model']}` ({b['teacher_epochs']} epochs" if b.get("teacher_epochs")
-           else f"`{result['teacher'].get('path')}` (reused checkpoint")
+           else f"`{_shown(result['teacher'].get('path'))}` (reused checkpoint")
         + f", mAP50-95 {result['teacher'].get('map50_95')}, mAP50 {result['teacher'].get('map50')}). "
-        + (f"Every student starts from `{b['student_init']}`"
+        + (f"Every student starts from `{_shown(b['student_init'])}`"
            + (f" (the student trained plainly for {b['pretrain_epochs']} epochs first, seed 0)"
               if b.get("pretrain_epochs") else "") + ". " if b.get("student_init")
            else "Students start from a random init per seed. ")
         + f"{b['epochs']} epochs, imgsz {b['imgsz']}, batch {b['batch']}, "
-        f"seeds {b['seeds']}, device {b['device']} ({b['cpu_count']} CPUs). Total {b['total_s'] / 60:.1f} min.",
+        f"seeds {b['seeds']}, device {b['device']} ({b['cpu_count']} CPUs). Total {b['total_s'] / 60:.1f} min. "
+        f"mtkd KD: `{kd}`, `kd_feat={b.get('kd_feat')}` (output+feature role).",
         "",
         "Metrics: Ultralytics' final validation. Epoch time: median training-loop epoch (validation excluded), "
         "measured in this run; wall-clock, and process CPU time (robust to other load on a shared machine).",
