@@ -181,5 +181,6 @@ def test_ddp_relaunch_rebuilds_kd_args_from_trainer_args(tree):
     worker = type(parent)(cfg=cfg, overrides=vars(parent.args))
     kd = {k: getattr(worker.args, k) for k in KD_DEFAULTS}
     assert kd == {k: getattr(parent.args, k) for k in KD_DEFAULTS}
-    assert kd["kd_cls"] == 0.7 and kd["kd_feat"] == 2.0 and kd["kd_t"] == 3.0 and kd["kd_dfl"] == 0.5
+    assert kd["kd_cls"] == 0.7 and kd["kd_feat"] == 2.0 and kd["kd_t"] == 3.0
+    assert kd["kd_dfl"] == KD_DEFAULTS["kd_dfl"]  # an argument not given keeps its default
     assert worker.save_dir == parent.save_dir

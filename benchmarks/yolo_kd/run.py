@@ -94,7 +94,7 @@ def parse(argv: List[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--n-train", type=int, default=200, help="synthetic train images (without --data)")
     p.add_argument("--n-val", type=int, default=60, help="synthetic val images (without --data)")
-    p.add_argument("--kd", default="kd_cls=1.0,kd_dfl=0.5,kd_obj=0.5,kd_t=2.0",
+    p.add_argument("--kd", default="kd_cls=0.5,kd_dfl=0.25,kd_obj=0.1,kd_t=2.0",
                    help="mtkd output-level KD args for both mtkd roles")
     p.add_argument("--train-args", default="optimizer=AdamW,lr0=0.002",
                    help="Ultralytics train arguments for every run, teacher and students (comma-separated "
