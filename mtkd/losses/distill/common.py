@@ -178,3 +178,17 @@ def pairs(student_out: Dict[str, Any], teacher_out: Dict[str, Any], names: Seque
             raise ConfigError(f"loss {loss}.feats: {name!r} has {s.shape[1]} adapted student channels "
                               f"vs {t.shape[1]} teacher channels (feat_channels disagree with the outputs)")
         yield name, s, t
+
+
+def dense_maps(loss: str, key: Optional[str], student_out: Dict[str, Any], teacher_out: Dict[str, Any],
+               names: Sequence[str], adapters: FeatureAdapters) -> Iterable[Tuple[torch.Tensor, torch.Tensor]]:
+    """The ``(student map, detached teacher map)`` pairs a dense KD loss
+    compares: with ``key == "seg"`` the segmentation logits (class counts
+    checked), else each feature in ``names`` through ``adapters``
+    (:func:`pairs`). Spatial sizes may still differ (see :func:`resize_to`)."""
+    if key == "seg":
+        s = output_entry(student_out, "seg", "student", loss)
+        t = output_entry(teacher_out, "seg", "teacher", loss).detach()
+        check_classes(loss, s.shape[1] - 1, t.shape[1] - 1)
+        return [(s, t)]
+    return [(s, t) for _, s, t in pairs(student_out, teacher_out, names, adapters)]

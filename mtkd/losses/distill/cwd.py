@@ -1,7 +1,7 @@
 """Channel-wise distillation for dense prediction."""
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -9,8 +9,8 @@ from torch import nn
 
 from mtkd.errors import ConfigError
 from mtkd.losses.base import Loss, register
-from mtkd.losses.distill.common import (FeatureAdapters, check_classes, model_device, need_teacher,
-                                        output_entry, pairs, resize_to, widths)
+from mtkd.losses.distill.common import (FeatureAdapters, dense_maps, model_device, need_teacher, resize_to,
+                                        widths)
 
 
 def channel_kl(s: torch.Tensor, t: torch.Tensor, tau: float) -> torch.Tensor:
@@ -72,18 +72,9 @@ class CWD(Loss):
     def student_parameters(self) -> Iterable[nn.Parameter]:
         return self.adapters.parameters()
 
-    def _maps(self, student_out: Dict[str, Any],
-              teacher_out: Dict[str, Any]) -> Iterable[Tuple[torch.Tensor, torch.Tensor]]:
-        if self.key == "seg":
-            s = output_entry(student_out, "seg", "student", "cwd")
-            t = output_entry(teacher_out, "seg", "teacher", "cwd").detach()
-            check_classes("cwd", s.shape[1] - 1, t.shape[1] - 1)
-            return [(s, t)]
-        return [(s, t) for _, s, t in pairs(student_out, teacher_out, self.feats, self.adapters)]
-
     def forward(self, student_out: Dict[str, Any], teacher_out: Optional[Dict[str, Any]],
                 batch: Dict[str, Any]) -> torch.Tensor:
         teacher_out = need_teacher("cwd", teacher_out)
         terms = [channel_kl(s, resize_to(t.float(), tuple(s.shape[-2:])), self.tau)
-                 for s, t in self._maps(student_out, teacher_out)]
+                 for s, t in dense_maps("cwd", self.key, student_out, teacher_out, self.feats, self.adapters)]
         return torch.stack(terms).mean()
