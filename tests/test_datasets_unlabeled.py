@@ -270,7 +270,7 @@ def test_unlabelled_samples_add_nothing_to_the_hard_losses_of_a_mixed_batch():
         full, sub = loss(view(slice(None)), None, mixed), loss(view(lab), None, only)
         assert set(full) == set(sub)
         for k in full:
-            assert torch.isfinite(full[k]) and float(full[k]) > 0, k
+            assert torch.isfinite(full[k]) and float(full[k].detach()) > 0, k
             assert torch.allclose(full[k], sub[k], rtol=1e-5, atol=1e-6), k
         grads = torch.autograd.grad(sum(full.values()), [*leaves.values(), seg], allow_unused=True)
         for g in grads:
