@@ -15,7 +15,7 @@ unlabelled set) through a :class:`MixedBatchSampler`. Conventions:
   permutations of the unlabelled set (permutation ``k`` seeded by ``(seed,
   k)``); epoch ``e`` takes the ``e``-th window of ``len * u * world_size``
   positions and rank ``r`` every ``world_size``-th position from ``r``. So
-  every unlabelled image is used equally often over the run and ranks never
+  use counts of unlabelled images differ by at most one and ranks never
   share a position; an image repeats within a batch only when the batch
   spans the end of one permutation and the start of the next.
 * The batches depend only on ``(seed, epoch, rank, world_size)`` and the
