@@ -323,3 +323,35 @@ def test_early_stopping_after_patience_epochs(tmp_path):
     assert report["epochs_run"] == 3 and report["best_epoch"] == 1
     with pytest.raises(ConfigError, match="train.patience"):
         Trainer(toy_cfg(tmp_path / "bad", patience=0))
+
+
+@pytest.mark.parametrize("batch", [5, 32])
+def test_unlabeled_null_keeps_the_plain_train_loader(tmp_path, batch):
+    """``data.unlabeled: null`` (the default): the same batches, in the same order, as the plain loader."""
+    from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
+
+    cfg = toy_cfg(tmp_path / "null", batch=batch)
+    assert cfg["data"]["unlabeled"] is None
+    tr = Trainer(cfg)
+    tr.build()
+    assert tr.unlabeled_ds is None
+    assert isinstance(tr.train_loader.sampler, DistributedSampler) and tr.train_loader.sampler is tr.sampler
+    assert type(tr.train_loader.batch_sampler) is BatchSampler
+    ds = tr.train_ds
+    old_sampler = DistributedSampler(ds, num_replicas=1, rank=0, shuffle=True, seed=cfg["seed"])
+    old = DataLoader(ds, batch_size=batch, sampler=old_sampler, drop_last=len(old_sampler) >= batch,
+                     collate_fn=tr.task.collate, num_workers=0)
+    assert len(tr.train_loader) == len(old) == (24 // batch or 1)
+    for epoch in range(3):
+        tr.sampler.set_epoch(epoch)
+        old_sampler.set_epoch(epoch)
+        new_batches = [b["index"].tolist() for b in tr.train_loader]
+        assert new_batches == [b["index"].tolist() for b in old]
+        assert new_batches == list(old.batch_sampler)
+
+
+def test_unlabeled_on_a_task_without_support_is_config_error(tmp_path):
+    cfg = toy_cfg(tmp_path / "toy_unl")
+    cfg["data"]["unlabeled"] = str(tmp_path)
+    with pytest.raises(ConfigError, match=r"^data\.unlabeled: not supported by task 'toy'$"):
+        Trainer(cfg).build()

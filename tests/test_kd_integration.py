@@ -8,6 +8,7 @@ the discriminator, partial labels, class checks), not the teacher's quality.
 from __future__ import annotations
 
 import csv
+import math
 import sys
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from mtkd.engine import checkpoint as ckpt_io
 from mtkd.engine.config import load_config
 from mtkd.engine.logger import RunLogger
 from mtkd.engine.trainer import Trainer, train
-from mtkd.errors import ConfigError
+from mtkd.errors import ConfigError, MtkdError
 from mtkd.losses.composer import LossComposer
 from mtkd.structures import VOID
 
@@ -147,3 +148,70 @@ def test_teacher_class_count_mismatch_is_one_line_config_error(tiny: dict) -> No
     msg = str(info.value)
     assert "\n" not in msg and "teacher.ckpt" in msg and str(bad) in msg
     assert "3 classes" in msg and f"student has {len(SYNTHETIC_CLASSES)}" in msg
+
+
+def _unlabeled_folder(tiny: dict) -> Path:
+    """Six images without labels: the synthetic val/test images, one of them in a subfolder."""
+    import shutil
+
+    folder = tiny["root"] / "unlabeled"
+    if not folder.is_dir():
+        jpgs = sorted((tiny["voc"] / "JPEGImages").glob("*.jpg"))[-6:]
+        for k, jpg in enumerate(jpgs):
+            dst = folder / ("sub" if k == 0 else "") / f"u{k}.jpg"
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(jpg, dst)
+    return folder
+
+
+def test_unlabeled_folder_kd_run_mixes_batches_with_finite_hard_losses(tiny: dict) -> None:
+    out = tiny["root"] / "unlabeled_run"
+    folder = _unlabeled_folder(tiny)
+    cfg = load_config(KD_CONFIG, _overrides(tiny, out, "train.epochs=1", "train.max_steps=2", "loss.extra=[]",
+                                            f"data.unlabeled={folder}", "data.unlabeled_ratio=0.5"))
+    tr = Trainer(cfg)
+    seen = []
+    step = tr.train_step
+
+    def recording_step(batch):
+        logs = step(batch)
+        seen.append((batch["index"].tolist(), batch["has_det"].tolist(), batch["has_seg"].tolist(), logs))
+        return logs
+
+    tr.train_step = recording_step
+    report = tr.fit()
+    assert report["steps"] == 2 and len(seen) == 2
+    n_labeled = len(tr.train_ds)
+    assert n_labeled == 8 and len(tr.unlabeled_ds) == 6
+    assert len(tr.train_loader) == 4  # 8 labelled images, 2 a batch
+    for index, has_det, has_seg, logs in seen:
+        assert len(index) == 4
+        assert all(i < n_labeled for i in index[:2]) and all(has_det[:2])
+        assert all(n_labeled <= i < n_labeled + 6 for i in index[2:])
+        assert not any(has_det[2:]) and not any(has_seg[2:])
+        for term in ("det/hard", "seg/hard", "det/soft/det_mse", "seg/soft/seg_kl", "total"):
+            assert math.isfinite(logs[term]), (term, logs[term])
+        assert logs["seg/soft/seg_kl"] > 0
+
+
+def test_unlabeled_without_teacher_is_one_line_config_error(tiny: dict) -> None:
+    cfg = load_config(KD_CONFIG, _overrides(tiny, tiny["root"] / "noteacher", "teacher.ckpt=null",
+                                            f"data.unlabeled={_unlabeled_folder(tiny)}"))
+    with pytest.raises(ConfigError) as info:
+        Trainer(cfg).build()
+    msg = str(info.value)
+    assert "\n" not in msg and msg.startswith("data.unlabeled:") and "teacher" in msg
+
+
+def test_unlabeled_missing_folder_is_one_line_error_naming_key_and_path(tiny: dict) -> None:
+    missing = tiny["root"] / "no_such_folder"
+    cfg = load_config(KD_CONFIG, _overrides(tiny, tiny["root"] / "missing", f"data.unlabeled={missing}"))
+    with pytest.raises(MtkdError) as info:
+        Trainer(cfg).build()
+    msg = str(info.value)
+    assert "\n" not in msg and "data.unlabeled" in msg and str(missing) in msg
+    # a ratio leaving no labelled image in a batch is refused by name
+    cfg = load_config(KD_CONFIG, _overrides(tiny, tiny["root"] / "ratio", f"data.unlabeled={_unlabeled_folder(tiny)}",
+                                            "data.unlabeled_ratio=0.9"))
+    with pytest.raises(ConfigError, match=r"^data\.unlabeled_ratio: "):
+        Trainer(cfg).build()

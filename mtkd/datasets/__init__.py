@@ -17,16 +17,20 @@ config section::
     std: [0.229, 0.224, 0.225]
     ann_file: annotations/instances_{split}.json   # coco only
     image_dir: images/{split}                      # coco only
+    unlabeled: null              # folder or split name of images without labels (mtkd.datasets.unlabeled)
+    unlabeled_ratio: 0.5         # fraction of each training batch drawn from them (mtkd.datasets.mixing)
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 from mtkd.datasets.coco import COCODataset
 from mtkd.datasets.collate import collate
 from mtkd.datasets.common import RecordDataset
+from mtkd.datasets.mixing import MixedBatchSampler, MixedDataset, mixed_shares
 from mtkd.datasets.synthetic import SYNTHETIC_CLASSES, make_synthetic
 from mtkd.datasets.transforms import build_transforms, unletterbox_boxes
+from mtkd.datasets.unlabeled import UnlabeledDataset, build_unlabeled_dataset
 from mtkd.datasets.voc import VOCDataset
 from mtkd.datasets.yolo import YOLODataset
 from mtkd.errors import ConfigError
@@ -36,16 +40,21 @@ __all__ = [
     "COCODataset",
     "YOLODataset",
     "RecordDataset",
+    "UnlabeledDataset",
+    "MixedDataset",
+    "MixedBatchSampler",
+    "mixed_shares",
     "make_synthetic",
     "SYNTHETIC_CLASSES",
     "collate",
     "build_dataset",
+    "build_unlabeled",
     "build_transforms",
     "unletterbox_boxes",
 ]
 
 _KEYS = {"format", "root", "train", "val", "test", "classes", "imgsz", "skip_bad", "augment", "mean", "std",
-         "ann_file", "image_dir"}
+         "ann_file", "image_dir", "unlabeled", "unlabeled_ratio"}
 _COCO_ONLY = {"ann_file", "image_dir"}
 
 
@@ -82,3 +91,16 @@ def build_dataset(data_cfg: Mapping[str, Any], split: str, train: bool, seed: Op
         extra = {k: data_cfg[k] for k in _COCO_ONLY if data_cfg.get(k)}
         return COCODataset(data_cfg["root"], name, **common, **extra)
     return YOLODataset(data_cfg["root"], name, **common)
+
+
+def build_unlabeled(data_cfg: Mapping[str, Any], classes: Sequence[str],
+                    seed: Optional[int] = None) -> Optional[UnlabeledDataset]:
+    """The ``data.unlabeled`` images with the training transform, or ``None`` when unset.
+
+    ``classes`` are the labelled training set's. The transform is seeded
+    with ``seed + 1`` so its random draws differ from the labelled one's.
+    """
+    if data_cfg.get("unlabeled") is None:
+        return None
+    transform = build_transforms(data_cfg, train=True, seed=None if seed is None else seed + 1)
+    return build_unlabeled_dataset(dict(data_cfg), classes, transform)

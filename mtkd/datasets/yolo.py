@@ -84,6 +84,15 @@ def yaml_names(data: Dict[str, Any], source: Path) -> List[str]:
     raise DataError(f"{source}: 'names' must be a list or a dict")
 
 
+def yolo_root(data: Dict[str, Any], data_yaml: Path) -> Path:
+    """The dataset root of a data yaml (``path``, relative to the yaml's folder); DataError if missing."""
+    root = Path(str(data.get("path") or "."))
+    root = root if root.is_absolute() else (data_yaml.parent / root)
+    if not root.is_dir():
+        raise DataError(f"{root}: dataset root not found (from {data_yaml})")
+    return root
+
+
 def _list_images(entry: Any, root: Path, source: Path) -> List[Path]:
     entries = entry if isinstance(entry, list) else [entry]
     images: List[Path] = []
@@ -164,10 +173,7 @@ class YOLODataset(RecordDataset):
                 raise DataError(f"{data_yaml}: {len(names)} names but {len(classes)} classes configured")
         else:
             classes = names
-        root = Path(str(data.get("path") or "."))
-        root = root if root.is_absolute() else (data_yaml.parent / root)
-        if not root.is_dir():
-            raise DataError(f"{root}: dataset root not found (from {data_yaml})")
+        root = yolo_root(data, data_yaml)
         if not data.get(split):
             raise DataError(f"{data_yaml}: no {split!r} split entry")
         no_det = set((data.get("mtkd_no_det") or {}).get(split) or [])

@@ -35,6 +35,10 @@ class Task(Protocol):
     def collate(self, items: List[Any]) -> Dict[str, Any]:
         """Items of the dataset -> a batch dict with ``"images"``."""
 
+    # Optional: tasks without it reject ``data.unlabeled``.
+    def build_unlabeled(self, cfg: Dict[str, Any], labeled: Any) -> Optional[Any]:
+        """Images of ``data.unlabeled`` as training items without labels, or ``None`` when unset."""
+
     def build_model(self, cfg: Dict[str, Any], num_classes: int) -> nn.Module:
         """The (student) model of ``cfg["model"]``, randomly initialised."""
 
@@ -111,6 +115,12 @@ class MultiTaskTask:
 
         data = {k: v for k, v in cfg["data"].items() if v is not None}
         return build_dataset(data, split, train, seed=cfg["seed"] if train else None)
+
+    def build_unlabeled(self, cfg: Dict[str, Any], labeled: Any) -> Optional[Any]:
+        from mtkd.datasets import build_unlabeled
+
+        data = {k: v for k, v in cfg["data"].items() if v is not None}
+        return build_unlabeled(data, labeled.classes, seed=cfg["seed"])
 
     def collate(self, items: List[Any]) -> Dict[str, Any]:
         from mtkd.datasets import collate

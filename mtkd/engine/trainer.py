@@ -21,6 +21,10 @@ teacher's forward keeps its graph; ``input_grad``: the input images get
   ``set_epoch``: the order depends only on ``seed`` and the epoch, so a
   resumed run sees the same batches. The last incomplete batch is dropped
   when there is at least one full batch (BatchNorm cannot train on one image).
+  With ``data.unlabeled`` set, a :class:`~mtkd.datasets.mixing.MixedBatchSampler`
+  (same ``set_epoch`` contract) mixes the task's unlabeled images into every
+  batch at ``data.unlabeled_ratio``; an epoch is still one pass over the
+  labelled set. It needs a teacher (a ConfigError otherwise).
 * **Budgets.** ``max_steps`` counts optimizer steps; ``time_budget_s`` counts
   training wall-clock (data loading + steps, not validation). When a budget
   runs out mid-epoch, that partial epoch is validated, logged and saved, and
@@ -196,11 +200,21 @@ class Trainer:
         dtype = torch.float16 if self.device.type == "cuda" else torch.bfloat16
         return torch.autocast(self.device.type, dtype=dtype)
 
-    def _loader(self, dataset: Any, train: bool) -> DataLoader:
+    def _loader(self, dataset: Any, train: bool, unlabeled: Any = None) -> DataLoader:
         t = self.tcfg
         kwargs: Dict[str, Any] = dict(batch_size=t["batch"], num_workers=t["workers"],
                                       collate_fn=self.task.collate, pin_memory=self.device.type == "cuda",
                                       worker_init_fn=_seed_worker)
+        if train and unlabeled is not None:
+            from mtkd.datasets.mixing import MixedBatchSampler, MixedDataset
+
+            self.sampler = MixedBatchSampler(len(dataset), len(unlabeled), t["batch"],
+                                             self.cfg["data"].get("unlabeled_ratio"), seed=self.cfg["seed"],
+                                             rank=self.dist.rank, world_size=self.dist.world_size)
+            self.generator = torch.Generator()
+            del kwargs["batch_size"]
+            return DataLoader(MixedDataset(dataset, unlabeled), batch_sampler=self.sampler,
+                              generator=self.generator, **kwargs)
         if train:
             self.sampler = DistributedSampler(dataset, num_replicas=self.dist.world_size, rank=self.dist.rank,
                                               shuffle=True, seed=self.cfg["seed"])
@@ -216,13 +230,17 @@ class Trainer:
         if len(self.train_ds) == 0:
             raise ConfigError("data.train: the training split is empty")
         self.classes = list(self.train_ds.classes)
+        self.unlabeled_ds = self._build_unlabeled()
         self.val_ds = self.task.build_dataset(cfg, "val", False) if self.dist.is_main else None
-        self.train_loader = self._loader(self.train_ds, train=True)
+        self.train_loader = self._loader(self.train_ds, train=True, unlabeled=self.unlabeled_ds)
         self.val_loader = self._loader(self.val_ds, train=False) if self.val_ds is not None else None
 
         nc = len(self.classes)
         self.model = self.task.build_model(cfg, nc).to(self.device)
         self.teacher = self.task.build_teacher(cfg, nc, self.model)
+        if self.teacher is None and self.unlabeled_ds is not None:
+            raise ConfigError("data.unlabeled: needs a teacher (teacher.ckpt or teacher.composite); "
+                              "without one nothing supervises the unlabeled images")
         if self.teacher is not None:
             self.teacher = self.teacher.to(self.device).eval()
             for p in self.teacher.parameters():
@@ -250,6 +268,15 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp and self.device.type == "cuda")
         self.ema = ModelEMA(self.model, t["ema_decay"], t["ema_tau"]) if t["ema"] else None
         self.net = ddp.wrap(self.model, self.dist)
+
+    def _build_unlabeled(self) -> Any:
+        """The task's ``data.unlabeled`` dataset, or ``None`` when the key is unset."""
+        if self.cfg["data"].get("unlabeled") is None:
+            return None
+        build = getattr(self.task, "build_unlabeled", None)
+        if build is None:
+            raise ConfigError(f"data.unlabeled: not supported by task {self.task.name!r}")
+        return build(self.cfg, self.train_ds)
 
     def _lazy_forward(self) -> None:
         n = min(self.tcfg["batch"], len(self.train_ds))
