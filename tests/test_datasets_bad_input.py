@@ -152,3 +152,38 @@ def test_build_dataset_config_errors(voc):
 def test_empty_split_names_the_split_file(voc):
     (voc / "ImageSets" / "Main" / "val.txt").write_text("\n")
     raises_naming(voc / "ImageSets" / "Main" / "val.txt", lambda: VOCDataset(voc, "val"))
+
+
+def test_image_modes_load_as_8bit_rgb(tmp_path):
+    from PIL import Image
+
+    from mtkd.classification.data import load_rgb
+    from mtkd.datasets.common import read_image
+
+    wide = np.array([[0, 257 * 100, 65535], [128, 65535 // 2, 257 * 7]], np.uint16)
+    grey = np.round(wide / 65535 * 255).astype(np.uint8)  # [[0, 100, 255], [0, 127, 7]]
+    rgb = np.random.default_rng(0).integers(0, 256, (2, 3, 3), dtype=np.uint8)
+    palette = [v for i in range(256) for v in (i, 255 - i, (3 * i) % 256)]
+    indices = np.array([[0, 1, 2], [100, 200, 255]], np.uint8)
+    expected_p = np.array(palette, np.uint8).reshape(256, 3)[indices]
+    cases = {
+        "i16.png": (Image.fromarray(wide), grey),  # mode I;16
+        "i32.tif": (Image.fromarray(wide.astype(np.int32)), grey),  # mode I
+        "grey.png": (Image.fromarray(grey), grey),  # mode L
+        "rgba.png": (Image.fromarray(np.dstack([rgb, np.full((2, 3), 9, np.uint8)])), rgb),
+        "pal.png": (Image.fromarray(indices, mode="P"), expected_p),
+    }
+    cases["pal.png"][0].putpalette(palette)
+    for name, (im, want) in cases.items():
+        im.save(tmp_path / name)
+        want = want if want.ndim == 3 else np.repeat(want[..., None], 3, axis=2)
+        got = read_image(tmp_path / name)
+        assert got.dtype == np.uint8 and got.shape == (2, 3, 3), name
+        np.testing.assert_array_equal(got, want, err_msg=name)
+        np.testing.assert_array_equal(np.asarray(load_rgb(tmp_path / name)), want, err_msg=name)
+    assert Image.open(tmp_path / "i16.png").mode.startswith("I;16")
+    assert Image.open(tmp_path / "i32.tif").mode == "I"
+    Image.fromarray(wide.astype(np.float32)).save(tmp_path / "float.tif")
+    message = raises_naming(tmp_path / "float.tif", lambda: read_image(tmp_path / "float.tif"))
+    assert "mode F" in message
+    raises_naming(tmp_path / "float.tif", lambda: load_rgb(tmp_path / "float.tif"))

@@ -33,6 +33,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from mtkd.errors import DataError
+from mtkd.imageio import to_rgb
 from mtkd.structures import VOID, Sample
 
 #: Pixels a box may overshoot the image border before it is an error.
@@ -104,11 +105,11 @@ def check_labels(labels: np.ndarray, nc: int, source: Path | str) -> None:
 
 
 def read_image(path: Path) -> np.ndarray:
-    """Decode an image file to HxWx3 uint8 RGB; DataError naming it on failure."""
+    """Decode an image file to HxWx3 uint8 RGB (:func:`mtkd.imageio.to_rgb`); DataError naming it on failure."""
     try:
         with Image.open(path) as im:
             im.load()
-            return np.asarray(im.convert("RGB"))
+            return np.asarray(to_rgb(im, path))
     except FileNotFoundError:
         raise DataError(f"{path}: image file not found") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, ImportError) as exc:
