@@ -187,3 +187,54 @@ def test_image_modes_load_as_8bit_rgb(tmp_path):
     message = raises_naming(tmp_path / "float.tif", lambda: read_image(tmp_path / "float.tif"))
     assert "mode F" in message
     raises_naming(tmp_path / "float.tif", lambda: load_rgb(tmp_path / "float.tif"))
+
+
+def write_rotated_jpeg(path, orientation=6):
+    """A 30x40 (h x w) JPEG, left half white, stored with an EXIF orientation tag.
+
+    Orientation 6 means "turn 90 degrees clockwise to view": upright it is 40x30
+    with the white half on top.
+    """
+    from PIL import Image
+
+    pixels = np.zeros((30, 40, 3), np.uint8)
+    pixels[:, :20] = 255
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path, exif=exif.tobytes(), quality=95)
+    return path
+
+
+def test_exif_orientation_applied_to_pixels_and_header_size(tmp_path):
+    from PIL import Image
+
+    from mtkd.classification.data import load_rgb
+    from mtkd.datasets.common import image_size, read_image
+
+    path = write_rotated_jpeg(tmp_path / "r.jpg")
+    assert Image.open(path).getexif()[0x0112] == 6
+    image = read_image(path)
+    assert image.shape == (40, 30, 3)
+    assert image[:18].mean() > 240 and image[22:].mean() < 15  # white half on top
+    assert image_size(path) == (40, 30)
+    assert load_rgb(path).size == (30, 40)  # PIL: (w, h)
+    # orientation 3 (upside down) keeps the size but flips the pixels
+    upside = read_image(write_rotated_jpeg(tmp_path / "u.jpg", orientation=3))
+    assert upside.shape == (30, 40, 3) and upside[:, 22:].mean() > 240 and upside[:, :18].mean() < 15
+    assert image_size(tmp_path / "u.jpg") == (30, 40)
+    # PNG with an eXIf chunk: the header reader sees it too
+    Image.open(path).save(tmp_path / "r.png", exif=Image.open(path).getexif().tobytes())
+    assert image_size(tmp_path / "r.png") == (40, 30) and read_image(tmp_path / "r.png").shape == (40, 30, 3)
+
+
+def test_exif_rotated_image_in_yolo_dataset(tmp_path):
+    data_yaml = write_yolo(tmp_path / "yolo")
+    write_rotated_jpeg(tmp_path / "yolo" / "images" / "train" / "z.jpg")
+    ds = YOLODataset(data_yaml, "train")
+    z = [r.id for r in ds.records].index("z")
+    gt = ds.coco_gt()  # header sizes, cached in the records
+    entry = [im for im in gt["images"] if im["id"] == z][0]
+    assert (entry["height"], entry["width"]) == (40, 30)
+    sample = ds.load_sample(z)  # the decoded image agrees with the cached header size
+    assert sample.image.shape == (40, 30, 3)

@@ -136,3 +136,19 @@ def test_plot_loss_curves(tmp_path):
     bad.write_text("step,loss\n0,1.0\n")
     with pytest.raises(DataError, match="bad.csv"):
         plot_loss_curves(bad, tmp_path / "x.png")
+
+
+def test_predict_folder_applies_exif_orientation(tmp_path):
+    # stored 40x100 (h x w) with orientation 6 ("turn 90 degrees clockwise"): upright 100x40
+    src, out = tmp_path / "images", tmp_path / "out"
+    src.mkdir()
+    pixels = np.zeros((40, 100, 3), np.uint8)
+    pixels[8:30, 20:70] = 255  # rows 8..30, columns 20..70 as stored
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(pixels).save(src / "r.jpg", exif=exif.tobytes(), quality=95)
+    (r,) = _predict(src, out)
+    assert (r["height"], r["width"]) == (100, 40)
+    # clockwise turn: stored (x, y) -> upright (40 - y, x)
+    assert np.abs(np.array(r["boxes"][0]) - np.array([40 - 30, 20, 40 - 8, 70])).max() <= 3
+    assert Image.open(out / r["vis"]).size == (40, 100)

@@ -16,6 +16,9 @@ Conventions (all formats):
   * Masks follow the :class:`~mtkd.structures.Sample` convention: ``0``
     background, ``k + 1`` class ``k``, :data:`~mtkd.structures.VOID` ignore.
     An index ``> nc`` (other than VOID) is a class-count mismatch.
+  * Images are decoded upright and as 8-bit RGB (:func:`mtkd.imageio.to_rgb`:
+    the EXIF orientation is applied), so label sizes and boxes refer to the
+    image as a viewer shows it.
   * Images are checked for existence at construction and decoded lazily. With
     ``skip_bad=True`` a sample that turns out bad when it is loaded by
     ``__getitem__`` is replaced by the next good one (its ``index`` then names
@@ -33,7 +36,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from mtkd.errors import DataError
-from mtkd.imageio import to_rgb
+from mtkd.imageio import oriented_size, to_rgb
 from mtkd.structures import VOID, Sample
 
 #: Pixels a box may overshoot the image border before it is an error.
@@ -105,7 +108,8 @@ def check_labels(labels: np.ndarray, nc: int, source: Path | str) -> None:
 
 
 def read_image(path: Path) -> np.ndarray:
-    """Decode an image file to HxWx3 uint8 RGB (:func:`mtkd.imageio.to_rgb`); DataError naming it on failure."""
+    """Decode an image file to upright HxWx3 uint8 RGB (:func:`mtkd.imageio.to_rgb`: EXIF
+    orientation applied, 16-bit scaled); DataError naming it on failure."""
     try:
         with Image.open(path) as im:
             im.load()
@@ -117,10 +121,10 @@ def read_image(path: Path) -> np.ndarray:
 
 
 def image_size(path: Path) -> Tuple[int, int]:
-    """(h, w) from the image header only (no decoding)."""
+    """(h, w) from the image header only (no decoding), EXIF orientation applied as :func:`read_image` does."""
     try:
         with Image.open(path) as im:
-            return im.height, im.width
+            return oriented_size(im)
     except FileNotFoundError:
         raise DataError(f"{path}: image file not found") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, ImportError) as exc:

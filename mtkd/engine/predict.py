@@ -1,8 +1,9 @@
 """Run a model over a folder of images and save drawings, masks and a JSON.
 
-Each image goes through the evaluation transform
-(:func:`mtkd.datasets.transforms.build_transforms` with ``train=False``: the
-deterministic letterbox to ``imgsz`` and mean/std normalisation), so
+Each image is read upright (EXIF orientation applied, see
+:func:`mtkd.datasets.common.read_image`) and goes through the evaluation
+transform (:func:`mtkd.datasets.transforms.build_transforms` with
+``train=False``: the deterministic letterbox to ``imgsz`` and mean/std normalisation), so
 predictions match what :func:`mtkd.engine.evaluator.evaluate` scores. Boxes
 and masks are mapped back to the original pixels with the same helpers as the
 evaluator.
