@@ -238,3 +238,21 @@ def test_exif_rotated_image_in_yolo_dataset(tmp_path):
     assert (entry["height"], entry["width"]) == (40, 30)
     sample = ds.load_sample(z)  # the decoded image agrees with the cached header size
     assert sample.image.shape == (40, 30, 3)
+
+
+@pytest.mark.parametrize("escape", ["../../outside.jpg", "ABSOLUTE", "sub/../../i.jpg"])
+def test_coco_file_name_outside_the_image_folder(tmp_path, escape):
+    root = write_coco(tmp_path / "coco")
+    outside = root / "outside.jpg"  # exists, so only the confinement check can refuse it
+    outside.write_bytes((root / "images" / "train" / "i.jpg").read_bytes())
+    file_name = str(outside) if escape == "ABSOLUTE" else escape
+    path = root / "annotations" / "instances_train.json"
+    data = json.loads(path.read_text())
+    data["images"][0]["file_name"] = file_name
+    image_id = data["images"][0]["id"]
+    path.write_text(json.dumps(data))
+    message = raises_naming(path, lambda: COCODataset(root, "train"))
+    assert f"image {image_id} " in message and repr(file_name) in message and "outside" in message
+    with pytest.warns(UserWarning, match="outside the image folder"):
+        ds = COCODataset(root, "train", skip_bad=True)
+    assert len(ds) == len(data["images"]) - 1
