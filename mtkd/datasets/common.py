@@ -266,6 +266,12 @@ class RecordDataset:
             return sample if self.transform is None else self.transform(sample)
         raise DataError(f"{self.source}: every sample of the split is bad")
 
+    def set_epoch(self, epoch: int, rank: int = 0) -> None:
+        """Pass the epoch (and DDP rank) on to the transform, which seeds its augmentations from it."""
+        set_epoch = getattr(self.transform, "set_epoch", None)
+        if set_epoch is not None:
+            set_epoch(epoch, rank)
+
     def image_hw(self, i: int) -> Tuple[int, int]:
         """(h, w) of image ``i`` from the labels or, failing that, the header."""
         rec = self.records[i]

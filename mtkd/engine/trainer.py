@@ -17,10 +17,18 @@ teacher's forward keeps its graph; ``input_grad``: the input images get
 * **Schedule.** Per step: linear warm-up over ``warmup_epochs`` epochs, then
   cosine (or linear) decay to ``lr * lrf`` at the last step of the run
   (``epochs`` x steps-per-epoch, or ``max_steps`` when smaller).
-* **Data order.** A ``DistributedSampler`` (also for one process) with
-  ``set_epoch``: the order depends only on ``seed`` and the epoch, so a
-  resumed run sees the same batches. The last incomplete batch is dropped
-  when there is at least one full batch (BatchNorm cannot train on one image).
+* **Data order and augmentation.** A ``DistributedSampler`` (also for one
+  process) with ``set_epoch``: the order depends only on ``seed`` and the
+  epoch, so a resumed run sees the same batches. The last incomplete batch is
+  dropped when there is at least one full batch (BatchNorm cannot train on one
+  image). A training dataset with a ``set_epoch(epoch, rank)`` method gets it
+  called at the start of every epoch; mtkd's datasets then seed their
+  augmentations from ``(seed, epoch, rank, worker id)``
+  (:mod:`mtkd.datasets.transforms`). DataLoader workers are started afresh
+  each epoch from a generator seeded by ``(seed, epoch, rank)``, and
+  :func:`_seed_worker` seeds numpy and ``random`` in worker ``k`` from that
+  generator's seed plus ``k``. So every random draw of an epoch depends only
+  on those numbers, not on what earlier epochs drew.
 * **Budgets.** ``max_steps`` counts optimizer steps; ``time_budget_s`` counts
   training wall-clock (data loading + steps, not validation). When a budget
   runs out mid-epoch, that partial epoch is validated, logged and saved, and
@@ -38,8 +46,9 @@ teacher's forward keeps its graph; ``input_grad``: the input images get
   scheduler step, grad scaler, EMA, composer state and ``extra_state``, RNG
   states and the results history, and continues at the next epoch; a run
   resumed with the same config ends bit-identical to an uninterrupted one on
-  the CPU with 0 workers. The schedule's length follows the *current* config,
-  so raising ``train.epochs`` on resume extends the run.
+  the CPU, for any ``train.workers`` (the same in both runs). The schedule's
+  length follows the *current* config, so raising ``train.epochs`` on resume
+  extends the run.
 * **DDP.** Only rank 0 validates, plots and writes files; the others wait at
   a barrier. Composer parameters outside DDP (adapters) are broadcast from
   rank 0 after the lazy forward and their gradients averaged by hand.
@@ -82,6 +91,7 @@ def seed_everything(seed: int) -> None:
 
 
 def _seed_worker(worker_id: int) -> None:
+    """Seed numpy and ``random`` in a DataLoader worker from its torch seed (loader seed + worker id)."""
     import random
 
     s = torch.initial_seed() % 2**32
@@ -326,6 +336,9 @@ class Trainer:
         """One epoch; returns (mean of each logged term, budget spent)."""
         self.sampler.set_epoch(self.epoch)
         self.generator.manual_seed(self.cfg["seed"] * 1000 + self.epoch * 16 + self.dist.rank)
+        set_epoch = getattr(self.train_ds, "set_epoch", None)
+        if callable(set_epoch):
+            set_epoch(self.epoch, self.dist.rank)
         self.net.train()
         self.composer.train()
         sums: Dict[str, float] = {}
