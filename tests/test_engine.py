@@ -103,7 +103,7 @@ class ToySegLoss(Loss):
     """Cross-entropy plus a tiny penalty through a lazy 1x1 adapter on ``feats.p3``.
 
     ``nan_step``: return NaN once, for the optimizer step with that number
-    (steps counted through ``aux_step``; 0 = never).
+    (steps counted through ``aux_step``; 0 = never, -1 = at every step).
     """
 
     def __init__(self, nan_step: int = 0):
@@ -116,6 +116,8 @@ class ToySegLoss(Loss):
     def forward(self, student_out, teacher_out, batch):
         ce = F.cross_entropy(student_out["seg"], batch["masks"])
         reg = 1e-3 * self.adapter(student_out["feats"]["p3"]).pow(2).mean()
+        if self.training and self.nan_step == -1:
+            return {"ce": ce * float("nan"), "reg": reg}
         if self.training and not self.fired and self.steps + 1 == self.nan_step:
             self.fired = True
             return {"ce": ce * float("nan"), "reg": reg}
@@ -224,6 +226,20 @@ def test_nonfinite_loss_skipped_with_warning(tmp_path):
         report = Trainer(cfg).fit()
     assert report["skipped_steps"] == 1 and report["steps"] == 2  # 3 batches, one skipped
     assert read_rows(tmp_path / "skip" / "results.csv")[0]["skipped_steps"] == "1"
+
+
+def test_run_with_every_step_skipped_fails_and_warnings_count_attempts(tmp_path):
+    cfg = toy_cfg(tmp_path / "allnan", epochs=2, nonfinite="skip")
+    cfg["loss"]["seg"]["hard"]["nan_step"] = -1
+    with pytest.warns(RuntimeWarning) as record, pytest.raises(MtkdError) as err:
+        Trainer(cfg).fit()
+    messages = [str(w.message) for w in record if "non-finite" in str(w.message)]
+    # 2 epochs x 3 batches, each numbered by attempt
+    assert [m.split(" (epoch")[0].rsplit(" ", 1)[1] for m in messages] == ["1", "2", "3", "4", "5", "6"]
+    assert "step 5 (epoch 2)" in messages[4] and "(5 skipped so far)" in messages[4]
+    message = str(err.value)
+    assert "train.nonfinite" in message and "all 6 training steps" in message and "\n" not in message
+    assert not (tmp_path / "allnan" / "test_metrics.json").exists()
 
 
 def test_max_steps_budget_stops_mid_epoch(tmp_path):

@@ -35,8 +35,11 @@ teacher's forward keeps its graph; ``input_grad``: the input images get
   training ends. ``test_metrics.json`` records ``steps`` and ``train_wall_s``.
 * **Non-finite loss.** ``train.nonfinite: stop`` raises ``RuntimeError``
   naming the step and the non-finite terms; ``skip`` warns, counts the step
-  in ``skipped_steps`` and takes no optimizer step. Under DDP the decision is
-  shared so that all ranks skip together.
+  in ``skipped_steps`` and takes no optimizer step. Steps in these messages
+  are numbered by attempt (successful plus skipped steps). Under DDP the
+  decision is shared so that all ranks skip together. A run that ends
+  without a single successful optimizer step raises an MtkdError instead of
+  writing the test report.
 * **Best checkpoint.** Chosen on the VAL split by ``train.save_best_on``
   (a val metric name, higher is better; ``fitness`` = the task's default, for
   the multi-task task the mean of map50 and miou). ``best.pt`` holds the
@@ -294,7 +297,8 @@ class Trainer:
             total, logs = self.composer(s_out, t_out, batch)
         if ddp.any_true(not _finite(total), self.dist):
             bad = [k for k, v in logs.items() if not _finite(v)] or ["total"]
-            where = f"step {self.step + 1} (epoch {self.epoch + 1})"
+            # attempted steps: the successful ones plus the skipped ones, this one included
+            where = f"step {self.step + self.skipped + 1} (epoch {self.epoch + 1})"
             if self.tcfg["nonfinite"] == "stop":
                 raise RuntimeError(f"non-finite loss at {where}: non-finite terms {bad} "
                                    "(set train.nonfinite=skip to skip such steps)")
@@ -495,6 +499,10 @@ class Trainer:
                               f"(best epoch {self.best_epoch})", flush=True)
                     break
                 ddp.barrier(self.dist)
+            if self.step == 0 and self.skipped > 0:
+                raise MtkdError(f"train.nonfinite=skip: all {self.skipped} training steps had a non-finite loss "
+                                "and were skipped, so nothing was trained; no test report written "
+                                "(check the data, train.lr and the loss weights)")
             if main:
                 self.logger.close()
                 if self.tcfg["plots"] and self.logger.history:
