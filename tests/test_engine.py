@@ -257,6 +257,72 @@ def test_time_budget_stops_early(tmp_path):
         Trainer(toy_cfg(tmp_path / "bad", max_steps="ten"))
 
 
+class FakeClock:
+    """``time`` stand-in for the trainer: every ``perf_counter()`` call advances by ``tick`` seconds,
+    so each training step (one call after it) takes exactly ``tick``."""
+
+    def __init__(self, tick: float):
+        self.tick, self.now = tick, 0.0
+
+    def perf_counter(self) -> float:
+        self.now += self.tick
+        return self.now
+
+
+class Killed(Exception):
+    """Stands in for the process being killed right after ``last.pt`` was written."""
+
+
+def test_time_budget_sizes_the_schedule_and_says_why_it_stopped(tmp_path, monkeypatch, capsys):
+    from mtkd.engine import trainer as trainer_mod
+
+    # 1/64 s per step and a 1 s budget: the schedule is re-sized to 64 of the 600 configured steps
+    monkeypatch.setattr(trainer_mod, "time", FakeClock(1 / 64))
+    cfg = toy_cfg(tmp_path / "budget", epochs=100, batch=4, time_budget_s=1.0, val_every=1000)
+    report = Trainer(cfg).fit()
+    assert report["stop_reason"] == "time_budget" and report["steps"] == 64
+    assert json.loads((tmp_path / "budget" / "test_metrics.json").read_text())["stop_reason"] == "time_budget"
+    rows = read_rows(tmp_path / "budget" / "results.csv")
+    assert float(rows[-1]["lr"]) == pytest.approx(0.02 * 0.01)  # the decay reached its end
+    out = capsys.readouterr().out
+    assert "LR schedule sized to 64 steps" in out
+    stop_lines = [line for line in out.splitlines() if line.startswith("stopped:")]
+    assert len(stop_lines) == 1 and "train.time_budget_s=1.0" in stop_lines[0]
+    state = torch.load(tmp_path / "budget" / "last.pt", weights_only=True)["train_state"]
+    assert state["budget_step_time"] == 1 / 64 and state["total_steps"] == 64
+
+    # killed after epoch 5 (30 steps, schedule already sized), resumed on a machine twice as fast:
+    # the frozen step time keeps the 64-step schedule instead of re-measuring (or using 600 steps)
+    end_of_epoch = Trainer._end_of_epoch
+
+    def killed_after_epoch_5(self, means, validate):
+        end_of_epoch(self, means, validate)
+        if self.epoch + 1 == 5:
+            raise Killed()
+
+    monkeypatch.setattr(Trainer, "_end_of_epoch", killed_after_epoch_5)
+    monkeypatch.setattr(trainer_mod, "time", FakeClock(1 / 64))
+    part = toy_cfg(tmp_path / "part", epochs=100, batch=4, time_budget_s=1.0, val_every=1000)
+    with pytest.raises(Killed):
+        Trainer(part).fit()
+    monkeypatch.setattr(Trainer, "_end_of_epoch", end_of_epoch)
+    monkeypatch.setattr(trainer_mod, "time", FakeClock(1 / 128))
+    part["train"]["resume"] = True
+    resumed = Trainer(part).fit()
+    assert resumed["stop_reason"] == "time_budget" and resumed["steps"] == 64
+    assert [r["lr"] for r in read_rows(tmp_path / "part" / "results.csv")] == [r["lr"] for r in rows]
+
+
+def test_stop_reasons_of_max_steps_epochs_and_early_stopping(tmp_path, capsys):
+    assert Trainer(toy_cfg(tmp_path / "ms", epochs=5, max_steps=4)).fit()["stop_reason"] == "max_steps"
+    assert "stopped: train.max_steps=4 reached" in capsys.readouterr().out
+    assert Trainer(toy_cfg(tmp_path / "ep", epochs=1)).fit()["stop_reason"] == "epochs"
+    assert "stopped: all train.epochs=1 done" in capsys.readouterr().out
+    report = Trainer(toy_cfg(tmp_path / "es", epochs=10, lr=0.0, patience=1)).fit()
+    assert report["stop_reason"] == "early_stopping"
+    assert "stopped: early stopping" in capsys.readouterr().out
+
+
 def test_evaluate_checkpoint_and_class_check(tmp_path):
     cfg = toy_cfg(tmp_path / "ev", epochs=1)
     Trainer(cfg).fit()

@@ -15,8 +15,13 @@ teacher's forward keeps its graph; ``input_grad``: the input images get
   over ``model.parameters()`` + ``composer.student_parameters()``; weight
   decay only on tensors with ``ndim > 1`` (no decay on biases and norms).
 * **Schedule.** Per step: linear warm-up over ``warmup_epochs`` epochs, then
-  cosine (or linear) decay to ``lr * lrf`` at the last step of the run
-  (``epochs`` x steps-per-epoch, or ``max_steps`` when smaller).
+  cosine (or linear) decay to ``lr * lrf`` at the last step of the run:
+  ``epochs`` x steps-per-epoch, or ``max_steps`` when smaller. With
+  ``time_budget_s`` the schedule is re-sized after the first
+  :data:`BUDGET_PROBE_STEPS` attempted steps to ``min(that, floor(budget /
+  measured seconds per step))`` (under DDP the slowest rank's time), so the
+  decay ends when the budget does; the measured time is frozen in
+  ``last.pt`` and a resumed run sizes its schedule from it.
 * **Data order and augmentation.** A ``DistributedSampler`` (also for one
   process) with ``set_epoch``: the order depends only on ``seed`` and the
   epoch, so a resumed run sees the same batches. The last incomplete batch is
@@ -30,9 +35,13 @@ teacher's forward keeps its graph; ``input_grad``: the input images get
   generator's seed plus ``k``. So every random draw of an epoch depends only
   on those numbers, not on what earlier epochs drew.
 * **Budgets.** ``max_steps`` counts optimizer steps; ``time_budget_s`` counts
-  training wall-clock (data loading + steps, not validation). When a budget
-  runs out mid-epoch, that partial epoch is validated, logged and saved, and
-  training ends. ``test_metrics.json`` records ``steps`` and ``train_wall_s``.
+  training wall-clock (data loading + steps, not validation) and ends the run
+  when it is spent or when the schedule sized from it is complete. When a
+  budget runs out mid-epoch, that partial epoch is validated, logged and
+  saved, and training ends. One line says why the run stopped, and
+  ``test_metrics.json`` records it as ``stop_reason`` (``time_budget``,
+  ``max_steps``, ``epochs`` or ``early_stopping``) with ``steps`` and
+  ``train_wall_s``.
 * **Non-finite loss.** ``train.nonfinite: stop`` raises ``RuntimeError``
   naming the step and the non-finite terms; ``skip`` warns, counts the step
   in ``skipped_steps`` and takes no optimizer step. Steps in these messages
@@ -93,6 +102,10 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+#: Attempted steps timed before a ``time_budget_s`` run sizes its LR schedule.
+BUDGET_PROBE_STEPS = 20
+
+
 def _seed_worker(worker_id: int) -> None:
     """Seed numpy and ``random`` in a DataLoader worker from its torch seed (loader seed + worker id)."""
     import random
@@ -132,10 +145,15 @@ class WarmupDecay:
     """LR factor per step: linear warm-up, then cosine/linear decay to ``lrf``."""
 
     def __init__(self, total_steps: int, warmup_steps: int, lrf: float, cosine: bool):
-        self.total = max(int(total_steps), 1)
-        self.warmup = min(max(int(warmup_steps), 0), self.total - 1)
+        self.warmup_steps = max(int(warmup_steps), 0)
         self.lrf = lrf
         self.cosine = cosine
+        self.resize(total_steps)
+
+    def resize(self, total_steps: int) -> None:
+        """Make the decay end at step ``total_steps`` (the warm-up stays, shortened if it must)."""
+        self.total = max(int(total_steps), 1)
+        self.warmup = min(self.warmup_steps, self.total - 1)
 
     def __call__(self, step: int) -> float:
         if step < self.warmup:
@@ -199,6 +217,8 @@ class Trainer:
         self.step = 0
         self.skipped = 0
         self.train_wall = 0.0
+        self.budget_step_time: Optional[float] = None
+        self.stop_reason: Optional[str] = None
         self.best_score = -math.inf
         self.best_epoch = 0
 
@@ -255,14 +275,47 @@ class Trainer:
         self.composer_params = [p for p in self.composer.student_parameters() if p.requires_grad]
         self.optimizer = build_optimizer(params, t)
         steps_per_epoch = len(self.train_loader)
-        total = t["epochs"] * steps_per_epoch
-        if t["max_steps"] is not None:
-            total = min(total, int(t["max_steps"]))
-        self.schedule = WarmupDecay(total, round(t["warmup_epochs"] * steps_per_epoch), t["lrf"], t["cosine"])
+        self.schedule = WarmupDecay(self._total_steps(), round(t["warmup_epochs"] * steps_per_epoch), t["lrf"],
+                                    t["cosine"])
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.schedule)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp and self.device.type == "cuda")
         self.ema = ModelEMA(self.model, t["ema_decay"], t["ema_tau"]) if t["ema"] else None
         self.net = ddp.wrap(self.model, self.dist)
+
+    def _total_steps(self) -> int:
+        """Length of the LR schedule: epochs x steps per epoch, capped by ``max_steps`` and the time budget."""
+        t = self.tcfg
+        total = t["epochs"] * len(self.train_loader)
+        if t["max_steps"] is not None:
+            total = min(total, int(t["max_steps"]))
+        budget_steps = self._budget_steps()
+        if budget_steps is not None:
+            total = min(total, budget_steps)
+        return total
+
+    def _budget_steps(self) -> Optional[int]:
+        """Steps that fit in ``time_budget_s`` at the measured step time (``None`` until measured)."""
+        budget = self.tcfg["time_budget_s"]
+        if budget is None or self.budget_step_time is None or self.budget_step_time <= 0:
+            return None
+        return max(int(math.floor(budget / self.budget_step_time)), 1)
+
+    def _apply_schedule(self) -> None:
+        """Re-size the schedule to :meth:`_total_steps` and set the LR of the current step from it."""
+        self.schedule.resize(self._total_steps())
+        self.scheduler.lr_lambdas = [self.schedule] * len(self.optimizer.param_groups)
+        for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
+            group["lr"] = base * self.schedule(self.scheduler.last_epoch)
+
+    def _measure_step_time(self) -> None:
+        """After :data:`BUDGET_PROBE_STEPS` attempted steps, size the schedule to the time budget."""
+        attempted = self.step + self.skipped
+        per_step = max(ddp.gather_objects(self.train_wall / attempted, self.dist))
+        self.budget_step_time = float(per_step)
+        self._apply_schedule()
+        if self.dist.is_main:
+            tqdm.write(f"time budget: {per_step * 1000:.1f} ms per step over the first {attempted} steps; "
+                       f"LR schedule sized to {self.schedule.total} steps")
 
     def _lazy_forward(self) -> None:
         n = min(self.tcfg["batch"], len(self.train_ds))
@@ -329,15 +382,21 @@ class Trainer:
     def eval_model(self) -> nn.Module:
         return self.ema.module if self.ema is not None else self.model
 
-    def _budget_spent(self) -> bool:
+    def _budget_spent(self) -> Optional[str]:
+        """``"max_steps"`` or ``"time_budget"`` when that budget is spent, else ``None`` (same on all ranks)."""
         t = self.tcfg
-        spent = t["max_steps"] is not None and self.step >= t["max_steps"]
-        if t["time_budget_s"] is not None:
-            spent = ddp.any_true(spent or self.train_wall >= t["time_budget_s"], self.dist)
-        return spent
+        max_steps = t["max_steps"]
+        budget_steps = self._budget_steps()
+        if budget_steps is not None and self.step >= budget_steps and (max_steps is None or budget_steps < max_steps):
+            return "time_budget"  # the schedule sized from the budget is complete
+        if max_steps is not None and self.step >= max_steps:
+            return "max_steps"
+        if t["time_budget_s"] is not None and ddp.any_true(self.train_wall >= t["time_budget_s"], self.dist):
+            return "time_budget"
+        return None
 
-    def train_epoch(self) -> tuple[Dict[str, float], bool]:
-        """One epoch; returns (mean of each logged term, budget spent)."""
+    def train_epoch(self) -> tuple[Dict[str, float], Optional[str]]:
+        """One epoch; returns (mean of each logged term, the budget spent or ``None``)."""
         self.sampler.set_epoch(self.epoch)
         self.generator.manual_seed(self.cfg["seed"] * 1000 + self.epoch * 16 + self.dist.rank)
         set_epoch = getattr(self.train_ds, "set_epoch", None)
@@ -347,7 +406,7 @@ class Trainer:
         self.composer.train()
         sums: Dict[str, float] = {}
         counts: Dict[str, int] = {}
-        spent = False
+        spent: Optional[str] = None
         bar = tqdm(self.train_loader, desc=f"epoch {self.epoch + 1}/{self.tcfg['epochs']}",
                    disable=not self.dist.is_main, leave=False, dynamic_ncols=True)
         tick = time.perf_counter()
@@ -356,13 +415,16 @@ class Trainer:
             now = time.perf_counter()
             self.train_wall += now - tick
             tick = now
+            if (self.tcfg["time_budget_s"] is not None and self.budget_step_time is None
+                    and self.step + self.skipped >= BUDGET_PROBE_STEPS):
+                self._measure_step_time()
             if logs is not None:
                 for k, v in logs.items():
                     sums[k] = sums.get(k, 0.0) + v
                     counts[k] = counts.get(k, 0) + 1
                 bar.set_postfix(loss=f"{sums['total'] / counts['total']:.4g}", refresh=False)
-            if self._budget_spent():
-                spent = True
+            spent = self._budget_spent()
+            if spent:
                 break
         bar.close()
         return ddp.reduce_means(sums, counts, self.dist), spent
@@ -387,7 +449,8 @@ class Trainer:
                 "ema_updates": self.ema.updates if self.ema is not None else 0,
                 "composer": self.composer.state_dict(), "composer_extra": self.composer.extra_state(),
                 "rng": ckpt_io.rng_state(), "history": self.logger.history, "skipped": self.skipped,
-                "train_wall": self.train_wall, "best_epoch": self.best_epoch}
+                "train_wall": self.train_wall, "best_epoch": self.best_epoch,
+                "budget_step_time": self.budget_step_time, "total_steps": self.schedule.total}
 
     def _resume(self) -> int:
         path = self.tcfg["resume"]
@@ -410,11 +473,11 @@ class Trainer:
         schedule = copy.copy(self.schedule)
         self.scheduler.load_state_dict(st["scheduler"])
         self.schedule = schedule
-        # the step count comes from the checkpoint, the schedule's shape from this run's config
-        # (identical unless train.epochs/max_steps were changed to extend the run)
-        self.scheduler.lr_lambdas = [self.schedule] * len(self.optimizer.param_groups)
-        for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
-            group["lr"] = base * self.schedule(self.scheduler.last_epoch)
+        # the step count comes from the checkpoint, the schedule's length from this run's config
+        # and the frozen step time of a time budget (identical unless train.epochs/max_steps/
+        # time_budget_s were changed to extend the run)
+        self.budget_step_time = st.get("budget_step_time")
+        self._apply_schedule()
         self.scaler.load_state_dict(st["scaler"])
         if self.ema is not None:
             self.ema.load_state_dict(ck["model"], st["ema_updates"])
@@ -468,7 +531,8 @@ class Trainer:
                                   "save_best_on": self.tcfg["save_best_on"], **metrics}
         report.update(self.task.model_info(model, self.cfg))
         report.update({"steps": self.step, "skipped_steps": self.skipped, "train_wall_s": self.train_wall,
-                       "epochs_run": self.epoch + 1, "world_size": self.dist.world_size})
+                       "epochs_run": self.epoch + 1, "world_size": self.dist.world_size,
+                       "stop_reason": self.stop_reason})
         (self.out / "test_metrics.json").write_text(json.dumps(report, indent=2))
         return report
 
@@ -486,23 +550,24 @@ class Trainer:
             self.start_epoch = start = self._resume()
             epochs = self.tcfg["epochs"]
             self.epoch = start - 1
-            spent = self.tcfg["max_steps"] is not None and self.step >= self.tcfg["max_steps"]
-            while not spent and self.epoch + 1 < epochs:
+            reason = self._budget_spent()
+            while reason is None and self.epoch + 1 < epochs:
                 self.epoch += 1
-                means, spent = self.train_epoch()
-                last = spent or self.epoch + 1 == epochs
+                means, reason = self.train_epoch()
+                last = reason is not None or self.epoch + 1 == epochs
                 if main:
                     self._end_of_epoch(means, validate=last or (self.epoch + 1) % self.tcfg["val_every"] == 0)
                 if ddp.any_true(main and self._patience_exhausted(), self.dist):
-                    if main:
-                        print(f"early stopping: no val improvement for {self.tcfg['patience']} epochs "
-                              f"(best epoch {self.best_epoch})", flush=True)
+                    reason = "early_stopping"
                     break
                 ddp.barrier(self.dist)
             if self.step == 0 and self.skipped > 0:
                 raise MtkdError(f"train.nonfinite=skip: all {self.skipped} training steps had a non-finite loss "
                                 "and were skipped, so nothing was trained; no test report written "
                                 "(check the data, train.lr and the loss weights)")
+            self.stop_reason = reason or "epochs"
+            if main:
+                print(self._stop_message(), flush=True)
             if main:
                 self.logger.close()
                 if self.tcfg["plots"] and self.logger.history:
@@ -514,6 +579,20 @@ class Trainer:
         finally:
             self._teardown(clean)
         return report
+
+    def _stop_message(self) -> str:
+        """One line saying why training ended."""
+        t, reason = self.tcfg, self.stop_reason
+        at = f"after {self.step} steps, epoch {self.epoch + 1}"
+        if reason == "time_budget":
+            return (f"stopped: time budget train.time_budget_s={t['time_budget_s']} spent {at} "
+                    f"({self.train_wall:.1f} s of training; LR schedule of {self.schedule.total} steps)")
+        if reason == "max_steps":
+            return f"stopped: train.max_steps={t['max_steps']} reached ({at})"
+        if reason == "early_stopping":
+            return (f"stopped: early stopping, no val improvement for {t['patience']} epochs "
+                    f"(best epoch {self.best_epoch}; {at})")
+        return f"stopped: all train.epochs={t['epochs']} done ({self.step} steps)"
 
     def _teardown(self, clean: bool) -> None:
         if getattr(self, "logger", None) is not None:
