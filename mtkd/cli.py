@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from mtkd.errors import MtkdError
+from mtkd.errors import MtkdError, writing
 
 Runner = Callable[[argparse.Namespace], int]
 Setup = Callable[[argparse.ArgumentParser], Runner]
@@ -104,8 +104,9 @@ def _run_eval(args: argparse.Namespace) -> int:
     metrics = evaluate_checkpoint(_load(args), args.ckpt, args.split)
     print(format_table(metrics))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(metrics, indent=2))
+        with writing(args.json):
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(metrics, indent=2))
     return 0
 
 

@@ -179,7 +179,7 @@ def test_resume_matches_uninterrupted_run(tmp_path):
     full.fit()
     crashing = toy_cfg(tmp_path / "part", epochs=2)
     crashing["loss"]["seg"]["hard"]["nan_step"] = 4  # dies in epoch 2, after last.pt of epoch 1
-    with pytest.raises(RuntimeError, match="step 4"):
+    with pytest.raises(MtkdError, match="step 4"):
         Trainer(crashing).fit()
     assert torch.load(tmp_path / "part" / "last.pt", weights_only=True)["epoch"] == 1
     resumed = Trainer(toy_cfg(tmp_path / "part", epochs=2, resume=True))
@@ -215,7 +215,7 @@ def test_resume_with_more_epochs_extends_the_schedule(tmp_path):
 def test_nonfinite_loss_stops_naming_the_step(tmp_path):
     cfg = toy_cfg(tmp_path / "nan", epochs=1)
     cfg["loss"]["seg"]["hard"]["nan_step"] = 2
-    with pytest.raises(RuntimeError, match=r"step 2 .*seg/hard/ce"):
+    with pytest.raises(MtkdError, match=r"step 2 .*seg/hard/ce"):
         Trainer(cfg).fit()
 
 
@@ -240,6 +240,107 @@ def test_run_with_every_step_skipped_fails_and_warnings_count_attempts(tmp_path)
     message = str(err.value)
     assert "train.nonfinite" in message and "all 6 training steps" in message and "\n" not in message
     assert not (tmp_path / "allnan" / "test_metrics.json").exists()
+
+
+def _cli(cfg: Dict[str, Any], tmp_path: Path, capsys, *extra: str, command: str = "train") -> tuple:
+    """``mtkd <command>`` in-process on ``cfg`` dumped to YAML; returns (exit code, the ``error:`` lines, stderr)."""
+    import yaml
+
+    from mtkd.cli import main
+
+    path = tmp_path / f"cli_{len(list(tmp_path.glob('cli_*.yaml')))}.yaml"  # a fresh name per call
+    path.write_text(yaml.safe_dump(cfg))
+    capsys.readouterr()
+    code = main([command, str(path), *extra])
+    err = capsys.readouterr().err  # also holds tqdm's progress bars
+    return code, [line for line in err.splitlines() if line.startswith("error:")], err
+
+
+def _oserror(code: int) -> OSError:
+    import os
+
+    return OSError(code, os.strerror(code))
+
+
+def test_nonfinite_stop_is_a_one_line_cli_error(tmp_path, capsys):
+    cfg = toy_cfg(tmp_path / "nan", epochs=1)
+    cfg["loss"]["seg"]["hard"]["nan_step"] = 2
+    code, errors, err = _cli(cfg, tmp_path, capsys)
+    assert code == 2 and len(errors) == 1 and "Traceback" not in err
+    assert errors[0].startswith("error: non-finite loss at step 2 (epoch 1)") and "train.nonfinite=skip" in errors[0]
+
+
+def test_disk_full_while_saving_is_a_one_line_cli_error(tmp_path, monkeypatch, capsys):
+    import errno
+    import os
+
+    def full(fd: int) -> None:
+        raise _oserror(errno.ENOSPC)
+
+    monkeypatch.setattr(os, "fsync", full)
+    out = tmp_path / "full"
+    code, errors, err = _cli(toy_cfg(out, epochs=1), tmp_path, capsys)
+    assert code == 2 and "Traceback" not in err
+    assert errors == [f"error: {out / 'best.pt'}: cannot write: No space left on device"]
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_save_atomic_write_failures_name_the_file(tmp_path, monkeypatch):
+    import errno
+
+    def torch_save_disk_full(obj, fh):
+        fh.write(b"partial")
+        try:
+            raise _oserror(errno.ENOSPC)
+        except OSError:  # what torch.save to a file object raises when a write fails
+            raise RuntimeError("[enforce fail at inline_container.cc] PytorchStreamWriter failed writing file")
+
+    monkeypatch.setattr(ckpt_io.torch, "save", torch_save_disk_full)
+    with pytest.raises(MtkdError) as err:
+        ckpt_io.save_atomic({"model": {}}, tmp_path / "c.pt")
+    assert str(err.value) == f"{tmp_path / 'c.pt'}: cannot write: No space left on device"
+    assert err.value.__cause__ is None and err.value.__suppress_context__
+    assert list(tmp_path.iterdir()) == []  # the temp file is gone
+    monkeypatch.undo()
+
+    def read_only(*args, **kwargs):
+        raise _oserror(errno.EROFS)
+
+    monkeypatch.setattr(ckpt_io.tempfile, "mkstemp", read_only)
+    with pytest.raises(MtkdError, match=r"c\.pt: cannot write: Read-only file system"):
+        ckpt_io.save_atomic({"model": {}}, tmp_path / "c.pt")
+    monkeypatch.undo()
+
+    def not_about_disk(obj, fh):
+        raise RuntimeError("cannot pickle this")
+
+    monkeypatch.setattr(ckpt_io.torch, "save", not_about_disk)
+    with pytest.raises(RuntimeError, match="cannot pickle"):  # other failures are not dressed up as disk errors
+        ckpt_io.save_atomic({"model": {}}, tmp_path / "c.pt")
+
+
+def test_read_only_output_folder_in_train_and_predict(tmp_path, monkeypatch, capsys):
+    import errno
+
+    Trainer(toy_cfg(tmp_path / "ok", epochs=1)).fit()
+    read_only = {tmp_path / "ro_run", tmp_path / "ro_pred"}
+    mkdir = Path.mkdir
+
+    def refusing_mkdir(self, *args, **kwargs):
+        if self in read_only:
+            raise _oserror(errno.EROFS)
+        return mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", refusing_mkdir)
+    code, errors, err = _cli(toy_cfg(tmp_path / "ro_run", epochs=1), tmp_path, capsys)
+    assert code == 2 and "Traceback" not in err
+    assert errors == [f"error: {tmp_path / 'ro_run'}: cannot write: Read-only file system"]
+    (tmp_path / "src").mkdir()
+    code, errors, err = _cli(toy_cfg(tmp_path / "ok", epochs=1), tmp_path, capsys, "--ckpt",
+                             str(tmp_path / "ok" / "best.pt"), "--source", str(tmp_path / "src"), "--out",
+                             str(tmp_path / "ro_pred"), command="predict")
+    assert code == 2 and "Traceback" not in err
+    assert errors == [f"error: {tmp_path / 'ro_pred'}: cannot write: Read-only file system"]
 
 
 def test_max_steps_budget_stops_mid_epoch(tmp_path):

@@ -9,7 +9,7 @@ from torch import nn
 
 from mtkd.engine.plots import class_color, draw_predictions, plot_loss_curves
 from mtkd.engine.predict import predict_folder
-from mtkd.errors import ConfigError, DataError
+from mtkd.errors import ConfigError, DataError, MtkdError
 from mtkd.structures import DetOutput
 
 IMGSZ = 64
@@ -152,3 +152,25 @@ def test_predict_folder_applies_exif_orientation(tmp_path):
     # clockwise turn: stored (x, y) -> upright (40 - y, x)
     assert np.abs(np.array(r["boxes"][0]) - np.array([40 - 30, 20, 40 - 8, 70])).max() <= 3
     assert Image.open(out / r["vis"]).size == (40, 100)
+
+
+def test_predict_folder_write_failures_name_the_file(tmp_path, monkeypatch):
+    import errno
+    import os
+    from pathlib import Path
+
+    src, out = tmp_path / "images", tmp_path / "out"
+    _write_images(src)
+
+    def disk_full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(Image.Image, "save", disk_full)
+    with pytest.raises(MtkdError) as err:
+        _predict(src, out)
+    assert str(err.value) == f"{out / 'vis' / 'a.png'}: cannot write: No space left on device"
+    assert err.value.__suppress_context__
+    monkeypatch.undo()
+    monkeypatch.setattr(Path, "write_text", disk_full)
+    with pytest.raises(MtkdError, match=r"detections\.json: cannot write: No space left on device"):
+        _predict(src, out)

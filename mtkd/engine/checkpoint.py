@@ -13,10 +13,13 @@ dict/list/number/string, so ``torch.load(weights_only=True)`` reads it):
   ``state_dict`` and ``extra_state``, RNG states, the results history.
 
 Saves write a temporary file in the destination's directory, fsync it and
-``os.replace`` it over the target, so a crash never leaves a torn file.
+``os.replace`` it over the target, so a crash never leaves a torn file. A
+failed write (disk full, read-only folder) removes the temporary file and
+raises a one-line MtkdError naming the target.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import tempfile
@@ -26,7 +29,7 @@ from typing import Any, Dict
 import numpy as np
 import torch
 
-from mtkd.errors import MtkdError
+from mtkd.errors import MtkdError, os_error_in_chain, write_error
 
 FORMAT = "mtkd-ckpt-1"
 
@@ -34,17 +37,23 @@ FORMAT = "mtkd-ckpt-1"
 def save_atomic(obj: Dict[str, Any], path: str | Path) -> None:
     """``torch.save`` to a temp file beside ``path``, fsync, then ``os.replace``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise write_error(path, exc) from None
     try:
         with os.fdopen(fd, "wb") as fh:
             torch.save(obj, fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
+        cause = os_error_in_chain(exc) if isinstance(exc, Exception) else None
+        if cause is not None:
+            raise write_error(path, cause) from None
         raise
 
 

@@ -42,7 +42,7 @@ teacher's forward keeps its graph; ``input_grad``: the input images get
   ``test_metrics.json`` records it as ``stop_reason`` (``time_budget``,
   ``max_steps``, ``epochs`` or ``early_stopping``) with ``steps`` and
   ``train_wall_s``.
-* **Non-finite loss.** ``train.nonfinite: stop`` raises ``RuntimeError``
+* **Non-finite loss.** ``train.nonfinite: stop`` raises a one-line MtkdError
   naming the step and the non-finite terms; ``skip`` warns, counts the step
   in ``skipped_steps`` and takes no optimizer step. Steps in these messages
   are numbered by attempt (successful plus skipped steps). Under DDP the
@@ -89,7 +89,7 @@ from mtkd.engine.config import dump_config
 from mtkd.engine.ema import ModelEMA
 from mtkd.engine.logger import RunLogger
 from mtkd.engine.tasks import Task, get_task
-from mtkd.errors import ConfigError, MtkdError
+from mtkd.errors import ConfigError, MtkdError, writing
 from mtkd.losses.composer import LossComposer
 from mtkd.structures import DetOutput
 
@@ -353,7 +353,7 @@ class Trainer:
             # attempted steps: the successful ones plus the skipped ones, this one included
             where = f"step {self.step + self.skipped + 1} (epoch {self.epoch + 1})"
             if self.tcfg["nonfinite"] == "stop":
-                raise RuntimeError(f"non-finite loss at {where}: non-finite terms {bad} "
+                raise MtkdError(f"non-finite loss at {where}: non-finite terms {bad} "
                                    "(set train.nonfinite=skip to skip such steps)")
             self.skipped += 1
             warnings.warn(f"non-finite loss at {where}: terms {bad}; step skipped "
@@ -516,7 +516,8 @@ class Trainer:
         ckpt["train_state"] = self._train_state()
         ckpt_io.save_atomic(ckpt, self.out / "last.pt")
         if self.tcfg["plots"] and validate:
-            self.task.draw_val(self.eval_model, self.val_ds, self.out / "val_pred.png", self.cfg, self.device)
+            with writing(self.out / "val_pred.png"):
+                self.task.draw_val(self.eval_model, self.val_ds, self.out / "val_pred.png", self.cfg, self.device)
 
     def test_report(self) -> Dict[str, Any]:
         """Rank 0: the best weights on the TEST split -> ``test_metrics.json``."""
@@ -533,7 +534,8 @@ class Trainer:
         report.update({"steps": self.step, "skipped_steps": self.skipped, "train_wall_s": self.train_wall,
                        "epochs_run": self.epoch + 1, "world_size": self.dist.world_size,
                        "stop_reason": self.stop_reason})
-        (self.out / "test_metrics.json").write_text(json.dumps(report, indent=2))
+        with writing(self.out / "test_metrics.json"):
+            (self.out / "test_metrics.json").write_text(json.dumps(report, indent=2))
         return report
 
     def fit(self) -> Dict[str, Any]:
@@ -544,8 +546,10 @@ class Trainer:
             self.build()
             main = self.dist.is_main
             if main:
-                self.out.mkdir(parents=True, exist_ok=True)
-                dump_config(self.cfg, self.out / "config.yaml")
+                with writing(self.out):
+                    self.out.mkdir(parents=True, exist_ok=True)
+                with writing(self.out / "config.yaml"):
+                    dump_config(self.cfg, self.out / "config.yaml")
             self.logger = RunLogger(self.out, enabled=main, tensorboard=self.tcfg["tensorboard"])
             self.start_epoch = start = self._resume()
             epochs = self.tcfg["epochs"]
@@ -573,7 +577,8 @@ class Trainer:
                 if self.tcfg["plots"] and self.logger.history:
                     from mtkd.engine.plots import plot_loss_curves
 
-                    plot_loss_curves(self.logger.csv_path, self.out / "curves.png")
+                    with writing(self.out / "curves.png"):
+                        plot_loss_curves(self.logger.csv_path, self.out / "curves.png")
                 report = self.test_report()
             clean = True
         finally:
@@ -652,5 +657,6 @@ def predict_checkpoint(cfg: Dict[str, Any], ckpt_path: str | Path, source: str |
     if not source.is_dir():
         raise MtkdError(f"{source}: source folder not found")
     task, model, classes, device = load_model(cfg, ckpt_path, task)
-    Path(out).mkdir(parents=True, exist_ok=True)
+    with writing(out):
+        Path(out).mkdir(parents=True, exist_ok=True)
     return task.predict(model, source, Path(out), classes, cfg, device)
