@@ -29,6 +29,18 @@ class DataError(MtkdError):
     """A data file that is missing, corrupt or inconsistent."""
 
 
+class Interrupted(MtkdError):
+    """Training stopped by SIGINT/SIGTERM after saving its state.
+
+    The message is ``"<reason>; resume with: <resume>"``; ``exit_code`` is
+    128 + the signal number, as a shell reports a process ended by it.
+    """
+
+    def __init__(self, reason: str, exit_code: int, resume: str):
+        super().__init__(f"{reason}; resume with: {resume}")
+        self.reason, self.exit_code, self.resume = reason, exit_code, resume
+
+
 def write_error(path: Path | str, exc: BaseException) -> MtkdError:
     """The one-line MtkdError for an OSError (disk full, read-only folder, ...) while writing ``path``."""
     reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__

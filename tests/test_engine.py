@@ -343,6 +343,66 @@ def test_read_only_output_folder_in_train_and_predict(tmp_path, monkeypatch, cap
     assert errors == [f"error: {tmp_path / 'ro_pred'}: cannot write: Read-only file system"]
 
 
+def test_stale_checkpoint_temp_files_removed_at_start_and_resume(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    stale = [out / ".last.pt.ab12cd_4.tmp", out / ".best.pt.zz9yx8wv.tmp"]  # save_atomic's temp names
+    others = [out / "notes.tmp", out / ".last.pt.tmp", out / "x.ab12cd34.tmp"]
+    for p in stale + others:
+        p.write_bytes(b"partial")
+    Trainer(toy_cfg(out, epochs=1)).fit()
+    assert not any(p.exists() for p in stale) and all(p.exists() for p in others)
+    for p in stale:
+        p.write_bytes(b"partial")
+    Trainer(toy_cfg(out, epochs=2, resume=True)).fit()
+    assert not any(p.exists() for p in stale) and all(p.exists() for p in others)
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_signal_mid_epoch_saves_last_pt_and_resume_is_exact(tmp_path, monkeypatch, capsys, sig):
+    import os
+    import signal
+
+    sig = getattr(signal, sig)
+    Trainer(toy_cfg(tmp_path / "full", epochs=2)).fit()
+    train_step = Trainer.train_step
+
+    def signalled_at_step_4(self, batch):
+        logs = train_step(self, batch)
+        if self.step == 4:  # the 1st batch of epoch 2
+            os.kill(os.getpid(), sig)
+        return logs
+
+    monkeypatch.setattr(Trainer, "train_step", signalled_at_step_4)
+    part = toy_cfg(tmp_path / "part", epochs=2)
+    code, _, err = _cli(part, tmp_path, capsys)
+    monkeypatch.undo()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    assert code == 128 + int(sig) and "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("interrupted")]
+    assert len(lines) == 1
+    assert lines[0].startswith(f"interrupted by {sig.name} at step 4, epoch 2; {tmp_path / 'part' / 'last.pt'} holds")
+    assert lines[0].endswith(f"resume with: mtkd train {tmp_path / 'cli_0.yaml'} --resume")
+    ck = torch.load(tmp_path / "part" / "last.pt", weights_only=True)
+    assert ck["epoch"] == 1 and ck["step"] == 4 and ck["train_state"]["epoch_batches"] == 1
+    assert len(read_rows(tmp_path / "part" / "results.csv")) == 1  # the unfinished epoch is not logged
+
+    part["train"]["resume"] = True
+    Trainer(part).fit()
+    a = torch.load(tmp_path / "full" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "part" / "last.pt", weights_only=True)
+    assert a["epoch"] == b["epoch"] == 2 and a["step"] == b["step"] == 6
+    for name, t in a["train_state"]["model"].items():
+        assert torch.equal(t, b["train_state"]["model"][name]), name
+    for name, t in a["model"].items():
+        assert torch.equal(t, b["model"][name]), name
+    full_rows, part_rows = (read_rows(tmp_path / run / "results.csv") for run in ("full", "part"))
+    for row in full_rows + part_rows:
+        del row["train_wall_s"]
+        del row["train/seg/hard/steps"]  # ToySegLoss's own step counter is not checkpointed
+    assert part_rows == full_rows  # including epoch 2's loss means over all of its batches
+
+
 def test_max_steps_budget_stops_mid_epoch(tmp_path):
     report = Trainer(toy_cfg(tmp_path / "budget", epochs=5, max_steps=4)).fit()
     assert report["steps"] == 4 and report["epochs_run"] == 2

@@ -15,16 +15,19 @@ dict/list/number/string, so ``torch.load(weights_only=True)`` reads it):
 Saves write a temporary file in the destination's directory, fsync it and
 ``os.replace`` it over the target, so a crash never leaves a torn file. A
 failed write (disk full, read-only folder) removes the temporary file and
-raises a one-line MtkdError naming the target.
+raises a one-line MtkdError naming the target. A process killed mid-save
+leaves its temporary file (``.<name>.<8 random characters>.tmp``) behind;
+:func:`remove_stale_temps` deletes such files.
 """
 from __future__ import annotations
 
 import contextlib
 import os
 import random
+import re
 import tempfile
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, List
 
 import numpy as np
 import torch
@@ -32,6 +35,10 @@ import torch
 from mtkd.errors import MtkdError, os_error_in_chain, write_error
 
 FORMAT = "mtkd-ckpt-1"
+
+#: Names of :func:`save_atomic`'s temporary files: ``tempfile.mkstemp`` with
+#: prefix ``.<name>.`` and suffix ``.tmp`` (8 random characters between).
+TEMP_NAME = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
 
 
 def save_atomic(obj: Dict[str, Any], path: str | Path) -> None:
@@ -55,6 +62,25 @@ def save_atomic(obj: Dict[str, Any], path: str | Path) -> None:
         if cause is not None:
             raise write_error(path, cause) from None
         raise
+
+
+def remove_stale_temps(folder: str | Path) -> List[Path]:
+    """Delete the temporary files that killed :func:`save_atomic` calls left in ``folder``.
+
+    Only names of :data:`TEMP_NAME`'s form are touched; a file that cannot be
+    removed is left alone. Returns the removed paths. Call it when no save
+    into ``folder`` is under way.
+    """
+    folder = Path(folder)
+    removed = []
+    if not folder.is_dir():
+        return removed
+    for p in sorted(folder.iterdir()):
+        if TEMP_NAME.match(p.name) and p.is_file():
+            with contextlib.suppress(OSError):
+                p.unlink()
+                removed.append(p)
+    return removed
 
 
 def load_checkpoint(path: str | Path, trust_pickle: bool = False,

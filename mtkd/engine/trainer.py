@@ -54,13 +54,23 @@ teacher's forward keeps its graph; ``input_grad``: the input images get
   the multi-task task the mean of map50 and miou). ``best.pt`` holds the
   evaluated weights (the EMA's when EMA is on). The final report is on the
   TEST split with those weights (``test_metrics.json``).
+* **Interruption.** During the training loop the first SIGINT (Ctrl-C) or
+  SIGTERM only sets a flag: the current step finishes, nothing is validated,
+  ``last.pt`` is saved with the training state and the position inside the
+  epoch, and :class:`~mtkd.errors.Interrupted` (one line saying how to
+  resume) is raised. A second signal raises ``KeyboardInterrupt`` at once.
+  DataLoader workers ignore both signals and are stopped by the trainer.
+  Stale temporary files of killed checkpoint saves are removed from the run
+  folder at start and at resume.
 * **Resume.** ``train.resume`` (``--resume``) restores weights, optimizer,
   scheduler step, grad scaler, EMA, composer state and ``extra_state``, RNG
-  states and the results history, and continues at the next epoch; a run
-  resumed with the same config ends bit-identical to an uninterrupted one on
-  the CPU, for any ``train.workers`` (the same in both runs). The schedule's
-  length follows the *current* config, so raising ``train.epochs`` on resume
-  extends the run.
+  states and the results history, and continues at the next epoch (after an
+  interruption: inside the interrupted epoch, whose batches already trained
+  are drawn again but skipped, so data and augmentation streams stay as in an
+  uninterrupted run); a run resumed with the same config ends bit-identical
+  to an uninterrupted one on the CPU, for any ``train.workers`` (the same in
+  both runs). The schedule's length follows the *current* config, so raising
+  ``train.epochs`` on resume extends the run.
 * **DDP.** Only rank 0 validates, plots and writes files; the others wait at
   a barrier. Composer parameters outside DDP (adapters) are broadcast from
   rank 0 after the lazy forward and their gradients averaged by hand.
@@ -72,6 +82,8 @@ import contextlib
 import copy
 import json
 import math
+import signal
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -89,7 +101,7 @@ from mtkd.engine.config import dump_config
 from mtkd.engine.ema import ModelEMA
 from mtkd.engine.logger import RunLogger
 from mtkd.engine.tasks import Task, get_task
-from mtkd.errors import ConfigError, MtkdError, writing
+from mtkd.errors import ConfigError, Interrupted, MtkdError, writing
 from mtkd.losses.composer import LossComposer
 from mtkd.structures import DetOutput
 
@@ -107,9 +119,14 @@ BUDGET_PROBE_STEPS = 20
 
 
 def _seed_worker(worker_id: int) -> None:
-    """Seed numpy and ``random`` in a DataLoader worker from its torch seed (loader seed + worker id)."""
+    """Seed numpy and ``random`` in a DataLoader worker from its torch seed (loader seed + worker id).
+
+    The worker ignores SIGINT and SIGTERM: the main process handles them and shuts its workers down.
+    """
     import random
 
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     s = torch.initial_seed() % 2**32
     np.random.seed(s)
     random.seed(s)
@@ -219,6 +236,11 @@ class Trainer:
         self.train_wall = 0.0
         self.budget_step_time: Optional[float] = None
         self.stop_reason: Optional[str] = None
+        self.signal: Optional[signal.Signals] = None  # the first SIGINT/SIGTERM received while training
+        self.epoch_batches = 0  # batches of the current epoch done (trained or skipped as non-finite)
+        self._resume_batches = 0
+        self._resume_sums: Dict[str, float] = {}
+        self._resume_counts: Dict[str, int] = {}
         self.best_score = -math.inf
         self.best_epoch = 0
 
@@ -404,14 +426,22 @@ class Trainer:
             set_epoch(self.epoch, self.dist.rank)
         self.net.train()
         self.composer.train()
-        sums: Dict[str, float] = {}
-        counts: Dict[str, int] = {}
+        # after an interruption: the batches already trained and their logged sums
+        skip, sums, counts = self._resume_batches, dict(self._resume_sums), dict(self._resume_counts)
+        self._resume_batches, self._resume_sums, self._resume_counts = 0, {}, {}
+        self.epoch_batches = 0
         spent: Optional[str] = None
         bar = tqdm(self.train_loader, desc=f"epoch {self.epoch + 1}/{self.tcfg['epochs']}",
                    disable=not self.dist.is_main, leave=False, dynamic_ncols=True)
         tick = time.perf_counter()
         for batch in bar:
+            if self.epoch_batches < skip:
+                # drawn like in the uninterrupted run (same data and augmentation streams), not trained again
+                self.epoch_batches += 1
+                tick = time.perf_counter()
+                continue
             logs = self.train_step(batch)
+            self.epoch_batches += 1
             now = time.perf_counter()
             self.train_wall += now - tick
             tick = now
@@ -426,7 +456,11 @@ class Trainer:
             spent = self._budget_spent()
             if spent:
                 break
+            if ddp.any_true(self.signal is not None, self.dist):
+                spent = "interrupted"
+                break
         bar.close()
+        self.epoch_sums, self.epoch_counts = sums, counts
         return ddp.reduce_means(sums, counts, self.dist), spent
 
     def _score(self, metrics: Dict[str, float]) -> float:
@@ -478,6 +512,10 @@ class Trainer:
         # time_budget_s were changed to extend the run)
         self.budget_step_time = st.get("budget_step_time")
         self._apply_schedule()
+        self._resume_batches = int(st.get("epoch_batches", 0))
+        if self.dist.is_main:  # the saved sums are over all ranks: restore them once
+            self._resume_sums = {k: float(v) for k, v in st.get("epoch_sums", {}).items()}
+            self._resume_counts = {k: int(v) for k, v in st.get("epoch_counts", {}).items()}
         self.scaler.load_state_dict(st["scaler"])
         if self.ema is not None:
             self.ema.load_state_dict(ck["model"], st["ema_updates"])
@@ -550,21 +588,34 @@ class Trainer:
                     self.out.mkdir(parents=True, exist_ok=True)
                 with writing(self.out / "config.yaml"):
                     dump_config(self.cfg, self.out / "config.yaml")
+                stale = ckpt_io.remove_stale_temps(self.out)
+                if stale:
+                    print(f"removed {len(stale)} temporary checkpoint file(s) of an interrupted save in {self.out}",
+                          flush=True)
             self.logger = RunLogger(self.out, enabled=main, tensorboard=self.tcfg["tensorboard"])
             self.start_epoch = start = self._resume()
             epochs = self.tcfg["epochs"]
             self.epoch = start - 1
             reason = self._budget_spent()
-            while reason is None and self.epoch + 1 < epochs:
-                self.epoch += 1
-                means, reason = self.train_epoch()
-                last = reason is not None or self.epoch + 1 == epochs
-                if main:
-                    self._end_of_epoch(means, validate=last or (self.epoch + 1) % self.tcfg["val_every"] == 0)
-                if ddp.any_true(main and self._patience_exhausted(), self.dist):
-                    reason = "early_stopping"
-                    break
-                ddp.barrier(self.dist)
+            previous_handlers = self._catch_signals()
+            try:
+                while reason is None and self.epoch + 1 < epochs:
+                    self._raise_if_signalled()  # arrived during validation: last.pt is current
+                    self.epoch += 1
+                    means, reason = self.train_epoch()
+                    if reason == "interrupted":
+                        self._save_interrupted()
+                        self._raise_if_signalled()
+                    last = reason is not None or self.epoch + 1 == epochs
+                    if main:
+                        self._end_of_epoch(means, validate=last or (self.epoch + 1) % self.tcfg["val_every"] == 0)
+                    if ddp.any_true(main and self._patience_exhausted(), self.dist):
+                        reason = "early_stopping"
+                        break
+                    ddp.barrier(self.dist)
+                self._raise_if_signalled()
+            finally:
+                self._restore_signals(previous_handlers)
             if self.step == 0 and self.skipped > 0:
                 raise MtkdError(f"train.nonfinite=skip: all {self.skipped} training steps had a non-finite loss "
                                 "and were skipped, so nothing was trained; no test report written "
@@ -572,7 +623,6 @@ class Trainer:
             self.stop_reason = reason or "epochs"
             if main:
                 print(self._stop_message(), flush=True)
-            if main:
                 self.logger.close()
                 if self.tcfg["plots"] and self.logger.history:
                     from mtkd.engine.plots import plot_loss_curves
@@ -584,6 +634,53 @@ class Trainer:
         finally:
             self._teardown(clean)
         return report
+
+    # -- interruption ---------------------------------------------------------------
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if self.signal is not None:  # the second one: stop at once
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(signum)
+
+    def _catch_signals(self) -> Dict[int, Any]:
+        """Route SIGINT/SIGTERM to :meth:`_on_signal`; returns the previous handlers (none off the main thread)."""
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+        previous = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, self._on_signal)
+        return previous
+
+    @staticmethod
+    def _restore_signals(previous: Dict[int, Any]) -> None:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+    def _save_interrupted(self) -> None:
+        """Rank 0: ``last.pt`` at this step boundary, with the position inside the unfinished epoch."""
+        sums: Dict[str, float] = {}
+        counts: Dict[str, int] = {}
+        for rank_sums, rank_counts in ddp.gather_objects((self.epoch_sums, self.epoch_counts), self.dist):
+            for k, v in rank_sums.items():
+                sums[k] = sums.get(k, 0.0) + v
+                counts[k] = counts.get(k, 0) + rank_counts[k]
+        if self.dist.is_main:
+            ckpt = self._base_ckpt({})
+            ckpt["epoch"] = self.epoch  # completed epochs; the current one continues at epoch_batches
+            ckpt["train_state"] = self._train_state()
+            ckpt["train_state"].update(epoch_batches=self.epoch_batches, epoch_sums=sums, epoch_counts=counts)
+            ckpt_io.save_atomic(ckpt, self.out / "last.pt")
+        ddp.barrier(self.dist)
+
+    def _raise_if_signalled(self) -> None:
+        """Raise :class:`Interrupted` (same on all ranks) once a signal arrived; ``last.pt`` is saved by then."""
+        if not ddp.any_true(self.signal is not None, self.dist):
+            return
+        sig = self.signal or signal.SIGTERM  # a rank that got none follows the others
+        where = f"at step {self.step}, epoch {self.epoch + 1}" if self.epoch >= self.start_epoch else "before training"
+        last = self.out / "last.pt"
+        saved = f"{last} holds the training state" if last.is_file() else "nothing saved yet"
+        raise Interrupted(f"interrupted by {sig.name} {where}; {saved}", 128 + int(sig),
+                          "train.resume=true (mtkd train <config> <overrides> --resume)")
 
     def _stop_message(self) -> str:
         """One line saying why training ended."""
