@@ -9,18 +9,21 @@ Subcommands live in one table, :data:`COMMANDS`; a module adds its own with::
 
 and, if it lives outside this file, one line in :data:`COMMAND_MODULES`
 (imported before the parser is built). Any :class:`~mtkd.errors.MtkdError`
-prints ``error: <message>`` on one line to stderr and exits with status 2.
+prints ``error: <message>`` on one line to stderr and exits with status 2; a
+training run stopped by SIGINT/SIGTERM (:class:`~mtkd.errors.Interrupted`)
+prints one line saying how to resume and exits with 128 + the signal number.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
 import json
+import shlex
 import sys
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from mtkd.errors import MtkdError
+from mtkd.errors import Interrupted, MtkdError, writing
 
 Runner = Callable[[argparse.Namespace], int]
 Setup = Callable[[argparse.ArgumentParser], Runner]
@@ -66,7 +69,11 @@ def _run_train(args: argparse.Namespace) -> int:
     cfg = _load(args)
     if args.resume is not None:
         cfg["train"]["resume"] = args.resume
-    report = train(cfg)
+    try:
+        report = train(cfg)
+    except Interrupted as exc:
+        command = shlex.join(["mtkd", "train", args.config, *args.overrides, "--resume"])
+        raise Interrupted(exc.reason, exc.exit_code, command) from None
     if report:
         print(format_table(report))
     return 0
@@ -104,8 +111,9 @@ def _run_eval(args: argparse.Namespace) -> int:
     metrics = evaluate_checkpoint(_load(args), args.ckpt, args.split)
     print(format_table(metrics))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(metrics, indent=2))
+        with writing(args.json):
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(metrics, indent=2))
     return 0
 
 
@@ -179,6 +187,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args._run(args) or 0)
+    except Interrupted as exc:
+        print(exc, file=sys.stderr)
+        return exc.exit_code
     except MtkdError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -152,3 +152,107 @@ def test_build_dataset_config_errors(voc):
 def test_empty_split_names_the_split_file(voc):
     (voc / "ImageSets" / "Main" / "val.txt").write_text("\n")
     raises_naming(voc / "ImageSets" / "Main" / "val.txt", lambda: VOCDataset(voc, "val"))
+
+
+def test_image_modes_load_as_8bit_rgb(tmp_path):
+    from PIL import Image
+
+    from mtkd.classification.data import load_rgb
+    from mtkd.datasets.common import read_image
+
+    wide = np.array([[0, 257 * 100, 65535], [128, 65535 // 2, 257 * 7]], np.uint16)
+    grey = np.round(wide / 65535 * 255).astype(np.uint8)  # [[0, 100, 255], [0, 127, 7]]
+    rgb = np.random.default_rng(0).integers(0, 256, (2, 3, 3), dtype=np.uint8)
+    palette = [v for i in range(256) for v in (i, 255 - i, (3 * i) % 256)]
+    indices = np.array([[0, 1, 2], [100, 200, 255]], np.uint8)
+    expected_p = np.array(palette, np.uint8).reshape(256, 3)[indices]
+    cases = {
+        "i16.png": (Image.fromarray(wide), grey),  # mode I;16
+        "i32.tif": (Image.fromarray(wide.astype(np.int32)), grey),  # mode I
+        "grey.png": (Image.fromarray(grey), grey),  # mode L
+        "rgba.png": (Image.fromarray(np.dstack([rgb, np.full((2, 3), 9, np.uint8)])), rgb),
+        "pal.png": (Image.fromarray(indices, mode="P"), expected_p),
+    }
+    cases["pal.png"][0].putpalette(palette)
+    for name, (im, want) in cases.items():
+        im.save(tmp_path / name)
+        want = want if want.ndim == 3 else np.repeat(want[..., None], 3, axis=2)
+        got = read_image(tmp_path / name)
+        assert got.dtype == np.uint8 and got.shape == (2, 3, 3), name
+        np.testing.assert_array_equal(got, want, err_msg=name)
+        np.testing.assert_array_equal(np.asarray(load_rgb(tmp_path / name)), want, err_msg=name)
+    assert Image.open(tmp_path / "i16.png").mode.startswith("I;16")
+    assert Image.open(tmp_path / "i32.tif").mode == "I"
+    Image.fromarray(wide.astype(np.float32)).save(tmp_path / "float.tif")
+    message = raises_naming(tmp_path / "float.tif", lambda: read_image(tmp_path / "float.tif"))
+    assert "mode F" in message
+    raises_naming(tmp_path / "float.tif", lambda: load_rgb(tmp_path / "float.tif"))
+
+
+def write_rotated_jpeg(path, orientation=6):
+    """A 30x40 (h x w) JPEG, left half white, stored with an EXIF orientation tag.
+
+    Orientation 6 means "turn 90 degrees clockwise to view": upright it is 40x30
+    with the white half on top.
+    """
+    from PIL import Image
+
+    pixels = np.zeros((30, 40, 3), np.uint8)
+    pixels[:, :20] = 255
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path, exif=exif.tobytes(), quality=95)
+    return path
+
+
+def test_exif_orientation_applied_to_pixels_and_header_size(tmp_path):
+    from PIL import Image
+
+    from mtkd.classification.data import load_rgb
+    from mtkd.datasets.common import image_size, read_image
+
+    path = write_rotated_jpeg(tmp_path / "r.jpg")
+    assert Image.open(path).getexif()[0x0112] == 6
+    image = read_image(path)
+    assert image.shape == (40, 30, 3)
+    assert image[:18].mean() > 240 and image[22:].mean() < 15  # white half on top
+    assert image_size(path) == (40, 30)
+    assert load_rgb(path).size == (30, 40)  # PIL: (w, h)
+    # orientation 3 (upside down) keeps the size but flips the pixels
+    upside = read_image(write_rotated_jpeg(tmp_path / "u.jpg", orientation=3))
+    assert upside.shape == (30, 40, 3) and upside[:, 22:].mean() > 240 and upside[:, :18].mean() < 15
+    assert image_size(tmp_path / "u.jpg") == (30, 40)
+    # PNG with an eXIf chunk: the header reader sees it too
+    Image.open(path).save(tmp_path / "r.png", exif=Image.open(path).getexif().tobytes())
+    assert image_size(tmp_path / "r.png") == (40, 30) and read_image(tmp_path / "r.png").shape == (40, 30, 3)
+
+
+def test_exif_rotated_image_in_yolo_dataset(tmp_path):
+    data_yaml = write_yolo(tmp_path / "yolo")
+    write_rotated_jpeg(tmp_path / "yolo" / "images" / "train" / "z.jpg")
+    ds = YOLODataset(data_yaml, "train")
+    z = [r.id for r in ds.records].index("z")
+    gt = ds.coco_gt()  # header sizes, cached in the records
+    entry = [im for im in gt["images"] if im["id"] == z][0]
+    assert (entry["height"], entry["width"]) == (40, 30)
+    sample = ds.load_sample(z)  # the decoded image agrees with the cached header size
+    assert sample.image.shape == (40, 30, 3)
+
+
+@pytest.mark.parametrize("escape", ["../../outside.jpg", "ABSOLUTE", "sub/../../i.jpg"])
+def test_coco_file_name_outside_the_image_folder(tmp_path, escape):
+    root = write_coco(tmp_path / "coco")
+    outside = root / "outside.jpg"  # exists, so only the confinement check can refuse it
+    outside.write_bytes((root / "images" / "train" / "i.jpg").read_bytes())
+    file_name = str(outside) if escape == "ABSOLUTE" else escape
+    path = root / "annotations" / "instances_train.json"
+    data = json.loads(path.read_text())
+    data["images"][0]["file_name"] = file_name
+    image_id = data["images"][0]["id"]
+    path.write_text(json.dumps(data))
+    message = raises_naming(path, lambda: COCODataset(root, "train"))
+    assert f"image {image_id} " in message and repr(file_name) in message and "outside" in message
+    with pytest.warns(UserWarning, match="outside the image folder"):
+        ds = COCODataset(root, "train", skip_bad=True)
+    assert len(ds) == len(data["images"]) - 1

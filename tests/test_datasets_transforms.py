@@ -66,6 +66,23 @@ def test_seeded_pipeline_is_deterministic():
     assert not torch.equal(a["image"], c["image"])
 
 
+def test_set_epoch_makes_an_epoch_independent_of_earlier_draws():
+    def epoch_images(t, epoch, rank=0):
+        t.set_epoch(epoch, rank)
+        return [t(make_sample())["image"] for _ in range(3)]
+
+    augment = cfg(scale=[0.5, 1.5], color=0.3)
+    fresh = build_transforms(augment, train=True, seed=5)
+    used = build_transforms(augment, train=True, seed=5)
+    for _ in range(4):  # draws before set_epoch (the trainer's lazy forward) and in epoch 0
+        used(make_sample())
+    epoch_images(used, 0)
+    # epoch 1 of a run that drew epoch 0 first == epoch 1 of a resumed run that did not
+    assert all(torch.equal(a, b) for a, b in zip(epoch_images(used, 1), epoch_images(fresh, 1)))
+    assert not torch.equal(epoch_images(fresh, 0)[0], epoch_images(fresh, 1)[0])
+    assert not torch.equal(epoch_images(fresh, 1, rank=1)[0], epoch_images(fresh, 1)[0])
+
+
 def test_eval_letterbox_maps_back_and_pads_void():
     mean, std = [0.4, 0.5, 0.6], [0.2, 0.25, 0.3]
     t = build_transforms({"imgsz": 96, "mean": mean, "std": std}, train=False)

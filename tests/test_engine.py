@@ -103,7 +103,7 @@ class ToySegLoss(Loss):
     """Cross-entropy plus a tiny penalty through a lazy 1x1 adapter on ``feats.p3``.
 
     ``nan_step``: return NaN once, for the optimizer step with that number
-    (steps counted through ``aux_step``; 0 = never).
+    (steps counted through ``aux_step``; 0 = never, -1 = at every step).
     """
 
     def __init__(self, nan_step: int = 0):
@@ -116,6 +116,8 @@ class ToySegLoss(Loss):
     def forward(self, student_out, teacher_out, batch):
         ce = F.cross_entropy(student_out["seg"], batch["masks"])
         reg = 1e-3 * self.adapter(student_out["feats"]["p3"]).pow(2).mean()
+        if self.training and self.nan_step == -1:
+            return {"ce": ce * float("nan"), "reg": reg}
         if self.training and not self.fired and self.steps + 1 == self.nan_step:
             self.fired = True
             return {"ce": ce * float("nan"), "reg": reg}
@@ -177,7 +179,7 @@ def test_resume_matches_uninterrupted_run(tmp_path):
     full.fit()
     crashing = toy_cfg(tmp_path / "part", epochs=2)
     crashing["loss"]["seg"]["hard"]["nan_step"] = 4  # dies in epoch 2, after last.pt of epoch 1
-    with pytest.raises(RuntimeError, match="step 4"):
+    with pytest.raises(MtkdError, match="step 4"):
         Trainer(crashing).fit()
     assert torch.load(tmp_path / "part" / "last.pt", weights_only=True)["epoch"] == 1
     resumed = Trainer(toy_cfg(tmp_path / "part", epochs=2, resume=True))
@@ -213,7 +215,7 @@ def test_resume_with_more_epochs_extends_the_schedule(tmp_path):
 def test_nonfinite_loss_stops_naming_the_step(tmp_path):
     cfg = toy_cfg(tmp_path / "nan", epochs=1)
     cfg["loss"]["seg"]["hard"]["nan_step"] = 2
-    with pytest.raises(RuntimeError, match=r"step 2 .*seg/hard/ce"):
+    with pytest.raises(MtkdError, match=r"step 2 .*seg/hard/ce"):
         Trainer(cfg).fit()
 
 
@@ -224,6 +226,181 @@ def test_nonfinite_loss_skipped_with_warning(tmp_path):
         report = Trainer(cfg).fit()
     assert report["skipped_steps"] == 1 and report["steps"] == 2  # 3 batches, one skipped
     assert read_rows(tmp_path / "skip" / "results.csv")[0]["skipped_steps"] == "1"
+
+
+def test_run_with_every_step_skipped_fails_and_warnings_count_attempts(tmp_path):
+    cfg = toy_cfg(tmp_path / "allnan", epochs=2, nonfinite="skip")
+    cfg["loss"]["seg"]["hard"]["nan_step"] = -1
+    with pytest.warns(RuntimeWarning) as record, pytest.raises(MtkdError) as err:
+        Trainer(cfg).fit()
+    messages = [str(w.message) for w in record if "non-finite" in str(w.message)]
+    # 2 epochs x 3 batches, each numbered by attempt
+    assert [m.split(" (epoch")[0].rsplit(" ", 1)[1] for m in messages] == ["1", "2", "3", "4", "5", "6"]
+    assert "step 5 (epoch 2)" in messages[4] and "(5 skipped so far)" in messages[4]
+    message = str(err.value)
+    assert "train.nonfinite" in message and "all 6 training steps" in message and "\n" not in message
+    assert not (tmp_path / "allnan" / "test_metrics.json").exists()
+
+
+def _cli(cfg: Dict[str, Any], tmp_path: Path, capsys, *extra: str, command: str = "train") -> tuple:
+    """``mtkd <command>`` in-process on ``cfg`` dumped to YAML; returns (exit code, the ``error:`` lines, stderr)."""
+    import yaml
+
+    from mtkd.cli import main
+
+    path = tmp_path / f"cli_{len(list(tmp_path.glob('cli_*.yaml')))}.yaml"  # a fresh name per call
+    path.write_text(yaml.safe_dump(cfg))
+    capsys.readouterr()
+    code = main([command, str(path), *extra])
+    err = capsys.readouterr().err  # also holds tqdm's progress bars
+    return code, [line for line in err.splitlines() if line.startswith("error:")], err
+
+
+def _oserror(code: int) -> OSError:
+    import os
+
+    return OSError(code, os.strerror(code))
+
+
+def test_nonfinite_stop_is_a_one_line_cli_error(tmp_path, capsys):
+    cfg = toy_cfg(tmp_path / "nan", epochs=1)
+    cfg["loss"]["seg"]["hard"]["nan_step"] = 2
+    code, errors, err = _cli(cfg, tmp_path, capsys)
+    assert code == 2 and len(errors) == 1 and "Traceback" not in err
+    assert errors[0].startswith("error: non-finite loss at step 2 (epoch 1)") and "train.nonfinite=skip" in errors[0]
+
+
+def test_disk_full_while_saving_is_a_one_line_cli_error(tmp_path, monkeypatch, capsys):
+    import errno
+    import os
+
+    def full(fd: int) -> None:
+        raise _oserror(errno.ENOSPC)
+
+    monkeypatch.setattr(os, "fsync", full)
+    out = tmp_path / "full"
+    code, errors, err = _cli(toy_cfg(out, epochs=1), tmp_path, capsys)
+    assert code == 2 and "Traceback" not in err
+    assert errors == [f"error: {out / 'best.pt'}: cannot write: No space left on device"]
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_save_atomic_write_failures_name_the_file(tmp_path, monkeypatch):
+    import errno
+
+    def torch_save_disk_full(obj, fh):
+        fh.write(b"partial")
+        try:
+            raise _oserror(errno.ENOSPC)
+        except OSError:  # what torch.save to a file object raises when a write fails
+            raise RuntimeError("[enforce fail at inline_container.cc] PytorchStreamWriter failed writing file")
+
+    monkeypatch.setattr(ckpt_io.torch, "save", torch_save_disk_full)
+    with pytest.raises(MtkdError) as err:
+        ckpt_io.save_atomic({"model": {}}, tmp_path / "c.pt")
+    assert str(err.value) == f"{tmp_path / 'c.pt'}: cannot write: No space left on device"
+    assert err.value.__cause__ is None and err.value.__suppress_context__
+    assert list(tmp_path.iterdir()) == []  # the temp file is gone
+    monkeypatch.undo()
+
+    def read_only(*args, **kwargs):
+        raise _oserror(errno.EROFS)
+
+    monkeypatch.setattr(ckpt_io.tempfile, "mkstemp", read_only)
+    with pytest.raises(MtkdError, match=r"c\.pt: cannot write: Read-only file system"):
+        ckpt_io.save_atomic({"model": {}}, tmp_path / "c.pt")
+    monkeypatch.undo()
+
+    def not_about_disk(obj, fh):
+        raise RuntimeError("cannot pickle this")
+
+    monkeypatch.setattr(ckpt_io.torch, "save", not_about_disk)
+    with pytest.raises(RuntimeError, match="cannot pickle"):  # other failures are not dressed up as disk errors
+        ckpt_io.save_atomic({"model": {}}, tmp_path / "c.pt")
+
+
+def test_read_only_output_folder_in_train_and_predict(tmp_path, monkeypatch, capsys):
+    import errno
+
+    Trainer(toy_cfg(tmp_path / "ok", epochs=1)).fit()
+    read_only = {tmp_path / "ro_run", tmp_path / "ro_pred"}
+    mkdir = Path.mkdir
+
+    def refusing_mkdir(self, *args, **kwargs):
+        if self in read_only:
+            raise _oserror(errno.EROFS)
+        return mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", refusing_mkdir)
+    code, errors, err = _cli(toy_cfg(tmp_path / "ro_run", epochs=1), tmp_path, capsys)
+    assert code == 2 and "Traceback" not in err
+    assert errors == [f"error: {tmp_path / 'ro_run'}: cannot write: Read-only file system"]
+    (tmp_path / "src").mkdir()
+    code, errors, err = _cli(toy_cfg(tmp_path / "ok", epochs=1), tmp_path, capsys, "--ckpt",
+                             str(tmp_path / "ok" / "best.pt"), "--source", str(tmp_path / "src"), "--out",
+                             str(tmp_path / "ro_pred"), command="predict")
+    assert code == 2 and "Traceback" not in err
+    assert errors == [f"error: {tmp_path / 'ro_pred'}: cannot write: Read-only file system"]
+
+
+def test_stale_checkpoint_temp_files_removed_at_start_and_resume(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    stale = [out / ".last.pt.ab12cd_4.tmp", out / ".best.pt.zz9yx8wv.tmp"]  # save_atomic's temp names
+    others = [out / "notes.tmp", out / ".last.pt.tmp", out / "x.ab12cd34.tmp"]
+    for p in stale + others:
+        p.write_bytes(b"partial")
+    Trainer(toy_cfg(out, epochs=1)).fit()
+    assert not any(p.exists() for p in stale) and all(p.exists() for p in others)
+    for p in stale:
+        p.write_bytes(b"partial")
+    Trainer(toy_cfg(out, epochs=2, resume=True)).fit()
+    assert not any(p.exists() for p in stale) and all(p.exists() for p in others)
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_signal_mid_epoch_saves_last_pt_and_resume_is_exact(tmp_path, monkeypatch, capsys, sig):
+    import os
+    import signal
+
+    sig = getattr(signal, sig)
+    Trainer(toy_cfg(tmp_path / "full", epochs=2)).fit()
+    train_step = Trainer.train_step
+
+    def signalled_at_step_4(self, batch):
+        logs = train_step(self, batch)
+        if self.step == 4:  # the 1st batch of epoch 2
+            os.kill(os.getpid(), sig)
+        return logs
+
+    monkeypatch.setattr(Trainer, "train_step", signalled_at_step_4)
+    part = toy_cfg(tmp_path / "part", epochs=2)
+    code, _, err = _cli(part, tmp_path, capsys)
+    monkeypatch.undo()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    assert code == 128 + int(sig) and "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("interrupted")]
+    assert len(lines) == 1
+    assert lines[0].startswith(f"interrupted by {sig.name} at step 4, epoch 2; {tmp_path / 'part' / 'last.pt'} holds")
+    assert lines[0].endswith(f"resume with: mtkd train {tmp_path / 'cli_0.yaml'} --resume")
+    ck = torch.load(tmp_path / "part" / "last.pt", weights_only=True)
+    assert ck["epoch"] == 1 and ck["step"] == 4 and ck["train_state"]["epoch_batches"] == 1
+    assert len(read_rows(tmp_path / "part" / "results.csv")) == 1  # the unfinished epoch is not logged
+
+    part["train"]["resume"] = True
+    Trainer(part).fit()
+    a = torch.load(tmp_path / "full" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "part" / "last.pt", weights_only=True)
+    assert a["epoch"] == b["epoch"] == 2 and a["step"] == b["step"] == 6
+    for name, t in a["train_state"]["model"].items():
+        assert torch.equal(t, b["train_state"]["model"][name]), name
+    for name, t in a["model"].items():
+        assert torch.equal(t, b["model"][name]), name
+    full_rows, part_rows = (read_rows(tmp_path / run / "results.csv") for run in ("full", "part"))
+    for row in full_rows + part_rows:
+        del row["train_wall_s"]
+        del row["train/seg/hard/steps"]  # ToySegLoss's own step counter is not checkpointed
+    assert part_rows == full_rows  # including epoch 2's loss means over all of its batches
 
 
 def test_max_steps_budget_stops_mid_epoch(tmp_path):
@@ -239,6 +416,72 @@ def test_time_budget_stops_early(tmp_path):
     assert report["steps"] == 1 and report["epochs_run"] == 1
     with pytest.raises(ConfigError, match="train.max_steps"):
         Trainer(toy_cfg(tmp_path / "bad", max_steps="ten"))
+
+
+class FakeClock:
+    """``time`` stand-in for the trainer: every ``perf_counter()`` call advances by ``tick`` seconds,
+    so each training step (one call after it) takes exactly ``tick``."""
+
+    def __init__(self, tick: float):
+        self.tick, self.now = tick, 0.0
+
+    def perf_counter(self) -> float:
+        self.now += self.tick
+        return self.now
+
+
+class Killed(Exception):
+    """Stands in for the process being killed right after ``last.pt`` was written."""
+
+
+def test_time_budget_sizes_the_schedule_and_says_why_it_stopped(tmp_path, monkeypatch, capsys):
+    from mtkd.engine import trainer as trainer_mod
+
+    # 1/64 s per step and a 1 s budget: the schedule is re-sized to 64 of the 600 configured steps
+    monkeypatch.setattr(trainer_mod, "time", FakeClock(1 / 64))
+    cfg = toy_cfg(tmp_path / "budget", epochs=100, batch=4, time_budget_s=1.0, val_every=1000)
+    report = Trainer(cfg).fit()
+    assert report["stop_reason"] == "time_budget" and report["steps"] == 64
+    assert json.loads((tmp_path / "budget" / "test_metrics.json").read_text())["stop_reason"] == "time_budget"
+    rows = read_rows(tmp_path / "budget" / "results.csv")
+    assert float(rows[-1]["lr"]) == pytest.approx(0.02 * 0.01)  # the decay reached its end
+    out = capsys.readouterr().out
+    assert "LR schedule sized to 64 steps" in out
+    stop_lines = [line for line in out.splitlines() if line.startswith("stopped:")]
+    assert len(stop_lines) == 1 and "train.time_budget_s=1.0" in stop_lines[0]
+    state = torch.load(tmp_path / "budget" / "last.pt", weights_only=True)["train_state"]
+    assert state["budget_step_time"] == 1 / 64 and state["total_steps"] == 64
+
+    # killed after epoch 5 (30 steps, schedule already sized), resumed on a machine twice as fast:
+    # the frozen step time keeps the 64-step schedule instead of re-measuring (or using 600 steps)
+    end_of_epoch = Trainer._end_of_epoch
+
+    def killed_after_epoch_5(self, means, validate):
+        end_of_epoch(self, means, validate)
+        if self.epoch + 1 == 5:
+            raise Killed()
+
+    monkeypatch.setattr(Trainer, "_end_of_epoch", killed_after_epoch_5)
+    monkeypatch.setattr(trainer_mod, "time", FakeClock(1 / 64))
+    part = toy_cfg(tmp_path / "part", epochs=100, batch=4, time_budget_s=1.0, val_every=1000)
+    with pytest.raises(Killed):
+        Trainer(part).fit()
+    monkeypatch.setattr(Trainer, "_end_of_epoch", end_of_epoch)
+    monkeypatch.setattr(trainer_mod, "time", FakeClock(1 / 128))
+    part["train"]["resume"] = True
+    resumed = Trainer(part).fit()
+    assert resumed["stop_reason"] == "time_budget" and resumed["steps"] == 64
+    assert [r["lr"] for r in read_rows(tmp_path / "part" / "results.csv")] == [r["lr"] for r in rows]
+
+
+def test_stop_reasons_of_max_steps_epochs_and_early_stopping(tmp_path, capsys):
+    assert Trainer(toy_cfg(tmp_path / "ms", epochs=5, max_steps=4)).fit()["stop_reason"] == "max_steps"
+    assert "stopped: train.max_steps=4 reached" in capsys.readouterr().out
+    assert Trainer(toy_cfg(tmp_path / "ep", epochs=1)).fit()["stop_reason"] == "epochs"
+    assert "stopped: all train.epochs=1 done" in capsys.readouterr().out
+    report = Trainer(toy_cfg(tmp_path / "es", epochs=10, lr=0.0, patience=1)).fit()
+    assert report["stop_reason"] == "early_stopping"
+    assert "stopped: early stopping" in capsys.readouterr().out
 
 
 def test_evaluate_checkpoint_and_class_check(tmp_path):

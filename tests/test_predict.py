@@ -9,7 +9,7 @@ from torch import nn
 
 from mtkd.engine.plots import class_color, draw_predictions, plot_loss_curves
 from mtkd.engine.predict import predict_folder
-from mtkd.errors import ConfigError, DataError
+from mtkd.errors import ConfigError, DataError, MtkdError
 from mtkd.structures import DetOutput
 
 IMGSZ = 64
@@ -136,3 +136,41 @@ def test_plot_loss_curves(tmp_path):
     bad.write_text("step,loss\n0,1.0\n")
     with pytest.raises(DataError, match="bad.csv"):
         plot_loss_curves(bad, tmp_path / "x.png")
+
+
+def test_predict_folder_applies_exif_orientation(tmp_path):
+    # stored 40x100 (h x w) with orientation 6 ("turn 90 degrees clockwise"): upright 100x40
+    src, out = tmp_path / "images", tmp_path / "out"
+    src.mkdir()
+    pixels = np.zeros((40, 100, 3), np.uint8)
+    pixels[8:30, 20:70] = 255  # rows 8..30, columns 20..70 as stored
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(pixels).save(src / "r.jpg", exif=exif.tobytes(), quality=95)
+    (r,) = _predict(src, out)
+    assert (r["height"], r["width"]) == (100, 40)
+    # clockwise turn: stored (x, y) -> upright (40 - y, x)
+    assert np.abs(np.array(r["boxes"][0]) - np.array([40 - 30, 20, 40 - 8, 70])).max() <= 3
+    assert Image.open(out / r["vis"]).size == (40, 100)
+
+
+def test_predict_folder_write_failures_name_the_file(tmp_path, monkeypatch):
+    import errno
+    import os
+    from pathlib import Path
+
+    src, out = tmp_path / "images", tmp_path / "out"
+    _write_images(src)
+
+    def disk_full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(Image.Image, "save", disk_full)
+    with pytest.raises(MtkdError) as err:
+        _predict(src, out)
+    assert str(err.value) == f"{out / 'vis' / 'a.png'}: cannot write: No space left on device"
+    assert err.value.__suppress_context__
+    monkeypatch.undo()
+    monkeypatch.setattr(Path, "write_text", disk_full)
+    with pytest.raises(MtkdError, match=r"detections\.json: cannot write: No space left on device"):
+        _predict(src, out)

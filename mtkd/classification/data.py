@@ -12,9 +12,11 @@ Conventions (chosen here where the spec is silent):
   config's ``data.classes``); every other split maps its sub-folders through
   that list, so indices agree across splits. A val/test class the training
   folder lacks is a :class:`DataError`; a class with no val images is fine.
-* Images are read with PIL and converted to RGB. A corrupt or unreadable image
-  raises :class:`DataError` naming the file; with ``skip_bad=True`` every image
-  is verified when the dataset is built and bad ones are dropped with a warning.
+* Images are read with PIL and converted to upright 8-bit RGB by
+  :func:`mtkd.imageio.to_rgb` (EXIF orientation applied, 16-bit images
+  scaled, float images refused). A corrupt or unreadable image raises
+  :class:`DataError` naming the file; with ``skip_bad=True`` every image is
+  verified when the dataset is built and bad ones are dropped with a warning.
 * Transforms (torchvision v2): eval = resize the short side to ``imgsz`` then
   centre-crop ``imgsz``; train = ``RandomResizedCrop(imgsz, scale)`` and a
   horizontal flip with probability ``hflip`` (``augment`` keys ``scale``
@@ -40,6 +42,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import v2
 
 from mtkd.errors import ConfigError, DataError
+from mtkd.imageio import to_rgb
 
 PathLike = Union[str, Path]
 
@@ -76,7 +79,7 @@ def load_rgb(path: PathLike) -> Image.Image:
     """
     try:
         with Image.open(path) as im:
-            return im.convert("RGB")
+            return to_rgb(im, path)
     except (OSError, UnidentifiedImageError, ValueError, ImportError) as exc:
         raise DataError(f"{path}: cannot read image ({type(exc).__name__}: {str(exc)[:120]})") from None
 

@@ -38,7 +38,7 @@ from mtkd.classification.data import (ImageFolderDataset, build_transform, colla
 from mtkd.classification.models import STUDENT, build_classifier, load_weights
 from mtkd.classification.predict import predict_folder
 from mtkd.engine.tasks import register_task
-from mtkd.errors import ConfigError
+from mtkd.errors import ConfigError, writing
 
 #: Multi-task ``model:`` keys that mean nothing to a classifier (must stay null).
 _DENSE_MODEL_KEYS = ("neck_channels", "neck_depth", "head_channels", "reg_max", "seg_channels", "seg_c2",
@@ -202,6 +202,7 @@ class ClassifyTask:
             raise ConfigError("data.mean/data.std: needed for predict (the training run's config.yaml has them)")
         lines = predict_folder(model, source, classes, int(data["imgsz"]), data["mean"], data["std"], device)
         out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "predictions.txt").write_text("".join(line + "\n" for line in lines))
+        with writing(out / "predictions.txt"):
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "predictions.txt").write_text("".join(line + "\n" for line in lines))
         return lines

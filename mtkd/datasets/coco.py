@@ -14,6 +14,9 @@ Conventions:
     labels" in COCO); likewise an annotation without ``segmentation`` marks
     the image ``has_seg=False``. An image with no annotation at all is a
     labelled, empty image for both tasks.
+  * ``file_name`` is relative to the image folder and must stay inside it:
+    an absolute path or a ``..`` component is a DataError naming the
+    annotation file and the image.
   * Sample ids are the image ``file_name`` without its suffix (as the
     other formats' ids), so one image has the same id in every layout.
   * ``iscrowd=1`` annotations are not detection targets; they are painted
@@ -29,7 +32,7 @@ from __future__ import annotations
 import json
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -94,6 +97,15 @@ def _check_segmentation(seg: Any, source: Path) -> None:
             raise DataError(f"{source}: RLE segmentation needs 'counts' and 'size'")
     else:
         raise DataError(f"{source}: segmentation must be polygons or RLE, got {type(seg).__name__}")
+
+
+def _inside_folder(file_name: str) -> bool:
+    """Whether ``file_name`` is a relative path that stays below its folder.
+
+    Checked on the text (POSIX and Windows spellings), not on the resolved
+    path, so an image folder made of symlinks still works.
+    """
+    return not any(p.anchor or ".." in p.parts for p in (PurePosixPath(file_name), PureWindowsPath(file_name)))
 
 
 def load_coco_json(path: Path) -> Dict[str, Any]:
@@ -182,6 +194,9 @@ class COCODataset(RecordDataset):
             h, w = int(im["height"]), int(im["width"])
         except (KeyError, TypeError, ValueError) as exc:
             raise DataError(f"{ann_path}: image entry {im.get('id')} malformed ({exc!r})") from None
+        if not _inside_folder(im["file_name"]):
+            raise DataError(f"{ann_path}: image {im.get('id')} file_name {im['file_name']!r} points outside "
+                            f"the image folder {img_dir}")
         if not image_path.is_file():
             raise DataError(f"{image_path}: image file not found")
         source = f"{ann_path} (image {im['id']}, {image_path.name})"

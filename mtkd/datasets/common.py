@@ -16,6 +16,9 @@ Conventions (all formats):
   * Masks follow the :class:`~mtkd.structures.Sample` convention: ``0``
     background, ``k + 1`` class ``k``, :data:`~mtkd.structures.VOID` ignore.
     An index ``> nc`` (other than VOID) is a class-count mismatch.
+  * Images are decoded upright and as 8-bit RGB (:func:`mtkd.imageio.to_rgb`:
+    the EXIF orientation is applied), so label sizes and boxes refer to the
+    image as a viewer shows it.
   * Images are checked for existence at construction and decoded lazily. With
     ``skip_bad=True`` a sample that turns out bad when it is loaded by
     ``__getitem__`` is replaced by the next good one (its ``index`` then names
@@ -33,6 +36,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from mtkd.errors import DataError
+from mtkd.imageio import oriented_size, to_rgb
 from mtkd.structures import VOID, Sample
 
 #: Pixels a box may overshoot the image border before it is an error.
@@ -104,11 +108,12 @@ def check_labels(labels: np.ndarray, nc: int, source: Path | str) -> None:
 
 
 def read_image(path: Path) -> np.ndarray:
-    """Decode an image file to HxWx3 uint8 RGB; DataError naming it on failure."""
+    """Decode an image file to upright HxWx3 uint8 RGB (:func:`mtkd.imageio.to_rgb`: EXIF
+    orientation applied, 16-bit scaled); DataError naming it on failure."""
     try:
         with Image.open(path) as im:
             im.load()
-            return np.asarray(im.convert("RGB"))
+            return np.asarray(to_rgb(im, path))
     except FileNotFoundError:
         raise DataError(f"{path}: image file not found") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, ImportError) as exc:
@@ -116,10 +121,10 @@ def read_image(path: Path) -> np.ndarray:
 
 
 def image_size(path: Path) -> Tuple[int, int]:
-    """(h, w) from the image header only (no decoding)."""
+    """(h, w) from the image header only (no decoding), EXIF orientation applied as :func:`read_image` does."""
     try:
         with Image.open(path) as im:
-            return im.height, im.width
+            return oriented_size(im)
     except FileNotFoundError:
         raise DataError(f"{path}: image file not found") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, ImportError) as exc:
@@ -260,6 +265,12 @@ class RecordDataset:
                 continue
             return sample if self.transform is None else self.transform(sample)
         raise DataError(f"{self.source}: every sample of the split is bad")
+
+    def set_epoch(self, epoch: int, rank: int = 0) -> None:
+        """Pass the epoch (and DDP rank) on to the transform, which seeds its augmentations from it."""
+        set_epoch = getattr(self.transform, "set_epoch", None)
+        if set_epoch is not None:
+            set_epoch(epoch, rank)
 
     def image_hw(self, i: int) -> Tuple[int, int]:
         """(h, w) of image ``i`` from the labels or, failing that, the header."""

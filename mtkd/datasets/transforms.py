@@ -34,9 +34,16 @@ nor counted by :meth:`coco_gt`-based evaluation, where they are ``iscrowd=1``).
 A sample without segmentation labels gets an all-VOID mask.
 
 Seeding: albumentations ignores ``np.random.seed``; the pipeline is built with
-``Compose(seed=seed)``. In a DataLoader worker it is reseeded once per worker
-process from ``seed + torch.initial_seed()`` so workers do not repeat each
-other and runs are reproducible for a fixed torch seed.
+``Compose(seed=seed)``. Once :meth:`Transform.set_epoch` has been called (the
+trainer calls it through the dataset at the start of every epoch), the
+pipeline is reseeded before the first sample that each process draws in that
+epoch, from :func:`stream_seed` of ``(seed, epoch, rank, worker)`` (worker
+``-1`` = the main process, ``workers=0``). The augmentations of an epoch
+therefore depend only on those numbers, never on what earlier epochs drew, and
+a resumed run replays exactly the augmentations of the uninterrupted one for
+any worker count. Without ``set_epoch``, the main process keeps the stream of
+``Compose(seed=seed)`` and a DataLoader worker reseeds once from ``seed +
+torch.initial_seed()``.
 """
 from __future__ import annotations
 
@@ -150,6 +157,12 @@ def _vector(cfg: Mapping[str, Any], key: str, default: Sequence[float]) -> np.nd
     return arr
 
 
+def stream_seed(seed: int, epoch: int, rank: int, worker: int) -> int:
+    """A 32-bit seed that mixes ``(seed, epoch, rank, worker)``; ``worker`` -1 is the main process."""
+    entropy = [seed % 2**63, epoch, rank, worker + 1]
+    return int(np.random.SeedSequence(entropy).generate_state(1)[0])
+
+
 class Transform:
     """Sample -> item dict for :func:`mtkd.datasets.collate.collate`.
 
@@ -172,21 +185,33 @@ class Transform:
         self.std = np.asarray(std, np.float32) * 255.0
         self.augment = augment
         self.seed = seed
-        self._seeded_pid: Optional[int] = None
+        self.epoch: Optional[int] = None
+        self.rank = 0
+        self._stream: Optional[Tuple[Any, ...]] = None
 
-    def _reseed_in_worker(self) -> None:
+    def set_epoch(self, epoch: int, rank: int = 0) -> None:
+        """Draw the augmentations of ``epoch`` on process ``rank`` from their own stream (module doc)."""
+        self.epoch, self.rank = int(epoch), int(rank)
+        self._stream = None
+
+    def _reseed(self) -> None:
         info = torch.utils.data.get_worker_info()
-        if self.augment is None or info is None or self._seeded_pid == os.getpid():
+        worker = info.id if info is not None else -1
+        key = (self.epoch, self.rank, worker, os.getpid())
+        if self.augment is None or self._stream == key:
             return
-        self.augment.set_random_seed(((self.seed or 0) + torch.initial_seed()) % 2**32)
-        self._seeded_pid = os.getpid()
+        if self.epoch is not None:
+            self.augment.set_random_seed(stream_seed(self.seed or 0, self.epoch, self.rank, worker))
+        elif info is not None:
+            self.augment.set_random_seed(((self.seed or 0) + torch.initial_seed()) % 2**32)
+        self._stream = key
 
     def __call__(self, sample: Sample) -> Dict[str, Any]:
         image, boxes, labels = sample.image, sample.boxes, sample.labels
         difficult = sample.difficult
         mask = sample.mask if sample.mask is not None else np.full(image.shape[:2], VOID, np.uint8)
         if self.augment is not None:
-            self._reseed_in_worker()
+            self._reseed()
             out = self.augment(image=image, mask=mask, bboxes=boxes, labels=labels, difficult=difficult)
             image, mask = out["image"], out["mask"]
             boxes = np.asarray(out["bboxes"], np.float32).reshape(-1, 4)

@@ -13,39 +13,74 @@ dict/list/number/string, so ``torch.load(weights_only=True)`` reads it):
   ``state_dict`` and ``extra_state``, RNG states, the results history.
 
 Saves write a temporary file in the destination's directory, fsync it and
-``os.replace`` it over the target, so a crash never leaves a torn file.
+``os.replace`` it over the target, so a crash never leaves a torn file. A
+failed write (disk full, read-only folder) removes the temporary file and
+raises a one-line MtkdError naming the target. A process killed mid-save
+leaves its temporary file (``.<name>.<8 random characters>.tmp``) behind;
+:func:`remove_stale_temps` deletes such files.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import random
+import re
 import tempfile
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, List
 
 import numpy as np
 import torch
 
-from mtkd.errors import MtkdError
+from mtkd.errors import MtkdError, os_error_in_chain, write_error
 
 FORMAT = "mtkd-ckpt-1"
+
+#: Names of :func:`save_atomic`'s temporary files: ``tempfile.mkstemp`` with
+#: prefix ``.<name>.`` and suffix ``.tmp`` (8 random characters between).
+TEMP_NAME = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
 
 
 def save_atomic(obj: Dict[str, Any], path: str | Path) -> None:
     """``torch.save`` to a temp file beside ``path``, fsync, then ``os.replace``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise write_error(path, exc) from None
     try:
         with os.fdopen(fd, "wb") as fh:
             torch.save(obj, fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
+        cause = os_error_in_chain(exc) if isinstance(exc, Exception) else None
+        if cause is not None:
+            raise write_error(path, cause) from None
         raise
+
+
+def remove_stale_temps(folder: str | Path) -> List[Path]:
+    """Delete the temporary files that killed :func:`save_atomic` calls left in ``folder``.
+
+    Only names of :data:`TEMP_NAME`'s form are touched; a file that cannot be
+    removed is left alone. Returns the removed paths. Call it when no save
+    into ``folder`` is under way.
+    """
+    folder = Path(folder)
+    removed = []
+    if not folder.is_dir():
+        return removed
+    for p in sorted(folder.iterdir()):
+        if TEMP_NAME.match(p.name) and p.is_file():
+            with contextlib.suppress(OSError):
+                p.unlink()
+                removed.append(p)
+    return removed
 
 
 def load_checkpoint(path: str | Path, trust_pickle: bool = False,

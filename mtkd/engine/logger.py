@@ -6,7 +6,8 @@ validation metrics as ``val/<metric>``. The CSV is rewritten whole each epoch
 (atomically) with the union of all columns, so terms that appear later (an
 auxiliary loss, a metric only computed on validation epochs) get their own
 column and empty cells elsewhere. The history is kept as plain dicts so it
-travels in ``last.pt`` and a resumed run keeps its earlier rows.
+travels in ``last.pt`` and a resumed run keeps its earlier rows. A failed
+write is a one-line MtkdError naming the file.
 """
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ import io
 import os
 from pathlib import Path
 from typing import Dict, List, Optional
+
+from mtkd.errors import writing
 
 FIRST_COLUMNS = ["epoch", "step", "lr", "train_wall_s"]
 
@@ -29,7 +32,8 @@ class RunLogger:
         if enabled and tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(self.out_dir / "tb"))
+            with writing(self.out_dir / "tb"):
+                self.writer = SummaryWriter(str(self.out_dir / "tb"))
 
     @property
     def csv_path(self) -> Path:
@@ -56,8 +60,9 @@ class RunLogger:
         w.writeheader()
         w.writerows(self.history)
         tmp = self.csv_path.with_suffix(".csv.tmp")
-        tmp.write_text(buf.getvalue())
-        os.replace(tmp, self.csv_path)
+        with writing(self.csv_path):
+            tmp.write_text(buf.getvalue())
+            os.replace(tmp, self.csv_path)
 
     def close(self) -> None:
         if self.writer is not None:

@@ -1,8 +1,9 @@
 """Run a model over a folder of images and save drawings, masks and a JSON.
 
-Each image goes through the evaluation transform
-(:func:`mtkd.datasets.transforms.build_transforms` with ``train=False``: the
-deterministic letterbox to ``imgsz`` and mean/std normalisation), so
+Each image is read upright (EXIF orientation applied, see
+:func:`mtkd.datasets.common.read_image`) and goes through the evaluation
+transform (:func:`mtkd.datasets.transforms.build_transforms` with
+``train=False``: the deterministic letterbox to ``imgsz`` and mean/std normalisation), so
 predictions match what :func:`mtkd.engine.evaluator.evaluate` scores. Boxes
 and masks are mapped back to the original pixels with the same helpers as the
 evaluator.
@@ -33,7 +34,7 @@ from mtkd.datasets.common import read_image
 from mtkd.datasets.transforms import build_transforms
 from mtkd.engine.evaluator import boxes_to_original, seg_to_original
 from mtkd.engine.plots import draw_predictions, mask_palette
-from mtkd.errors import ConfigError, DataError
+from mtkd.errors import ConfigError, DataError, writing
 from mtkd.heads.decode import decode
 from mtkd.structures import Sample
 
@@ -90,8 +91,9 @@ def predict_folder(
     ``imgsz``, ``mean`` and ``std`` are the training data config's (``mean``/
     ``std`` on 0..1 pixels). Images are processed one at a time (their sizes
     differ). A corrupt image raises DataError naming the file, or with
-    ``skip_bad`` is skipped with a warning. The model runs in eval mode under
-    ``torch.inference_mode``; its previous mode is restored.
+    ``skip_bad`` is skipped with a warning; a failed write (disk full,
+    read-only folder) is an MtkdError naming the file. The model runs in eval
+    mode under ``torch.inference_mode``; its previous mode is restored.
 
     Returns (and writes as ``out_dir/detections.json``) one dict per image:
     ``{"file": path relative to image_dir, "width", "height", "boxes": [[x1,
@@ -135,13 +137,15 @@ def predict_folder(
 
             name = _output_name(rel, used)
             vis_path, mask_path = out_dir / "vis" / name, out_dir / "masks" / name
-            vis_path.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(draw_predictions(image, boxes, labels, scores, mask, classes)).save(vis_path)
+            with writing(vis_path):
+                vis_path.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(draw_predictions(image, boxes, labels, scores, mask, classes)).save(vis_path)
             if mask is not None:
-                mask_path.parent.mkdir(parents=True, exist_ok=True)
                 png = Image.fromarray(mask)  # mode "L"; putpalette turns it into "P", indices kept
                 png.putpalette(mask_palette())
-                png.save(mask_path)
+                with writing(mask_path):
+                    mask_path.parent.mkdir(parents=True, exist_ok=True)
+                    png.save(mask_path)
             results.append(
                 {
                     "file": rel.as_posix(),
@@ -157,6 +161,7 @@ def predict_folder(
             )
     finally:
         model.train(was_training)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "detections.json").write_text(json.dumps(results, indent=1))
+    with writing(out_dir / "detections.json"):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "detections.json").write_text(json.dumps(results, indent=1))
     return results

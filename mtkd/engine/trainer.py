@@ -15,35 +15,66 @@ teacher's forward keeps its graph; ``input_grad``: the input images get
   over ``model.parameters()`` + ``composer.student_parameters()``; weight
   decay only on tensors with ``ndim > 1`` (no decay on biases and norms).
 * **Schedule.** Per step: linear warm-up over ``warmup_epochs`` epochs, then
-  cosine (or linear) decay to ``lr * lrf`` at the last step of the run
-  (``epochs`` x steps-per-epoch, or ``max_steps`` when smaller).
-* **Data order.** A ``DistributedSampler`` (also for one process) with
-  ``set_epoch``: the order depends only on ``seed`` and the epoch, so a
-  resumed run sees the same batches. The last incomplete batch is dropped
-  when there is at least one full batch (BatchNorm cannot train on one image).
+  cosine (or linear) decay to ``lr * lrf`` at the last step of the run:
+  ``epochs`` x steps-per-epoch, or ``max_steps`` when smaller. With
+  ``time_budget_s`` the schedule is re-sized after the first
+  :data:`BUDGET_PROBE_STEPS` attempted steps to ``min(that, floor(budget /
+  measured seconds per step))`` (under DDP the slowest rank's time), so the
+  decay ends when the budget does; the measured time is frozen in
+  ``last.pt`` and a resumed run sizes its schedule from it.
+* **Data order and augmentation.** A ``DistributedSampler`` (also for one
+  process) with ``set_epoch``: the order depends only on ``seed`` and the
+  epoch, so a resumed run sees the same batches. The last incomplete batch is
+  dropped when there is at least one full batch (BatchNorm cannot train on one
+  image). A training dataset with a ``set_epoch(epoch, rank)`` method gets it
+  called at the start of every epoch; mtkd's datasets then seed their
+  augmentations from ``(seed, epoch, rank, worker id)``
+  (:mod:`mtkd.datasets.transforms`). DataLoader workers are started afresh
+  each epoch from a generator seeded by ``(seed, epoch, rank)``, and
+  :func:`_seed_worker` seeds numpy and ``random`` in worker ``k`` from that
+  generator's seed plus ``k``. So every random draw of an epoch depends only
+  on those numbers, not on what earlier epochs drew.
   With ``data.unlabeled`` set, a :class:`~mtkd.datasets.mixing.MixedBatchSampler`
   (same ``set_epoch`` contract) mixes the task's unlabeled images into every
   batch at ``data.unlabeled_ratio``; an epoch is still one pass over the
   labelled set. It needs a teacher (a ConfigError otherwise).
 * **Budgets.** ``max_steps`` counts optimizer steps; ``time_budget_s`` counts
-  training wall-clock (data loading + steps, not validation). When a budget
-  runs out mid-epoch, that partial epoch is validated, logged and saved, and
-  training ends. ``test_metrics.json`` records ``steps`` and ``train_wall_s``.
-* **Non-finite loss.** ``train.nonfinite: stop`` raises ``RuntimeError``
+  training wall-clock (data loading + steps, not validation) and ends the run
+  when it is spent or when the schedule sized from it is complete. When a
+  budget runs out mid-epoch, that partial epoch is validated, logged and
+  saved, and training ends. One line says why the run stopped, and
+  ``test_metrics.json`` records it as ``stop_reason`` (``time_budget``,
+  ``max_steps``, ``epochs`` or ``early_stopping``) with ``steps`` and
+  ``train_wall_s``.
+* **Non-finite loss.** ``train.nonfinite: stop`` raises a one-line MtkdError
   naming the step and the non-finite terms; ``skip`` warns, counts the step
-  in ``skipped_steps`` and takes no optimizer step. Under DDP the decision is
-  shared so that all ranks skip together.
+  in ``skipped_steps`` and takes no optimizer step. Steps in these messages
+  are numbered by attempt (successful plus skipped steps). Under DDP the
+  decision is shared so that all ranks skip together. A run that ends
+  without a single successful optimizer step raises an MtkdError instead of
+  writing the test report.
 * **Best checkpoint.** Chosen on the VAL split by ``train.save_best_on``
   (a val metric name, higher is better; ``fitness`` = the task's default, for
   the multi-task task the mean of map50 and miou). ``best.pt`` holds the
   evaluated weights (the EMA's when EMA is on). The final report is on the
   TEST split with those weights (``test_metrics.json``).
+* **Interruption.** During the training loop the first SIGINT (Ctrl-C) or
+  SIGTERM only sets a flag: the current step finishes, nothing is validated,
+  ``last.pt`` is saved with the training state and the position inside the
+  epoch, and :class:`~mtkd.errors.Interrupted` (one line saying how to
+  resume) is raised. A second signal raises ``KeyboardInterrupt`` at once.
+  DataLoader workers ignore both signals and are stopped by the trainer.
+  Stale temporary files of killed checkpoint saves are removed from the run
+  folder at start and at resume.
 * **Resume.** ``train.resume`` (``--resume``) restores weights, optimizer,
   scheduler step, grad scaler, EMA, composer state and ``extra_state``, RNG
-  states and the results history, and continues at the next epoch; a run
-  resumed with the same config ends bit-identical to an uninterrupted one on
-  the CPU with 0 workers. The schedule's length follows the *current* config,
-  so raising ``train.epochs`` on resume extends the run.
+  states and the results history, and continues at the next epoch (after an
+  interruption: inside the interrupted epoch, whose batches already trained
+  are drawn again but skipped, so data and augmentation streams stay as in an
+  uninterrupted run); a run resumed with the same config ends bit-identical
+  to an uninterrupted one on the CPU, for any ``train.workers`` (the same in
+  both runs). The schedule's length follows the *current* config, so raising
+  ``train.epochs`` on resume extends the run.
 * **DDP.** Only rank 0 validates, plots and writes files; the others wait at
   a barrier. Composer parameters outside DDP (adapters) are broadcast from
   rank 0 after the lazy forward and their gradients averaged by hand.
@@ -55,6 +86,8 @@ import contextlib
 import copy
 import json
 import math
+import signal
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -72,7 +105,7 @@ from mtkd.engine.config import dump_config
 from mtkd.engine.ema import ModelEMA
 from mtkd.engine.logger import RunLogger
 from mtkd.engine.tasks import Task, get_task
-from mtkd.errors import ConfigError, MtkdError
+from mtkd.errors import ConfigError, Interrupted, MtkdError, writing
 from mtkd.losses.composer import LossComposer
 from mtkd.structures import DetOutput
 
@@ -85,9 +118,19 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+#: Attempted steps timed before a ``time_budget_s`` run sizes its LR schedule.
+BUDGET_PROBE_STEPS = 20
+
+
 def _seed_worker(worker_id: int) -> None:
+    """Seed numpy and ``random`` in a DataLoader worker from its torch seed (loader seed + worker id).
+
+    The worker ignores SIGINT and SIGTERM: the main process handles them and shuts its workers down.
+    """
     import random
 
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     s = torch.initial_seed() % 2**32
     np.random.seed(s)
     random.seed(s)
@@ -123,10 +166,15 @@ class WarmupDecay:
     """LR factor per step: linear warm-up, then cosine/linear decay to ``lrf``."""
 
     def __init__(self, total_steps: int, warmup_steps: int, lrf: float, cosine: bool):
-        self.total = max(int(total_steps), 1)
-        self.warmup = min(max(int(warmup_steps), 0), self.total - 1)
+        self.warmup_steps = max(int(warmup_steps), 0)
         self.lrf = lrf
         self.cosine = cosine
+        self.resize(total_steps)
+
+    def resize(self, total_steps: int) -> None:
+        """Make the decay end at step ``total_steps`` (the warm-up stays, shortened if it must)."""
+        self.total = max(int(total_steps), 1)
+        self.warmup = min(self.warmup_steps, self.total - 1)
 
     def __call__(self, step: int) -> float:
         if step < self.warmup:
@@ -190,6 +238,13 @@ class Trainer:
         self.step = 0
         self.skipped = 0
         self.train_wall = 0.0
+        self.budget_step_time: Optional[float] = None
+        self.stop_reason: Optional[str] = None
+        self.signal: Optional[signal.Signals] = None  # the first SIGINT/SIGTERM received while training
+        self.epoch_batches = 0  # batches of the current epoch done (trained or skipped as non-finite)
+        self._resume_batches = 0
+        self._resume_sums: Dict[str, float] = {}
+        self._resume_counts: Dict[str, int] = {}
         self.best_score = -math.inf
         self.best_epoch = 0
 
@@ -260,10 +315,8 @@ class Trainer:
         self.composer_params = [p for p in self.composer.student_parameters() if p.requires_grad]
         self.optimizer = build_optimizer(params, t)
         steps_per_epoch = len(self.train_loader)
-        total = t["epochs"] * steps_per_epoch
-        if t["max_steps"] is not None:
-            total = min(total, int(t["max_steps"]))
-        self.schedule = WarmupDecay(total, round(t["warmup_epochs"] * steps_per_epoch), t["lrf"], t["cosine"])
+        self.schedule = WarmupDecay(self._total_steps(), round(t["warmup_epochs"] * steps_per_epoch), t["lrf"],
+                                    t["cosine"])
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.schedule)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp and self.device.type == "cuda")
         self.ema = ModelEMA(self.model, t["ema_decay"], t["ema_tau"]) if t["ema"] else None
@@ -277,6 +330,41 @@ class Trainer:
         if build is None:
             raise ConfigError(f"data.unlabeled: not supported by task {self.task.name!r}")
         return build(self.cfg, self.train_ds)
+
+    def _total_steps(self) -> int:
+        """Length of the LR schedule: epochs x steps per epoch, capped by ``max_steps`` and the time budget."""
+        t = self.tcfg
+        total = t["epochs"] * len(self.train_loader)
+        if t["max_steps"] is not None:
+            total = min(total, int(t["max_steps"]))
+        budget_steps = self._budget_steps()
+        if budget_steps is not None:
+            total = min(total, budget_steps)
+        return total
+
+    def _budget_steps(self) -> Optional[int]:
+        """Steps that fit in ``time_budget_s`` at the measured step time (``None`` until measured)."""
+        budget = self.tcfg["time_budget_s"]
+        if budget is None or self.budget_step_time is None or self.budget_step_time <= 0:
+            return None
+        return max(int(math.floor(budget / self.budget_step_time)), 1)
+
+    def _apply_schedule(self) -> None:
+        """Re-size the schedule to :meth:`_total_steps` and set the LR of the current step from it."""
+        self.schedule.resize(self._total_steps())
+        self.scheduler.lr_lambdas = [self.schedule] * len(self.optimizer.param_groups)
+        for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
+            group["lr"] = base * self.schedule(self.scheduler.last_epoch)
+
+    def _measure_step_time(self) -> None:
+        """After :data:`BUDGET_PROBE_STEPS` attempted steps, size the schedule to the time budget."""
+        attempted = self.step + self.skipped
+        per_step = max(ddp.gather_objects(self.train_wall / attempted, self.dist))
+        self.budget_step_time = float(per_step)
+        self._apply_schedule()
+        if self.dist.is_main:
+            tqdm.write(f"time budget: {per_step * 1000:.1f} ms per step over the first {attempted} steps; "
+                       f"LR schedule sized to {self.schedule.total} steps")
 
     def _lazy_forward(self) -> None:
         n = min(self.tcfg["batch"], len(self.train_ds))
@@ -311,9 +399,10 @@ class Trainer:
             total, logs = self.composer(s_out, t_out, batch)
         if ddp.any_true(not _finite(total), self.dist):
             bad = [k for k, v in logs.items() if not _finite(v)] or ["total"]
-            where = f"step {self.step + 1} (epoch {self.epoch + 1})"
+            # attempted steps: the successful ones plus the skipped ones, this one included
+            where = f"step {self.step + self.skipped + 1} (epoch {self.epoch + 1})"
             if self.tcfg["nonfinite"] == "stop":
-                raise RuntimeError(f"non-finite loss at {where}: non-finite terms {bad} "
+                raise MtkdError(f"non-finite loss at {where}: non-finite terms {bad} "
                                    "(set train.nonfinite=skip to skip such steps)")
             self.skipped += 1
             warnings.warn(f"non-finite loss at {where}: terms {bad}; step skipped "
@@ -342,39 +431,64 @@ class Trainer:
     def eval_model(self) -> nn.Module:
         return self.ema.module if self.ema is not None else self.model
 
-    def _budget_spent(self) -> bool:
+    def _budget_spent(self) -> Optional[str]:
+        """``"max_steps"`` or ``"time_budget"`` when that budget is spent, else ``None`` (same on all ranks)."""
         t = self.tcfg
-        spent = t["max_steps"] is not None and self.step >= t["max_steps"]
-        if t["time_budget_s"] is not None:
-            spent = ddp.any_true(spent or self.train_wall >= t["time_budget_s"], self.dist)
-        return spent
+        max_steps = t["max_steps"]
+        budget_steps = self._budget_steps()
+        if budget_steps is not None and self.step >= budget_steps and (max_steps is None or budget_steps < max_steps):
+            return "time_budget"  # the schedule sized from the budget is complete
+        if max_steps is not None and self.step >= max_steps:
+            return "max_steps"
+        if t["time_budget_s"] is not None and ddp.any_true(self.train_wall >= t["time_budget_s"], self.dist):
+            return "time_budget"
+        return None
 
-    def train_epoch(self) -> tuple[Dict[str, float], bool]:
-        """One epoch; returns (mean of each logged term, budget spent)."""
+    def train_epoch(self) -> tuple[Dict[str, float], Optional[str]]:
+        """One epoch; returns (mean of each logged term, the budget spent or ``None``)."""
         self.sampler.set_epoch(self.epoch)
         self.generator.manual_seed(self.cfg["seed"] * 1000 + self.epoch * 16 + self.dist.rank)
+        for ds in (self.train_ds, self.unlabeled_ds):
+            set_epoch = getattr(ds, "set_epoch", None)
+            if callable(set_epoch):
+                set_epoch(self.epoch, self.dist.rank)
         self.net.train()
         self.composer.train()
-        sums: Dict[str, float] = {}
-        counts: Dict[str, int] = {}
-        spent = False
+        # after an interruption: the batches already trained and their logged sums
+        skip, sums, counts = self._resume_batches, dict(self._resume_sums), dict(self._resume_counts)
+        self._resume_batches, self._resume_sums, self._resume_counts = 0, {}, {}
+        self.epoch_batches = 0
+        spent: Optional[str] = None
         bar = tqdm(self.train_loader, desc=f"epoch {self.epoch + 1}/{self.tcfg['epochs']}",
                    disable=not self.dist.is_main, leave=False, dynamic_ncols=True)
         tick = time.perf_counter()
         for batch in bar:
+            if self.epoch_batches < skip:
+                # drawn like in the uninterrupted run (same data and augmentation streams), not trained again
+                self.epoch_batches += 1
+                tick = time.perf_counter()
+                continue
             logs = self.train_step(batch)
+            self.epoch_batches += 1
             now = time.perf_counter()
             self.train_wall += now - tick
             tick = now
+            if (self.tcfg["time_budget_s"] is not None and self.budget_step_time is None
+                    and self.step + self.skipped >= BUDGET_PROBE_STEPS):
+                self._measure_step_time()
             if logs is not None:
                 for k, v in logs.items():
                     sums[k] = sums.get(k, 0.0) + v
                     counts[k] = counts.get(k, 0) + 1
                 bar.set_postfix(loss=f"{sums['total'] / counts['total']:.4g}", refresh=False)
-            if self._budget_spent():
-                spent = True
+            spent = self._budget_spent()
+            if spent:
+                break
+            if ddp.any_true(self.signal is not None, self.dist):
+                spent = "interrupted"
                 break
         bar.close()
+        self.epoch_sums, self.epoch_counts = sums, counts
         return ddp.reduce_means(sums, counts, self.dist), spent
 
     def _score(self, metrics: Dict[str, float]) -> float:
@@ -397,7 +511,8 @@ class Trainer:
                 "ema_updates": self.ema.updates if self.ema is not None else 0,
                 "composer": self.composer.state_dict(), "composer_extra": self.composer.extra_state(),
                 "rng": ckpt_io.rng_state(), "history": self.logger.history, "skipped": self.skipped,
-                "train_wall": self.train_wall, "best_epoch": self.best_epoch}
+                "train_wall": self.train_wall, "best_epoch": self.best_epoch,
+                "budget_step_time": self.budget_step_time, "total_steps": self.schedule.total}
 
     def _resume(self) -> int:
         path = self.tcfg["resume"]
@@ -420,11 +535,15 @@ class Trainer:
         schedule = copy.copy(self.schedule)
         self.scheduler.load_state_dict(st["scheduler"])
         self.schedule = schedule
-        # the step count comes from the checkpoint, the schedule's shape from this run's config
-        # (identical unless train.epochs/max_steps were changed to extend the run)
-        self.scheduler.lr_lambdas = [self.schedule] * len(self.optimizer.param_groups)
-        for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
-            group["lr"] = base * self.schedule(self.scheduler.last_epoch)
+        # the step count comes from the checkpoint, the schedule's length from this run's config
+        # and the frozen step time of a time budget (identical unless train.epochs/max_steps/
+        # time_budget_s were changed to extend the run)
+        self.budget_step_time = st.get("budget_step_time")
+        self._apply_schedule()
+        self._resume_batches = int(st.get("epoch_batches", 0))
+        if self.dist.is_main:  # the saved sums are over all ranks: restore them once
+            self._resume_sums = {k: float(v) for k, v in st.get("epoch_sums", {}).items()}
+            self._resume_counts = {k: int(v) for k, v in st.get("epoch_counts", {}).items()}
         self.scaler.load_state_dict(st["scaler"])
         if self.ema is not None:
             self.ema.load_state_dict(ck["model"], st["ema_updates"])
@@ -463,7 +582,8 @@ class Trainer:
         ckpt["train_state"] = self._train_state()
         ckpt_io.save_atomic(ckpt, self.out / "last.pt")
         if self.tcfg["plots"] and validate:
-            self.task.draw_val(self.eval_model, self.val_ds, self.out / "val_pred.png", self.cfg, self.device)
+            with writing(self.out / "val_pred.png"):
+                self.task.draw_val(self.eval_model, self.val_ds, self.out / "val_pred.png", self.cfg, self.device)
 
     def test_report(self) -> Dict[str, Any]:
         """Rank 0: the best weights on the TEST split -> ``test_metrics.json``."""
@@ -478,8 +598,10 @@ class Trainer:
                                   "save_best_on": self.tcfg["save_best_on"], **metrics}
         report.update(self.task.model_info(model, self.cfg))
         report.update({"steps": self.step, "skipped_steps": self.skipped, "train_wall_s": self.train_wall,
-                       "epochs_run": self.epoch + 1, "world_size": self.dist.world_size})
-        (self.out / "test_metrics.json").write_text(json.dumps(report, indent=2))
+                       "epochs_run": self.epoch + 1, "world_size": self.dist.world_size,
+                       "stop_reason": self.stop_reason})
+        with writing(self.out / "test_metrics.json"):
+            (self.out / "test_metrics.json").write_text(json.dumps(report, indent=2))
         return report
 
     def fit(self) -> Dict[str, Any]:
@@ -490,36 +612,117 @@ class Trainer:
             self.build()
             main = self.dist.is_main
             if main:
-                self.out.mkdir(parents=True, exist_ok=True)
-                dump_config(self.cfg, self.out / "config.yaml")
+                with writing(self.out):
+                    self.out.mkdir(parents=True, exist_ok=True)
+                with writing(self.out / "config.yaml"):
+                    dump_config(self.cfg, self.out / "config.yaml")
+                stale = ckpt_io.remove_stale_temps(self.out)
+                if stale:
+                    print(f"removed {len(stale)} temporary checkpoint file(s) of an interrupted save in {self.out}",
+                          flush=True)
             self.logger = RunLogger(self.out, enabled=main, tensorboard=self.tcfg["tensorboard"])
             self.start_epoch = start = self._resume()
             epochs = self.tcfg["epochs"]
             self.epoch = start - 1
-            spent = self.tcfg["max_steps"] is not None and self.step >= self.tcfg["max_steps"]
-            while not spent and self.epoch + 1 < epochs:
-                self.epoch += 1
-                means, spent = self.train_epoch()
-                last = spent or self.epoch + 1 == epochs
-                if main:
-                    self._end_of_epoch(means, validate=last or (self.epoch + 1) % self.tcfg["val_every"] == 0)
-                if ddp.any_true(main and self._patience_exhausted(), self.dist):
+            reason = self._budget_spent()
+            previous_handlers = self._catch_signals()
+            try:
+                while reason is None and self.epoch + 1 < epochs:
+                    self._raise_if_signalled()  # arrived during validation: last.pt is current
+                    self.epoch += 1
+                    means, reason = self.train_epoch()
+                    if reason == "interrupted":
+                        self._save_interrupted()
+                        self._raise_if_signalled()
+                    last = reason is not None or self.epoch + 1 == epochs
                     if main:
-                        print(f"early stopping: no val improvement for {self.tcfg['patience']} epochs "
-                              f"(best epoch {self.best_epoch})", flush=True)
-                    break
-                ddp.barrier(self.dist)
+                        self._end_of_epoch(means, validate=last or (self.epoch + 1) % self.tcfg["val_every"] == 0)
+                    if ddp.any_true(main and self._patience_exhausted(), self.dist):
+                        reason = "early_stopping"
+                        break
+                    ddp.barrier(self.dist)
+                self._raise_if_signalled()
+            finally:
+                self._restore_signals(previous_handlers)
+            if self.step == 0 and self.skipped > 0:
+                raise MtkdError(f"train.nonfinite=skip: all {self.skipped} training steps had a non-finite loss "
+                                "and were skipped, so nothing was trained; no test report written "
+                                "(check the data, train.lr and the loss weights)")
+            self.stop_reason = reason or "epochs"
             if main:
+                print(self._stop_message(), flush=True)
                 self.logger.close()
                 if self.tcfg["plots"] and self.logger.history:
                     from mtkd.engine.plots import plot_loss_curves
 
-                    plot_loss_curves(self.logger.csv_path, self.out / "curves.png")
+                    with writing(self.out / "curves.png"):
+                        plot_loss_curves(self.logger.csv_path, self.out / "curves.png")
                 report = self.test_report()
             clean = True
         finally:
             self._teardown(clean)
         return report
+
+    # -- interruption ---------------------------------------------------------------
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if self.signal is not None:  # the second one: stop at once
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(signum)
+
+    def _catch_signals(self) -> Dict[int, Any]:
+        """Route SIGINT/SIGTERM to :meth:`_on_signal`; returns the previous handlers (none off the main thread)."""
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+        previous = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, self._on_signal)
+        return previous
+
+    @staticmethod
+    def _restore_signals(previous: Dict[int, Any]) -> None:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+    def _save_interrupted(self) -> None:
+        """Rank 0: ``last.pt`` at this step boundary, with the position inside the unfinished epoch."""
+        sums: Dict[str, float] = {}
+        counts: Dict[str, int] = {}
+        for rank_sums, rank_counts in ddp.gather_objects((self.epoch_sums, self.epoch_counts), self.dist):
+            for k, v in rank_sums.items():
+                sums[k] = sums.get(k, 0.0) + v
+                counts[k] = counts.get(k, 0) + rank_counts[k]
+        if self.dist.is_main:
+            ckpt = self._base_ckpt({})
+            ckpt["epoch"] = self.epoch  # completed epochs; the current one continues at epoch_batches
+            ckpt["train_state"] = self._train_state()
+            ckpt["train_state"].update(epoch_batches=self.epoch_batches, epoch_sums=sums, epoch_counts=counts)
+            ckpt_io.save_atomic(ckpt, self.out / "last.pt")
+        ddp.barrier(self.dist)
+
+    def _raise_if_signalled(self) -> None:
+        """Raise :class:`Interrupted` (same on all ranks) once a signal arrived; ``last.pt`` is saved by then."""
+        if not ddp.any_true(self.signal is not None, self.dist):
+            return
+        sig = self.signal or signal.SIGTERM  # a rank that got none follows the others
+        where = f"at step {self.step}, epoch {self.epoch + 1}" if self.epoch >= self.start_epoch else "before training"
+        last = self.out / "last.pt"
+        saved = f"{last} holds the training state" if last.is_file() else "nothing saved yet"
+        raise Interrupted(f"interrupted by {sig.name} {where}; {saved}", 128 + int(sig),
+                          "train.resume=true (mtkd train <config> <overrides> --resume)")
+
+    def _stop_message(self) -> str:
+        """One line saying why training ended."""
+        t, reason = self.tcfg, self.stop_reason
+        at = f"after {self.step} steps, epoch {self.epoch + 1}"
+        if reason == "time_budget":
+            return (f"stopped: time budget train.time_budget_s={t['time_budget_s']} spent {at} "
+                    f"({self.train_wall:.1f} s of training; LR schedule of {self.schedule.total} steps)")
+        if reason == "max_steps":
+            return f"stopped: train.max_steps={t['max_steps']} reached ({at})"
+        if reason == "early_stopping":
+            return (f"stopped: early stopping, no val improvement for {t['patience']} epochs "
+                    f"(best epoch {self.best_epoch}; {at})")
+        return f"stopped: all train.epochs={t['epochs']} done ({self.step} steps)"
 
     def _teardown(self, clean: bool) -> None:
         if getattr(self, "logger", None) is not None:
@@ -579,5 +782,6 @@ def predict_checkpoint(cfg: Dict[str, Any], ckpt_path: str | Path, source: str |
     if not source.is_dir():
         raise MtkdError(f"{source}: source folder not found")
     task, model, classes, device = load_model(cfg, ckpt_path, task)
-    Path(out).mkdir(parents=True, exist_ok=True)
+    with writing(out):
+        Path(out).mkdir(parents=True, exist_ok=True)
     return task.predict(model, source, Path(out), classes, cfg, device)

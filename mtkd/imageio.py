@@ -1,0 +1,61 @@
+"""PIL image -> upright 8-bit RGB the same way everywhere (datasets, predict, classification).
+
+* **Orientation.** The EXIF orientation tag (0x0112) is applied with
+  :func:`PIL.ImageOps.exif_transpose`, so pixels, sizes and boxes refer to the
+  image as a viewer shows it. :func:`oriented_size` gives the matching size
+  from the header alone.
+* **Bit depth.** 16-bit greyscale (modes ``I;16*``) and 32-bit integer (mode
+  ``I``) images are scaled by 255/65535 (values clipped to 0..65535) and
+  rounded; float images (mode ``F``) have no agreed range and are refused.
+  Every other mode (``L``, ``P``, ``RGBA``, ``CMYK``, ...) goes through
+  ``convert("RGB")``: palettes are looked up, alpha is dropped.
+
+Only PIL and numpy are imported, so the classification package can use this
+without the detection datasets' dependencies.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Tuple
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from mtkd.errors import DataError
+
+#: EXIF orientations that turn the image by 90 degrees (width and height swap).
+SWAPPING_ORIENTATIONS = (5, 6, 7, 8)
+
+_ORIENTATION_TAG = 0x0112
+
+
+def to_rgb(im: Image.Image, path: Path | str) -> Image.Image:
+    """An opened image upright and as 8-bit RGB; DataError naming ``path`` for float images."""
+    if im.mode == "F":
+        raise DataError(f"{path}: floating-point image (mode F) is not supported; save it as 8- or 16-bit")
+    im = ImageOps.exif_transpose(im)
+    if im.mode == "I" or im.mode.startswith("I;16"):
+        wide = np.asarray(im).astype(np.float64).clip(0, 65535)
+        grey = np.round(wide * (255.0 / 65535.0)).astype(np.uint8)
+        return Image.fromarray(np.repeat(grey[..., None], 3, axis=2), mode="RGB")
+    return im.convert("RGB")
+
+
+def exif_orientation(im: Image.Image) -> int:
+    """The EXIF orientation (1..8; 1 when absent) of an opened image, without decoding it.
+
+    For PNG only an ``eXIf`` chunk before the image data is seen (where the PNG
+    specification places it); PIL would decode the whole file to look further.
+    """
+    exif = Image.Image.getexif(im) if im.format == "PNG" else im.getexif()
+    try:
+        return int(exif.get(_ORIENTATION_TAG, 1))
+    except (TypeError, ValueError):
+        return 1
+
+
+def oriented_size(im: Image.Image) -> Tuple[int, int]:
+    """(h, w) of an opened image once its EXIF orientation is applied (header only)."""
+    if exif_orientation(im) in SWAPPING_ORIENTATIONS:
+        return im.width, im.height
+    return im.height, im.width
