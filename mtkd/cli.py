@@ -138,21 +138,29 @@ def _run_predict(args: argparse.Namespace) -> int:
 # -- make-synthetic ------------------------------------------------------------------
 @command("make-synthetic", help="write the synthetic multi-task dataset (VOC, COCO and YOLO layouts)")
 def _synthetic_args(p: argparse.ArgumentParser) -> Runner:
-    p.add_argument("--out", required=True, help="output root (configs expect data/synthetic)")
-    p.add_argument("--n-train", type=int, default=64)
-    p.add_argument("--n-val", type=int, default=16)
-    p.add_argument("--n-test", type=int, default=16)
+    p.add_argument("--out", required=True, help="output root (configs expect data/synthetic, data/small)")
+    p.add_argument("--testbed", choices=("small", "large"), default=None,
+                   help="the settings of a benchmark testbed (sizes, objects, clutter); options given "
+                        "explicitly override them")
+    p.add_argument("--n-train", type=int, default=None, help="training images (default 64, or the testbed's)")
+    p.add_argument("--n-val", type=int, default=None, help="validation images (default 16, or the testbed's)")
+    p.add_argument("--n-test", type=int, default=None, help="test images (default 16, or the testbed's)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--seg-missing", type=float, default=0.0, help="fraction of train images without masks")
-    p.add_argument("--det-missing", type=float, default=0.0, help="fraction of train images without boxes")
+    p.add_argument("--seg-missing", type=float, default=None, help="fraction of train images without masks")
+    p.add_argument("--det-missing", type=float, default=None, help="fraction of train images without boxes")
+    p.add_argument("--formats", nargs="+", default=["voc", "coco", "yolo"], choices=("voc", "coco", "yolo"),
+                   help="layouts to write (default all three)")
     return _run_synthetic
 
 
 def _run_synthetic(args: argparse.Namespace) -> int:
-    from mtkd.datasets import make_synthetic
+    from mtkd.datasets.synthetic import TESTBEDS, make_synthetic
 
-    make_synthetic(args.out, n_train=args.n_train, n_val=args.n_val, n_test=args.n_test, seed=args.seed,
-                   seg_missing=args.seg_missing, det_missing=args.det_missing)
+    kwargs = dict(TESTBEDS[args.testbed]) if args.testbed else {"n_train": 64, "n_val": 16, "n_test": 16}
+    given = {"n_train": args.n_train, "n_val": args.n_val, "n_test": args.n_test,
+             "seg_missing": args.seg_missing, "det_missing": args.det_missing}
+    kwargs.update({k: v for k, v in given.items() if v is not None})
+    make_synthetic(args.out, seed=args.seed, formats=tuple(args.formats), **kwargs)
     print(f"synthetic dataset written to {args.out}")
     return 0
 

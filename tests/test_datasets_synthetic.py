@@ -95,3 +95,57 @@ def test_bad_arguments(tmp_path):
         make_synthetic(tmp_path, formats=("kitti",))
     with pytest.raises(ConfigError, match="seg_missing"):
         make_synthetic(tmp_path, seg_missing=0.7, det_missing=0.6)
+
+
+def test_generator_options_class_subset_object_count_and_sizes(tmp_path):
+    names = ["square_solid", "circle_stripes"]
+    roots = make_synthetic(tmp_path, n_train=10, n_val=0, imgsz=(64, 64), formats=("voc", "yolo"),
+                           classes=names, objects=(1, 2), min_size=16, max_size=0.5, clutter=0.0)
+    assert (roots["voc"] / "classes.txt").read_text().split() == names
+    ds = VOCDataset(roots["voc"], "train")
+    assert ds.classes == names
+    for i in range(len(ds)):
+        s = ds.load_sample(i)
+        assert s.size == (64, 64) and 1 <= len(s.boxes) <= 2
+        assert set(s.labels.tolist()) <= {0, 1}
+        assert set(np.unique(s.mask).tolist()) <= {0, 1, 2}
+        # diameters from 16 px to half the side; a rotated square's box reaches 1.25x its diameter
+        assert (s.boxes[:, 2:] - s.boxes[:, :2]).max() <= 1.25 * 0.5 * 64 + 1
+        assert (s.boxes[:, 2:] - s.boxes[:, :2]).max(1).min() >= 0.6 * 16
+    assert YOLODataset(roots["yolo"], "train").classes == names
+
+
+def test_clutter_changes_only_the_background(tmp_path):
+    a = make_synthetic(tmp_path / "a", n_train=3, n_val=0, imgsz=(64, 64), formats=("voc",), clutter=1.0)["voc"]
+    b = make_synthetic(tmp_path / "b", n_train=3, n_val=0, imgsz=(64, 64), formats=("voc",), clutter=0.0)["voc"]
+    for i in range(3):
+        name = f"train_{i:05d}"
+        # same objects and masks (the random draws do not depend on clutter), other pixels
+        assert (a / "SegmentationClass" / f"{name}.png").read_bytes() == (b / "SegmentationClass" / f"{name}.png").read_bytes()
+        assert (a / "Annotations" / f"{name}.xml").read_bytes() == (b / "Annotations" / f"{name}.xml").read_bytes()
+    assert any((a / "JPEGImages" / f"train_{i:05d}.jpg").read_bytes() != (b / "JPEGImages" / f"train_{i:05d}.jpg").read_bytes()
+               for i in range(3))
+
+
+@pytest.mark.parametrize("kwargs, key", [({"classes": ["circle_solid", "hexagon"]}, "classes"),
+                                         ({"classes": []}, "classes"),
+                                         ({"objects": (3, 2)}, "objects"),
+                                         ({"min_size": 40, "imgsz": (64, 64)}, "min_size"),
+                                         ({"clutter": 1.5}, "clutter")])
+def test_bad_generator_options(tmp_path, kwargs, key):
+    with pytest.raises(ConfigError, match=key):
+        make_synthetic(tmp_path, n_train=1, n_val=0, formats=("voc",), **kwargs)
+
+
+def test_make_synthetic_cli_testbed_with_an_explicit_override(tmp_path):
+    from mtkd.cli import main
+    from mtkd.datasets.synthetic import TESTBEDS
+
+    out = tmp_path / "small"
+    assert main(["make-synthetic", "--out", str(out), "--testbed", "small", "--n-train", "4", "--n-val", "2",
+                 "--n-test", "0", "--formats", "voc"]) == 0
+    assert not (out / "coco").exists() and len(list((out / "voc" / "JPEGImages").glob("*.jpg"))) == 6
+    n_classes = len(TESTBEDS["small"].get("classes") or SYNTHETIC_CLASSES)
+    assert len((out / "voc" / "classes.txt").read_text().split()) == n_classes
+    ds = VOCDataset(out / "voc", "train")
+    assert all(ds.load_sample(i).size == (64, 64) for i in range(len(ds)))

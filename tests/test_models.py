@@ -103,3 +103,25 @@ def test_build_model_errors():
         build_backbone("no_such_net")
     with pytest.raises(ConfigError, match=r"model\.backbone"):
         build_backbone("smp:no_such_encoder")
+
+
+def test_plain_cnn_encoder_strides_widths_and_bad_width():
+    bb = build_backbone("cnn_w8")
+    assert bb.channels == (8, 16, 32, 64) and bb.strides == (4, 8, 16, 32)
+    maps = bb(torch.randn(2, 3, 64, 96))
+    assert [tuple(m.shape) for m in maps] == [(2, c, 64 // s, 96 // s) for c, s in zip(bb.channels, bb.strides)]
+    with pytest.raises(ConfigError, match="model.backbone.*width"):
+        build_backbone("cnn_w0")
+    with pytest.raises(ConfigError, match="unknown timm model"):
+        build_backbone("cnn_wide")
+
+
+def test_small_presets_are_plain_cnns_far_apart_in_size():
+    student = build_model({"preset": "student_small"}, 8)
+    teacher = build_model({"preset": "teacher_small"}, 8)
+    assert student.backbone.name == "cnn_w8" and teacher.backbone.name == "cnn_w32"
+    n_s = sum(p.numel() for p in student.parameters())
+    n_t = sum(p.numel() for p in teacher.parameters())
+    assert 5 <= n_t / n_s <= 20
+    out = student(torch.randn(2, 3, 64, 64))
+    assert out["seg"].shape == (2, 9, 64, 64) and out["feats"]["p3"].shape[-2:] == (8, 8)

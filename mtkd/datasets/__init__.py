@@ -53,7 +53,7 @@ __all__ = [
     "unletterbox_boxes",
 ]
 
-_KEYS = {"format", "root", "train", "val", "test", "classes", "imgsz", "skip_bad", "augment", "mean", "std",
+_KEYS = {"format", "root", "train", "val", "test", "classes", "imgsz", "skip_bad", "cache", "augment", "mean", "std",
          "ann_file", "image_dir", "unlabeled", "unlabeled_ratio"}
 _COCO_ONLY = {"ann_file", "image_dir"}
 
@@ -85,12 +85,19 @@ def build_dataset(data_cfg: Mapping[str, Any], split: str, train: bool, seed: Op
     transform = build_transforms(data_cfg, train=train, seed=seed)
     skip_bad = bool(data_cfg.get("skip_bad", False))
     common = {"classes": classes, "transform": transform, "skip_bad": skip_bad}
+    cache = data_cfg.get("cache", False)
+    if not isinstance(cache, bool):
+        raise ConfigError(f"data.cache: expected true or false, got {cache!r}")
     if fmt == "voc":
-        return VOCDataset(data_cfg["root"], name, **common)
-    if fmt == "coco":
+        ds: RecordDataset = VOCDataset(data_cfg["root"], name, **common)
+    elif fmt == "coco":
         extra = {k: data_cfg[k] for k in _COCO_ONLY if data_cfg.get(k)}
-        return COCODataset(data_cfg["root"], name, **common, **extra)
-    return YOLODataset(data_cfg["root"], name, **common)
+        ds = COCODataset(data_cfg["root"], name, **common, **extra)
+    else:
+        ds = YOLODataset(data_cfg["root"], name, **common)
+    if cache:
+        ds.enable_cache()
+    return ds
 
 
 def build_unlabeled(data_cfg: Mapping[str, Any], classes: Sequence[str],

@@ -224,8 +224,26 @@ class RecordDataset:
     def __len__(self) -> int:
         return len(self.records)
 
+    def enable_cache(self) -> None:
+        """Keep every decoded sample in memory after its first load (``data.cache: true``).
+
+        Decoding (image, mask, label checks) then happens once per process;
+        the transform still runs on every access. With DataLoader workers each
+        worker holds its own cache, so it pays off with ``train.workers: 0``
+        or persistent workers.
+        """
+        self._cache: Dict[int, Sample] = {}
+
     def load_sample(self, i: int) -> Sample:
         """Sample ``i`` in original pixels, untransformed (raises DataError if bad)."""
+        cache = getattr(self, "_cache", None)
+        if cache is not None:
+            if i not in cache:
+                cache[i] = self._decode(i)
+            return cache[i]
+        return self._decode(i)
+
+    def _decode(self, i: int) -> Sample:
         rec = self.records[i]
         image = read_image(rec.image_path)
         h, w = image.shape[:2]

@@ -50,7 +50,7 @@ import json
 import math
 import xml.etree.ElementTree as ET
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
@@ -66,6 +66,18 @@ TEXTURES = ("solid", "stripes", "checker")
 #: Class names, shape-major: ``circle_solid, circle_stripes, ..., cross_checker``.
 SYNTHETIC_CLASSES: List[str] = [f"{s}_{t}" for s in SHAPES for t in TEXTURES]
 _SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
+
+#: ``make_synthetic`` arguments of the two benchmark testbeds (``mtkd make-synthetic --testbed NAME``).
+#: ``large``: 96-160 px images, all 12 classes, 2-8 objects, full clutter, a third of the
+#: training masks missing; the models of its presets are far from their plateau after
+#: 1500 CPU steps. ``small``: 64-px square images with fewer, larger objects and half the
+#: clutter, and many more images, so that the ``*_small`` presets reach their plateau
+#: in minutes on a CPU (see benchmarks/README.md for the measurements behind it).
+TESTBEDS: Dict[str, Dict] = {
+    "large": {"n_train": 320, "n_val": 80, "n_test": 160, "imgsz": (96, 160), "seg_missing": 0.33},
+    "small": {"n_train": 4000, "n_val": 500, "n_test": 500, "imgsz": (64, 64), "objects": (1, 4),
+              "min_size": 10.0, "max_size": 0.5, "clutter": 0.5},
+}
 _MIN_VISIBLE = 0.4
 
 
@@ -142,28 +154,46 @@ def _texture(kind: str, h: int, w: int, rng: np.random.Generator) -> np.ndarray:
     return ((np.floor(u / q) + np.floor(v / q)) % 2).astype(bool)
 
 
-def _background(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
+def _background(h: int, w: int, rng: np.random.Generator, clutter: float = 1.0) -> np.ndarray:
+    """Smooth colour noise, an optional faint texture and distractor shapes.
+
+    ``clutter`` scales the number of distractors (strokes, ellipses, blobs):
+    1 draws 3-8 strokes, 1-3 ellipses and 1-3 blobs, 0 none; the random
+    draws are the same whatever ``clutter`` is, so only the drawing changes.
+    """
     grid = rng.uniform(0, 255, (rng.integers(2, 6), rng.integers(2, 6), 3)).astype(np.float32)
     img = cv2.resize(grid, (w, h), interpolation=cv2.INTER_CUBIC)
     if rng.random() < 0.5:  # a faint background texture
         pattern = _texture(str(rng.choice(["stripes", "checker"])), h, w, rng)
         img += pattern[..., None] * rng.uniform(-40, 40, 3).astype(np.float32)
     img = np.ascontiguousarray(img.clip(0, 255))
-    for _ in range(rng.integers(3, 9)):  # strokes
+    def keep(i: int, n: int) -> bool:  # the first round(clutter * n) distractors of a kind are drawn
+        return i < round(clutter * n)
+
+    n = int(rng.integers(3, 9))
+    for i in range(n):  # strokes
         pts = rng.uniform([0, 0], [w, h], (rng.integers(2, 5), 2)).astype(np.int32)
-        cv2.polylines(img, [pts], False, _random_colour(rng).tolist(), int(rng.integers(1, 4)), cv2.LINE_AA)
-    for _ in range(rng.integers(1, 4)):  # elongated ellipses
+        colour, thick = _random_colour(rng).tolist(), int(rng.integers(1, 4))
+        if keep(i, n):
+            cv2.polylines(img, [pts], False, colour, thick, cv2.LINE_AA)
+    n = int(rng.integers(1, 4))
+    for i in range(n):  # elongated ellipses
         centre = (int(rng.integers(0, w)), int(rng.integers(0, h)))
         a = float(rng.uniform(4, 0.25 * min(h, w)))
         axes = (int(a), max(1, int(a / rng.uniform(2.0, 4.0))))
-        cv2.ellipse(img, centre, axes, float(rng.uniform(0, 180)), 0, 360, _random_colour(rng).tolist(), -1)
-    for _ in range(rng.integers(1, 4)):  # irregular blobs
+        angle, colour = float(rng.uniform(0, 180)), _random_colour(rng).tolist()
+        if keep(i, n):
+            cv2.ellipse(img, centre, axes, angle, 0, 360, colour, -1)
+    n = int(rng.integers(1, 4))
+    for i in range(n):  # irregular blobs
         k = int(rng.integers(5, 8))
         t = np.sort(rng.uniform(0, 2 * np.pi, k))
         rad = rng.uniform(3, 0.15 * min(h, w), k)
         c = rng.uniform([0, 0], [w, h])
         pts = (c + np.stack([np.cos(t), np.sin(t)], 1) * rad[:, None]).astype(np.int32)
-        cv2.fillPoly(img, [pts], _random_colour(rng).tolist())
+        colour = _random_colour(rng).tolist()
+        if keep(i, n):
+            cv2.fillPoly(img, [pts], colour)
     return img
 
 
@@ -179,38 +209,45 @@ def _visible_ok(masks: Sequence[np.ndarray]) -> bool:
     return all((inst == k).sum() >= _MIN_VISIBLE * m.sum() for k, m in enumerate(masks))
 
 
-def _draw_image(rng: np.random.Generator, imgsz: Tuple[int, int]):
-    """One image: (rgb uint8, semantic mask uint8, objects in paint order)."""
+def _draw_image(rng: np.random.Generator, imgsz: Tuple[int, int], classes: Sequence[int] = tuple(range(12)),
+                objects: Tuple[int, int] = (2, 8), min_size: float = 8.0, max_size: float = 0.45,
+                clutter: float = 1.0):
+    """One image: (rgb uint8, semantic mask uint8, objects in paint order).
+
+    ``classes`` are indices into :data:`SYNTHETIC_CLASSES` that may be drawn;
+    an object's ``cls`` is its position in ``classes``.
+    """
     h, w = (int(v) for v in rng.integers(imgsz[0], imgsz[1] + 1, 2))
-    img = _background(h, w, rng)
-    n = int(rng.integers(2, 9))
-    max_size = 0.45 * min(h, w)
-    sizes = sorted(np.exp(rng.uniform(math.log(8), math.log(max_size), n)), reverse=True)
-    objects: List[Dict] = []
+    img = _background(h, w, rng, clutter)
+    n = int(rng.integers(objects[0], objects[1] + 1))
+    max_px = max_size * min(h, w)
+    sizes = sorted(np.exp(rng.uniform(math.log(min_size), math.log(max_px), n)), reverse=True)
+    placed: List[Dict] = []
     for size in sizes:
-        cls = int(rng.integers(len(SYNTHETIC_CLASSES)))
-        shape = SHAPES[cls // len(TEXTURES)]
-        for _ in range(50 if len(objects) < 2 else 6):  # insist on the first two
+        cls = int(rng.integers(len(classes)))
+        kind = classes[cls]
+        shape = SHAPES[kind // len(TEXTURES)]
+        for _ in range(50 if len(placed) < 2 else 6):  # insist on the first two
             cx = rng.uniform(size / 2, w - size / 2)
             cy = rng.uniform(size / 2, h - size / 2)
             poly = _shape_polygon(shape, cx, cy, size, rng.uniform(0, 2 * np.pi))
             m = _rasterise(poly, h, w)
-            if m.sum() < 16 or not _visible_ok([o["mask"] for o in objects] + [m]):
+            if m.sum() < 16 or not _visible_ok([o["mask"] for o in placed] + [m]):
                 continue
-            objects.append({"cls": cls, "poly": poly, "mask": m})
+            placed.append({"cls": cls, "kind": kind, "poly": poly, "mask": m})
             break
-    objects = [objects[k] for k in _paint_order([o["mask"] for o in objects])]
+    placed = [placed[k] for k in _paint_order([o["mask"] for o in placed])]
     sem = np.zeros((h, w), np.uint8)
-    for obj in objects:
+    for obj in placed:
         c1, c2 = _two_colours(rng)
-        pattern = _texture(TEXTURES[obj["cls"] % len(TEXTURES)], h, w, rng)
+        pattern = _texture(TEXTURES[obj["kind"] % len(TEXTURES)], h, w, rng)
         colour = np.where(pattern[..., None], c2, c1)
         img[obj["mask"]] = colour[obj["mask"]]
         sem[obj["mask"]] = obj["cls"] + 1
         ys, xs = np.nonzero(obj["mask"])
         obj["box"] = [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]
     img = img + rng.normal(0, 6, img.shape).astype(np.float32)
-    return np.ascontiguousarray(img.clip(0, 255).astype(np.uint8)), sem, objects
+    return np.ascontiguousarray(img.clip(0, 255).astype(np.uint8)), sem, placed
 
 
 def _uncompressed_rle(mask: np.ndarray) -> Dict:
@@ -230,7 +267,7 @@ def _encode(img: np.ndarray, sem: np.ndarray) -> Tuple[bytes, bytes]:
     return buf.getvalue(), png.getvalue()
 
 
-def _voc_xml(img_id: str, h: int, w: int, objects: Sequence[Dict]) -> bytes:
+def _voc_xml(img_id: str, h: int, w: int, objects: Sequence[Dict], names: Sequence[str]) -> bytes:
     root = ET.Element("annotation")
     ET.SubElement(root, "filename").text = f"{img_id}.jpg"
     size = ET.SubElement(root, "size")
@@ -238,7 +275,7 @@ def _voc_xml(img_id: str, h: int, w: int, objects: Sequence[Dict]) -> bytes:
         ET.SubElement(size, key).text = str(value)
     for obj in objects:
         el = ET.SubElement(root, "object")
-        ET.SubElement(el, "name").text = SYNTHETIC_CLASSES[obj["cls"]]
+        ET.SubElement(el, "name").text = names[obj["cls"]]
         ET.SubElement(el, "difficult").text = "0"
         bb = ET.SubElement(el, "bndbox")
         x1, y1, x2, y2 = obj["box"]
@@ -257,6 +294,11 @@ def make_synthetic(
     seg_missing: float = 0.0,
     det_missing: float = 0.0,
     formats: Sequence[str] = ("voc", "coco", "yolo"),
+    classes: Optional[Sequence[str]] = None,
+    objects: Tuple[int, int] = (2, 8),
+    min_size: float = 8.0,
+    max_size: float = 0.45,
+    clutter: float = 1.0,
 ) -> Dict[str, Path]:
     """Write the synthetic set; return ``{"voc": root, "coco": root, "yolo": data.yaml}``.
 
@@ -268,6 +310,12 @@ def make_synthetic(
         seg_missing, det_missing: fractions of *train* images without
             segmentation / detection labels (disjoint sets; sum <= 1).
         formats: any of ``"voc"``, ``"coco"``, ``"yolo"``.
+        classes: names from :data:`SYNTHETIC_CLASSES` to draw (default all
+            12), in that order; the written class list is this subset.
+        objects: ``(min, max)`` objects per image.
+        min_size, max_size: object diameters are log-uniform from
+            ``min_size`` pixels to ``max_size`` times the shorter side.
+        clutter: scales the number of background distractors (1 = all, 0 = none).
     """
     unknown = set(formats) - {"voc", "coco", "yolo"}
     if unknown:
@@ -277,6 +325,19 @@ def make_synthetic(
     lo, hi = (int(v) for v in imgsz)
     if not 32 <= lo <= hi:
         raise ConfigError(f"imgsz: need 32 <= min <= max, got {imgsz!r}")
+    names = list(SYNTHETIC_CLASSES) if classes is None else list(classes)
+    unknown_cls = [c for c in names if c not in SYNTHETIC_CLASSES]
+    if unknown_cls or not names or len(set(names)) != len(names):
+        raise ConfigError(f"classes: expected distinct names from {SYNTHETIC_CLASSES}, got {names!r}")
+    if not (1 <= int(objects[0]) <= int(objects[1])):
+        raise ConfigError(f"objects: need 1 <= min <= max, got {objects!r}")
+    if not (4 <= min_size < max_size * lo and 0 < max_size <= 1):
+        raise ConfigError(f"min_size/max_size: need 4 <= min_size < max_size * {lo} and 0 < max_size <= 1, "
+                          f"got {min_size!r}, {max_size!r}")
+    if not 0 <= clutter <= 1:
+        raise ConfigError(f"clutter: must be in [0, 1], got {clutter!r}")
+    draw = {"classes": tuple(SYNTHETIC_CLASSES.index(c) for c in names), "objects": (int(objects[0]), int(objects[1])),
+            "min_size": float(min_size), "max_size": float(max_size), "clutter": float(clutter)}
     out = Path(out_dir).resolve()
     roots = {"voc": out / "voc", "coco": out / "coco", "yolo": out / "yolo"}
     counts = {s: n for s, n in (("train", n_train), ("val", n_val), ("test", n_test)) if n > 0}
@@ -285,7 +346,7 @@ def make_synthetic(
     if "voc" in formats:
         for sub in ("JPEGImages", "Annotations", "SegmentationClass", "ImageSets/Main", "ImageSets/Segmentation"):
             (roots["voc"] / sub).mkdir(parents=True, exist_ok=True)
-        (roots["voc"] / "classes.txt").write_text("\n".join(SYNTHETIC_CLASSES) + "\n")
+        (roots["voc"] / "classes.txt").write_text("\n".join(names) + "\n")
     no_det: Dict[str, List[str]] = {}
     for split, n in counts.items():
         order = np.random.default_rng([seed, _SPLIT_CODES[split], 10**6]).permutation(n)
@@ -293,12 +354,12 @@ def make_synthetic(
         n_seg_missing = round(seg_missing * n) if split == "train" else 0
         det_off = set(order[:n_det_missing].tolist())
         seg_off = set(order[n_det_missing : n_det_missing + n_seg_missing].tolist())
-        _write_split(roots, formats, split, n, (lo, hi), seed, det_off, seg_off, no_det)
+        _write_split(roots, formats, split, n, (lo, hi), seed, det_off, seg_off, no_det, draw, names)
     if "yolo" in formats:
         data = {
             "path": str(roots["yolo"]),
             **{split: f"images/{split}" for split in counts},
-            "names": list(SYNTHETIC_CLASSES),
+            "names": names,
         }
         if no_det:
             data["mtkd_no_det"] = no_det
@@ -318,6 +379,8 @@ def _write_split(
     det_off: set,
     seg_off: set,
     no_det: Dict[str, List[str]],
+    draw: Dict,
+    names: Sequence[str],
 ) -> None:
     voc, coco, yolo = ("voc" in formats), ("coco" in formats), ("yolo" in formats)
     if coco:
@@ -329,7 +392,7 @@ def _write_split(
     main_ids, seg_ids, images, anns = [], [], [], []
     for i in range(n):
         rng = np.random.default_rng([seed, _SPLIT_CODES[split], i])
-        img, sem, objects = _draw_image(rng, imgsz)
+        img, sem, objects = _draw_image(rng, imgsz, **draw)
         h, w = sem.shape
         img_id = f"{split}_{i:05d}"
         has_det, has_seg = i not in det_off, i not in seg_off
@@ -338,7 +401,7 @@ def _write_split(
             (roots["voc"] / "JPEGImages" / f"{img_id}.jpg").write_bytes(jpg)
             if has_det:
                 main_ids.append(img_id)
-                (roots["voc"] / "Annotations" / f"{img_id}.xml").write_bytes(_voc_xml(img_id, h, w, objects))
+                (roots["voc"] / "Annotations" / f"{img_id}.xml").write_bytes(_voc_xml(img_id, h, w, objects, names))
             if has_seg:
                 seg_ids.append(img_id)
                 (roots["voc"] / "SegmentationClass" / f"{img_id}.png").write_bytes(png)
@@ -378,6 +441,6 @@ def _write_split(
         (roots["voc"] / "ImageSets" / "Main" / f"{split}.txt").write_text("".join(f"{k}\n" for k in main_ids))
         (roots["voc"] / "ImageSets" / "Segmentation" / f"{split}.txt").write_text("".join(f"{k}\n" for k in seg_ids))
     if coco:
-        cats = [{"id": k + 1, "name": name, "supercategory": name.split("_")[0]} for k, name in enumerate(SYNTHETIC_CLASSES)]
+        cats = [{"id": k + 1, "name": name, "supercategory": name.split("_")[0]} for k, name in enumerate(names)]
         data = {"images": images, "annotations": anns, "categories": cats}
         (roots["coco"] / "annotations" / f"instances_{split}.json").write_text(json.dumps(data))

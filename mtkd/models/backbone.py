@@ -10,11 +10,17 @@ the four levels a detector/segmenter pyramid needs).
 * ``smp:<encoder>`` is a segmentation_models_pytorch encoder, built with
   ``get_encoder(encoder, weights=None)``; it returns six maps at strides
   1..32 and the last four are kept.
+* ``cnn_w<N>`` (e.g. ``cnn_w8``) is mtkd's plain convolutional encoder
+  (:class:`PlainCNN`) of base width ``N``: the small testbed's presets use it
+  because plain 3x3 convolutions are the fastest layers per FLOP on a CPU
+  (depthwise convolutions are not), so such models train to their plateau
+  in minutes.
 
 Weights are always random: nothing is downloaded.
 """
 from __future__ import annotations
 
+import re
 from typing import List, Sequence, Tuple
 
 import torch
@@ -44,6 +50,42 @@ class Backbone(nn.Module):
     def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
         feats = self.body(x)
         return [feats[i] for i in self.pick]
+
+
+class PlainCNN(nn.Module):
+    """A VGG-style encoder: a stride-2 stem, then one stage per stride 4..32.
+
+    Each stage is a stride-2 3x3 ``Conv`` (conv + BatchNorm + SiLU,
+    Ultralytics' block) followed by one more 3x3 ``Conv``; widths are
+    ``w, 2w, 4w, 8w`` at strides 4, 8, 16, 32. ``forward`` returns the four
+    stage outputs.
+    """
+
+    def __init__(self, width: int, in_chans: int = 3):
+        super().__init__()
+        from ultralytics.nn.modules import Conv
+
+        if width < 1:
+            raise ValueError(f"PlainCNN: width must be >= 1, got {width}")
+        self.stem = Conv(in_chans, width, 3, 2)
+        widths = [width, 2 * width, 4 * width, 8 * width]
+        stages, c_in = [], width
+        for c in widths:
+            stages.append(nn.Sequential(Conv(c_in, c, 3, 2), Conv(c, c, 3)))
+            c_in = c
+        self.stages = nn.ModuleList(stages)
+        self.channels = tuple(widths)
+
+    def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
+        x = self.stem(x)
+        out = []
+        for stage in self.stages:
+            x = stage(x)
+            out.append(x)
+        return out
+
+
+_PLAIN = re.compile(r"cnn_w(\d+)")
 
 
 def _timm_backbone(name: str, in_chans: int, key: str) -> Backbone:
@@ -85,4 +127,11 @@ def build_backbone(name: str, in_chans: int = 3, key: str = "model.backbone") ->
         raise ConfigError(f"{key}: expected a timm model name or 'smp:<encoder>', got {name!r}")
     if name.startswith("smp:"):
         return _smp_backbone(name[len("smp:"):], in_chans, key)
+    plain = _PLAIN.fullmatch(name)
+    if plain:
+        width = int(plain.group(1))
+        if width < 1:
+            raise ConfigError(f"{key}: {name!r}: the width must be >= 1")
+        body = PlainCNN(width, in_chans)
+        return Backbone(body, body.channels, range(4), name)
     return _timm_backbone(name, in_chans, key)
