@@ -113,20 +113,74 @@ def data_overrides(path: str | Path, fmt: Optional[str] = None) -> List[str]:
     return [f"data.format={fmt}", f"data.root={json.dumps(str(root))}"]
 
 
-def add_common_args(parser: argparse.ArgumentParser, default_out: str,
-                    default_data: str = "data/synthetic", seeds: Sequence[int] = (0, 1, 2)) -> None:
-    """``--data``, ``--format``, ``--out``, ``--seeds``, ``--set`` (shared by every benchmark)."""
+def add_common_args(parser: argparse.ArgumentParser, default_out: Optional[str],
+                    default_data: Optional[str] = "data/synthetic",
+                    seeds: Optional[Sequence[int]] = (0, 1, 2)) -> None:
+    """``--data``, ``--format``, ``--out``, ``--seeds``, ``--device``, ``--set`` (shared by every benchmark).
+
+    A default of ``None`` leaves the value for the benchmark to fill in (e.g. from ``--testbed``).
+    """
+    def shown(v: Any) -> str:
+        if v is None:
+            return "the testbed's"
+        return " ".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
+
     parser.add_argument("--data", default=default_data,
                         help="dataset: a VOC tree, a COCO tree, a YOLO data yaml or a make-synthetic folder "
-                             f"(default {default_data})")
+                             f"(default {shown(default_data)})")
     parser.add_argument("--format", choices=FORMATS, default=None,
                         help="dataset format (default: inferred from --data)")
-    parser.add_argument("--out", default=default_out, help=f"output folder (default {default_out})")
-    parser.add_argument("--seeds", type=int, nargs="+", default=list(seeds),
-                        help=f"seeds (default {' '.join(map(str, seeds))})")
+    parser.add_argument("--out", default=default_out, help=f"output folder (default {shown(default_out)})")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None if seeds is None else list(seeds),
+                        help=f"seeds (default {shown(seeds)})")
+    parser.add_argument("--device", default=None,
+                        help="train.device of every run: auto, cpu, cuda or cuda:N (default: the configs')")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="extra config override for every run, e.g. --set train.workers=0 "
                              "or --set data.ann_file=annotations/instances_{split}2017.json (repeatable)")
+
+
+def extra_overrides(args: argparse.Namespace) -> List[str]:
+    """The ``--set`` overrides plus ``train.device`` from ``--device`` (when given)."""
+    extra = list(args.set)
+    if getattr(args, "device", None):
+        extra.append(f"train.device={args.device}")
+    return extra
+
+
+#: The two testbeds: the configs of their roles, their default data and teacher checkpoint.
+#: ``small`` is the converged 64-px testbed; ``large`` the 128-px one of the ``legacy_128px``
+#: results, whose students are far from their plateau on a CPU.
+TESTBEDS: Dict[str, Dict[str, str]] = {
+    "small": {"data": "data/small", "teacher": "configs/small/teacher.yaml",
+              "student": "configs/small/student.yaml", "kd": "configs/small/kd.yaml",
+              "ablation": "configs/small/ablation", "teacher_ckpt": "runs/small/teacher/best.pt"},
+    "large": {"data": "data/synthetic", "teacher": "configs/synthetic_teacher.yaml",
+              "student": "configs/synthetic_student.yaml", "kd": "configs/synthetic_kd.yaml",
+              "ablation": "configs/ablation", "teacher_ckpt": "runs/demo/teacher/best.pt"},
+}
+
+
+def testbed_paths(name: str, root: Path) -> Dict[str, str]:
+    """:data:`TESTBEDS` entry ``name`` with config paths made absolute under ``root``."""
+    tb = dict(TESTBEDS[name])
+    for key in ("teacher", "student", "kd", "ablation"):
+        tb[key] = str(root / tb[key])
+    return tb
+
+
+def ensure_testbed_data(testbed: str, data: str | Path) -> None:
+    """Write the testbed's synthetic set at ``data`` (VOC layout) when nothing is there.
+
+    Only for the default synthetic data: a user's ``--data`` that does not
+    exist stays an error (raised later by the dataset).
+    """
+    from mtkd.datasets.synthetic import TESTBEDS as SETS, make_synthetic
+
+    if Path(data).exists():
+        return
+    print(f"[benchmark] writing the {testbed} testbed's synthetic set to {data} ...", flush=True)
+    make_synthetic(data, formats=("voc",), **SETS[testbed])
 
 
 def progress(items: Iterable[Any], desc: str, total: Optional[int] = None) -> Iterable[Any]:
@@ -243,8 +297,26 @@ def make_record(role: str, seed: int, report: Mapping[str, Any], out: Optional[s
         rec[k] = float(v) if isinstance(v, (int, float)) else None
     if out is not None:
         rec["out"] = str(out)
+        rec.update({f"val_{k}": v for k, v in best_val_metrics(out, report.get("best_epoch")).items()})
     rec.update(extra)
     return rec
+
+
+def best_val_metrics(run_dir: str | Path, best_epoch: Any) -> Dict[str, float]:
+    """The VAL metrics (:data:`METRICS`) of a run's best epoch, read from its ``results.csv``.
+
+    Settings are chosen on these, never on the test metrics of the record.
+    Empty when the file or the epoch's row is missing.
+    """
+    import csv
+
+    path = Path(run_dir) / "results.csv"
+    if best_epoch is None or not path.is_file():
+        return {}
+    for row in csv.DictReader(path.read_text().splitlines()):
+        if str(row.get("epoch")) == str(best_epoch):
+            return {m: float(row[f"val/{m}"]) for m in METRICS if row.get(f"val/{m}")}
+    return {}
 
 
 def record_from_dir(role: str, seed: int, run_dir: str | Path, **extra: Any) -> Dict[str, Any]:

@@ -1,48 +1,56 @@
 #!/usr/bin/env python
 """Benchmark: what distillation buys a multi-task student (detection + segmentation).
 
-Protocol (the issue's, binding):
+Two testbeds (``--testbed``):
+
+* ``small`` (default): the 64-px synthetic set of ``mtkd make-synthetic
+  --testbed small`` (written to ``data/small`` when missing) with the
+  ``student_small`` / ``teacher_small`` presets (``configs/small/``). Teacher
+  and plain student reach their plateau there in minutes on a CPU
+  (``benchmarks/plateau``), so a KD effect is not hidden by undertraining.
+  Defaults: seeds 0-4, the configs' epochs, two one-thread runs at a time.
+* ``large``: the 128-px set and presets of ``configs/synthetic_*.yaml``;
+  its CPU results are in ``benchmarks/kd_gain/legacy_128px/``.
+
+Protocol:
 
 * Roles: ``teacher`` (trained once, reused: ``--teacher-ckpt``; evaluated on
-  this benchmark's test split), ``plain`` (``configs/synthetic_student.yaml``)
-  and ``kd`` (``configs/synthetic_kd.yaml``), the students over ``--seeds``
-  (default 0 1 2) at the same number of epochs (the literature's convention).
+  this benchmark's test split), ``plain`` (the student config) and ``kd``
+  (the KD config), the students over ``--seeds`` at the same number of
+  epochs; ``kd@2x``: the distilled student at twice the epochs (``--double``,
+  default on small), to show whether KD's result is itself at a plateau.
 * ``kd@wall`` (``--equal-wallclock``, on by default): the distilled student
   again, with ``train.time_budget_s`` = the training wall-clock of the
-  ``plain`` run of the same seed, because the teacher's forward pass costs
-  steps. Reported beside the equal-epoch figures; targets do not apply.
-* Ablation (``--ablation``, on by default, one seed: the first of
-  ``--seeds``): ``abl:<name>`` for each ``configs/ablation/<name>.yaml``
-  (seg_kl, det_mse, feat_gan, cwd alone; ``all`` = the kd config plus the
-  feature-GAN, which the kd default leaves out).
+  ``plain`` run of the same seed (the teacher's forward pass costs steps;
+  the schedule is sized to the budget). Reported beside the equal-epoch
+  figures; targets do not apply.
+* Ablation (``--ablation``; on small its own sitting, ``--ablation-seeds``
+  seeds, default 3): ``abl:<name>`` for each ``<ablation-dir>/<name>.yaml``
+  (each term alone).
 * Verdicts (``results.md``'s lines, also in the JSON's ``derived``):
   the teacher premise (teacher - median plain >= 0.10 mAP50 and >= 0.10
   mIoU; until it holds no KD claim counts), the fraction of the
-  teacher-student gap closed per metric by the median KD seed (target:
-  >= 0.5 on mAP50 and mIoU), and "worst KD seed above best plain seed" per
-  metric. Both targets are judged at equal epochs.
-* Partial labels: the default data (``mtkd make-synthetic ... --seg-missing
-  0.33``) lacks segmentation labels on a third of the training images; their
-  hard seg loss is masked and only ``seg_kl`` (teacher) supervises them. The
-  counts are read from the data and written to the JSON
-  (``partial_labels``); ``abl:seg_kl`` vs ``plain`` isolates that effect.
+  teacher-student gap closed per metric by the median KD seed, and "worst KD
+  seed above best plain seed" per metric, judged at equal epochs on the TEST
+  split. KD weights are chosen on the VAL split by ``sweep.py`` with other
+  seeds; each record also carries its best epoch's val metrics (``val_*``).
+* Partial labels: training images without segmentation or detection labels
+  are counted and written to the JSON (``partial_labels``).
 
-Every run is trained in-process by :func:`mtkd.engine.trainer.train` into
-``<out>/runs/<role>_s<seed>``; records go to ``<out>/results.json`` as they
-finish, and a (role, seed) already there is skipped, so the benchmark
-resumes across sittings (``--force`` re-runs); a sitting whose epochs,
-``--set`` overrides or teacher differ from the stored runs' stops with an
-error instead of mixing them. The teacher checkpoint's SHA-256 is stored
-(``teacher_sha256``): when the file at the same path has other weights (a
-teacher trained on), the teacher, KD and ablation runs move to the JSON's
-``superseded`` list and are re-run, and the plain runs, which never load the
-teacher, are kept. A missing ``--teacher-ckpt``
-is trained first with ``configs/synthetic_teacher.yaml`` (``--teacher-epochs``).
+Every run trains in a worker process into ``<out>/runs/<role>_s<seed>``;
+records go to ``<out>/results.json`` as they finish, and a (role, seed)
+already there is skipped, so the benchmark resumes across sittings
+(``--force`` re-runs); a sitting whose epochs, ``--set`` overrides or
+teacher differ from the stored runs' stops with an error instead of mixing
+them. The teacher checkpoint's SHA-256 is stored (``teacher_sha256``): when
+the file at the same path has other weights, the teacher, KD and ablation
+runs move to the JSON's ``superseded`` list and are re-run, and the plain
+runs, which never load the teacher, are kept. A missing ``--teacher-ckpt``
+is trained first with the teacher config.
 
-Full run (lead)::
-
-    python benchmarks/kd_gain/run.py --data data/synthetic \\
-        --teacher-ckpt runs/demo/teacher/best.pt --out benchmarks/kd_gain
+    python benchmarks/kd_gain/run.py                       # small testbed -> benchmarks/kd_gain/
+    python benchmarks/kd_gain/run.py --ablation --no-double --no-equal-wallclock --seeds 0 1 2   # ablation sitting
+    python benchmarks/kd_gain/run.py --testbed large --teacher-ckpt runs/demo/teacher/best.pt
 
 Tiny check::
 
@@ -62,10 +70,12 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import (Results, add_common_args, data_overrides, gap_closed,  # noqa: E402
-                               make_record, median_of, progress, run_record)
+from benchmarks.common import (TESTBEDS, Results, add_common_args, data_overrides, default_jobs,  # noqa: E402
+                               ensure_testbed_data, extra_overrides, gap_closed, make_record, median_of,
+                               run_jobs, testbed_paths)
 
 ABLATIONS = ("seg_kl", "det_mse", "feat_gan", "cwd", "all")
+SMALL_ABLATIONS = ("det_mse", "seg_kl", "cwd", "pkd", "mgd")
 PREMISE = 0.10
 """The teacher must beat the median plain student by this much on mAP50 and mIoU."""
 TARGET_GAP = 0.5
@@ -76,25 +86,50 @@ TASK_METRICS: Tuple[Tuple[str, str], ...] = (("det", "map50_95"), ("det", "map50
 def parse(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(p, default_out="benchmarks/kd_gain")
-    p.add_argument("--teacher-ckpt", default="runs/demo/teacher/best.pt",
-                   help="teacher checkpoint to reuse (trained with --teacher-config when missing)")
-    p.add_argument("--teacher-config", default=str(ROOT / "configs/synthetic_teacher.yaml"))
-    p.add_argument("--teacher-epochs", type=int, default=25, help="epochs when the teacher must be trained")
-    p.add_argument("--student-config", default=str(ROOT / "configs/synthetic_student.yaml"))
-    p.add_argument("--kd-config", default=str(ROOT / "configs/synthetic_kd.yaml"))
-    p.add_argument("--ablation-dir", default=str(ROOT / "configs/ablation"))
-    p.add_argument("--epochs", type=int, default=10, help="student epochs, every role (default 10)")
-    p.add_argument("--ablation", action=argparse.BooleanOptionalAction, default=True,
-                   help="run the one-seed loss ablation (default on)")
-    p.add_argument("--ablations", nargs="+", default=list(ABLATIONS), help="which ablation configs")
+    add_common_args(p, default_out=None, default_data=None, seeds=None)
+    p.add_argument("--testbed", choices=sorted(TESTBEDS), default="small",
+                   help="small: the converged 64-px testbed (default); large: the 128-px one")
+    p.add_argument("--teacher-ckpt", default=None,
+                   help="teacher checkpoint to reuse, trained with --teacher-config when missing "
+                        "(default: the testbed's, runs/small/teacher/best.pt or runs/demo/teacher/best.pt)")
+    p.add_argument("--teacher-config", default=None)
+    p.add_argument("--teacher-epochs", type=int, default=None,
+                   help="epochs when the teacher must be trained (default: the teacher config's)")
+    p.add_argument("--student-config", default=None)
+    p.add_argument("--kd-config", default=None)
+    p.add_argument("--ablation-dir", default=None)
+    p.add_argument("--epochs", type=int, default=None,
+                   help="student epochs, every role (default: the student config's on small, 10 on large)")
+    p.add_argument("--ablation", action=argparse.BooleanOptionalAction, default=None,
+                   help="run the loss ablation (default: on for large, off for small, where it is its own "
+                        "sitting)")
+    p.add_argument("--ablations", nargs="+", default=None, help="which ablation configs")
+    p.add_argument("--ablation-seeds", type=int, default=None,
+                   help="seeds per ablation term (default 3 on small, 1 on large)")
     p.add_argument("--equal-wallclock", action=argparse.BooleanOptionalAction, default=True,
                    help="also run kd@wall: KD with the plain run's training wall-clock (default on)")
+    p.add_argument("--double", action=argparse.BooleanOptionalAction, default=None,
+                   help="also run kd@2x: KD with twice the epochs (default on for small)")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="runs at a time, one torch thread each (default 2 on small with 2+ cores, else 1)")
     p.add_argument("--teacher-changed", action="store_true",
                    help="the teacher at --teacher-ckpt was retrained since an older results.json (written before "
                         "teachers were hashed): move its teacher-dependent runs to 'superseded' and re-run them")
     p.add_argument("--force", action="store_true", help="re-run (role, seed) pairs already in results.json")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    tb = testbed_paths(args.testbed, ROOT)
+    small = args.testbed == "small"
+    defaults = {"out": str(ROOT / "benchmarks/kd_gain" / ("" if small else "legacy_128px")),
+                "data": tb["data"], "seeds": [0, 1, 2, 3, 4] if small else [0, 1, 2],
+                "teacher_ckpt": tb["teacher_ckpt"], "teacher_config": tb["teacher"],
+                "student_config": tb["student"], "kd_config": tb["kd"], "ablation_dir": tb["ablation"],
+                "epochs": None if small else 10, "ablation": not small,
+                "ablations": list(SMALL_ABLATIONS if small else ABLATIONS), "ablation_seeds": 3 if small else 1,
+                "double": small, "jobs": default_jobs() if small else 1}
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
 
 
 # -- the teacher --------------------------------------------------------------------------------
@@ -127,8 +162,9 @@ def ensure_teacher(args: argparse.Namespace, data_ov: List[str]) -> Path:
         return ckpt
     from benchmarks.common import run_config
 
-    print(f"[kd_gain] {ckpt} not found: training a teacher ({args.teacher_epochs} epochs) into {ckpt.parent}")
-    run_config(args.teacher_config, data_ov + list(args.set), seed=0, out=ckpt.parent,
+    what = f"{args.teacher_epochs} epochs" if args.teacher_epochs else "the config's epochs"
+    print(f"[kd_gain] {ckpt} not found: training a teacher ({what}) into {ckpt.parent}")
+    run_config(args.teacher_config, data_ov + extra_overrides(args), seed=0, out=ckpt.parent,
                epochs=args.teacher_epochs)
     return ckpt.parent / "best.pt"
 
@@ -228,16 +264,48 @@ def supersede_stale_runs(payload: Dict[str, Any], digest: str, changed: bool = F
 
 
 # -- main ---------------------------------------------------------------------------------------
+def config_epochs(config: str, overrides: Sequence[str]) -> int:
+    """``train.epochs`` of a config after ``overrides``."""
+    from mtkd.engine.config import load_config
+
+    return int(load_config(config, list(overrides))["train"]["epochs"])
+
+
+def plan_runs(args: argparse.Namespace, epochs: int, teacher_ov: List[str]) -> List[List[Tuple[str, int, str, List[str], int]]]:
+    """The runs as phases of ``(role, seed, config, overrides, epochs)``; a phase may need the one before.
+
+    Phase 1, seed-major so that roles interleave: plain, kd and kd@2x of each
+    seed, then the ablation terms; phase 2: kd@wall, whose time budget is the
+    wall-clock of the same seed's plain run.
+    """
+    first: List[Tuple[str, int, str, List[str], int]] = []
+    for seed in args.seeds:
+        first.append(("plain", seed, args.student_config, [], epochs))
+        first.append(("kd", seed, args.kd_config, teacher_ov, epochs))
+        if args.double:
+            first.append(("kd@2x", seed, args.kd_config, teacher_ov, 2 * epochs))
+    if args.ablation:
+        for seed in args.seeds[: args.ablation_seeds]:
+            for name in args.ablations:
+                first.append((f"abl:{name}", seed, str(Path(args.ablation_dir) / f"{name}.yaml"), teacher_ov, epochs))
+    second = [("kd@wall", seed, args.kd_config, teacher_ov, epochs) for seed in args.seeds] if args.equal_wallclock else []
+    return [first, second]
+
+
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     args = parse(argv)
     import mtkd  # noqa: F401  (offline switches first)
 
+    if args.data == TESTBEDS[args.testbed]["data"]:
+        ensure_testbed_data(args.testbed, args.data)
     data_ov = data_overrides(args.data, args.format)
-    extra = list(args.set)
+    extra = extra_overrides(args)
     ckpt = ensure_teacher(args, data_ov)
     partial = partial_labels(args.student_config, data_ov, extra)
-    budget = {"epochs": args.epochs, "seeds": args.seeds, "equal_wallclock": args.equal_wallclock,
-              "ablation": list(args.ablations) if args.ablation else [], "overrides": extra}
+    epochs = args.epochs or config_epochs(args.student_config, data_ov + extra)
+    budget = {"testbed": args.testbed, "epochs": epochs, "seeds": args.seeds, "equal_wallclock": args.equal_wallclock,
+              "double": args.double, "ablation": list(args.ablations) if args.ablation else [],
+              "ablation_seeds": args.ablation_seeds, "overrides": extra, "jobs": args.jobs}
     old = Path(args.out) / "results.json"
     if old.is_file() and not args.force:
         payload = json.loads(old.read_text())
@@ -248,43 +316,44 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                                  f"{now!r}; use the same settings, another --out, or --force")
     digest = file_sha256(ckpt)
     res = Results(args.out, "kd_gain", data=args.data, budget=budget, teacher=str(ckpt),
-                  partial_labels=partial)
+                  partial_labels=partial, kd_config=args.kd_config)
     moved = supersede_stale_runs(res.payload, digest, args.teacher_changed)
     if moved:
         print(f"[kd_gain] {ckpt} changed since {res.json_path} was written: {moved} teacher-dependent "
               "runs moved to 'superseded' and re-run; plain runs kept")
-    teacher_ov = [f"teacher.ckpt={json.dumps(str(ckpt))}"]
-    plan: List[Tuple[str, int, str, List[str]]] = [("teacher", -1, "", [])]
-    for seed in args.seeds:
-        plan.append(("plain", seed, args.student_config, []))
-        plan.append(("kd", seed, args.kd_config, teacher_ov))
-        if args.equal_wallclock:
-            plan.append(("kd@wall", seed, args.kd_config, teacher_ov))
-    if args.ablation:
-        for name in args.ablations:
-            plan.append((f"abl:{name}", args.seeds[0], str(Path(args.ablation_dir) / f"{name}.yaml"), teacher_ov))
+    if args.force or not any(r["role"] == "teacher" for r in res.runs):
+        res.payload["runs"] = [r for r in res.runs if r["role"] != "teacher"]
+        res.add(teacher_record(ckpt, data_ov, extra))
 
-    for role, seed, config, ov in progress(plan, desc="kd_gain"):
-        if role == "teacher":
-            if args.force or not any(r["role"] == "teacher" for r in res.runs):
-                res.payload["runs"] = [r for r in res.runs if r["role"] != "teacher"]
-                res.add(teacher_record(ckpt, data_ov, extra))
-            continue
-        if res.has(role, seed) and not args.force:
-            continue
-        budget_kw: Dict[str, Any] = {"epochs": args.epochs}
-        if role == "kd@wall":
-            plain = res.get("plain", seed)
-            if plain is None or plain.get("wall_s") is None:
-                print(f"[kd_gain] kd@wall seed {seed}: no plain run to match, skipped")
-                continue
-            budget_kw["time_budget_s"] = float(plain["wall_s"])
-        rec = run_record(role, config, seed, res.run_dir(role, seed), overrides=data_ov + ov + extra, **budget_kw)
-        if "time_budget_s" in budget_kw:
-            rec["time_budget_s"] = budget_kw["time_budget_s"]
-        res.add(rec)
+    def record(key: Tuple[str, int, Path, Dict[str, Any]], report: Optional[Dict[str, Any]], secs: float,
+               error: Optional[Exception]) -> None:
+        role, seed, out, more = key
+        if error is not None:
+            print(f"[kd_gain] {role} seed {seed} failed: {error}")
+            return
+        res.add(make_record(role, seed, report, out=out, total_s=secs, **more))
         lines, summary = verdicts(res.runs, partial)
         res.write(derived=lines, summary=summary)
+
+    teacher_ov = [f"teacher.ckpt={json.dumps(str(ckpt))}"]
+    for phase in plan_runs(args, epochs, teacher_ov):
+        jobs = []
+        for role, seed, config, ov, ep in phase:
+            if res.has(role, seed) and not args.force:
+                continue
+            more: Dict[str, Any] = {}
+            run_ov = data_ov + ov + extra
+            if role == "kd@wall":
+                plain = res.get("plain", seed)
+                if plain is None or plain.get("wall_s") is None:
+                    print(f"[kd_gain] kd@wall seed {seed}: no plain run to match, skipped")
+                    continue
+                more["time_budget_s"] = float(plain["wall_s"])
+                run_ov = run_ov + [f"train.time_budget_s={more['time_budget_s']}"]
+            out = res.run_dir(role, seed)
+            jobs.append(((role, seed, out, more),
+                         {"config": config, "overrides": run_ov, "seed": seed, "out": str(out), "epochs": ep}))
+        run_jobs(jobs, args.jobs, 1 if args.jobs > 1 else None, record, desc="kd_gain")
 
     lines, summary = verdicts(res.runs, partial)
     res.write(derived=lines, summary=summary)

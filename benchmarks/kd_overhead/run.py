@@ -49,7 +49,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import (Results, add_common_args, build_trainer, data_overrides,  # noqa: E402
+from benchmarks.common import (Results, add_common_args, build_trainer, data_overrides, extra_overrides,  # noqa: E402
                                interleaved_times, random_checkpoint, take_batches)
 
 COLUMNS = ("overhead", "limit", "excess", "plain_ms", "kd_ms", "teacher_fwd_ms")
@@ -85,7 +85,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     import torch
 
     seed = args.seeds[0]
-    common = data_overrides(args.data, args.format) + ["train.workers=0"] + list(args.set)
+    common = data_overrides(args.data, args.format) + ["train.workers=0"] + extra_overrides(args)
     plain = build_trainer(args.plain_config, common, seed)
     ckpt = teacher_ckpt(args, plain.classes)
     kd = build_trainer(args.kd_config, common + [f"teacher.ckpt={json.dumps(str(ckpt))}"], seed)
@@ -102,7 +102,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     times = interleaved_times(fns, batches, args.repeats, args.warmup)
     budget = {"batches": len(batches), "repeats": args.repeats, "warmup": args.warmup,
               "batch": plain.tcfg["batch"], "imgsz": plain.cfg["data"]["imgsz"],
-              "threads": torch.get_num_threads(), "overrides": list(args.set)}
+              "threads": torch.get_num_threads(), "overrides": extra_overrides(args)}
     res = Results(args.out, "kd_overhead", data=args.data, budget=budget, metrics=COLUMNS, cost=(),
                   teacher=str(ckpt), kd_config=args.kd_config, plain_config=args.plain_config,
                   kd_losses=sorted(name for name, _ in kd.composer.modules_flat()))

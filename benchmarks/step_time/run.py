@@ -51,7 +51,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import (Results, add_common_args, build_trainer, data_overrides,  # noqa: E402
+from benchmarks.common import (Results, add_common_args, build_trainer, data_overrides, extra_overrides,  # noqa: E402
                                interleaved_times, take_batches)
 
 COLUMNS = ("teacher_vs_student", "loader_vs_student", "loader_vs_teacher", "teacher_ms", "student_ms",
@@ -93,7 +93,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     import torch
 
     seed = args.seeds[0]
-    common = data_overrides(args.data, args.format) + list(args.set)
+    common = data_overrides(args.data, args.format) + extra_overrides(args)
     student = build_trainer(args.student_config, common, seed)
     teacher = build_trainer(args.teacher_config, common + list(args.teacher_set), seed)
     if teacher.teacher is not None or student.teacher is not None:
@@ -104,7 +104,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     budget = {"batches": len(batches), "repeats": args.repeats, "warmup": args.warmup,
               "batch": student.tcfg["batch"], "imgsz": student.cfg["data"]["imgsz"],
               "workers": student.tcfg["workers"], "threads": torch.get_num_threads(),
-              "overrides": list(args.set), "teacher_overrides": list(args.teacher_set)}
+              "overrides": extra_overrides(args), "teacher_overrides": list(args.teacher_set)}
     res = Results(args.out, "step_time", data=args.data, budget=budget, metrics=COLUMNS, cost=(),
                   teacher_config=args.teacher_config, student_config=args.student_config)
     res.payload["runs"] = []
