@@ -34,7 +34,7 @@ Typical use (see ``benchmarks/kd_gain/run.py``)::
     res = Results(args.out, "x", data=args.data, budget={"epochs": args.epochs})
     for role, seed in progress(plan, desc="x"):
         if not res.has(role, seed):
-            rec = run_record(role, "configs/x.yaml", seed, res.run_dir(role, seed),
+            rec = run_record(role, "mtkd/configs/x.yaml", seed, res.run_dir(role, seed),
                              overrides=data + [f"train.epochs={args.epochs}"])
             res.add(rec)
     res.write(derived=["..."])

@@ -41,7 +41,8 @@ def command(name: str, help: str) -> Callable[[Setup], Setup]:
 
 
 def _overrides(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", help="run config YAML")
+    p.add_argument("config", help="run config YAML: a file, else a packaged config (e.g. synthetic_kd.yaml, "
+                                   "classify/teacher.yaml; a leading configs/ is allowed)")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
 
 
@@ -137,6 +138,8 @@ def _synthetic_args(p: argparse.ArgumentParser) -> Runner:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--seg-missing", type=float, default=0.0, help="fraction of train images without masks")
     p.add_argument("--det-missing", type=float, default=0.0, help="fraction of train images without boxes")
+    p.add_argument("--formats", nargs="+", default=["voc", "coco", "yolo"], choices=("voc", "coco", "yolo"),
+                   help="layouts to write (default all three)")
     return _run_synthetic
 
 
@@ -144,7 +147,7 @@ def _run_synthetic(args: argparse.Namespace) -> int:
     from mtkd.datasets import make_synthetic
 
     make_synthetic(args.out, n_train=args.n_train, n_val=args.n_val, n_test=args.n_test, seed=args.seed,
-                   seg_missing=args.seg_missing, det_missing=args.det_missing)
+                   seg_missing=args.seg_missing, det_missing=args.det_missing, formats=tuple(args.formats))
     print(f"synthetic dataset written to {args.out}")
     return 0
 

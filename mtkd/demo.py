@@ -1,10 +1,10 @@
 """``mtkd demo``: the main job end to end on the embedded synthetic set.
 
 1. writes the synthetic multi-task set (VOC, COCO and YOLO layouts) unless it exists;
-2. trains the teacher once (``configs/synthetic_teacher.yaml``) and reuses its
+2. trains the teacher once (``mtkd/configs/synthetic_teacher.yaml``) and reuses its
    checkpoint on later runs: the first run takes longer and says so;
-3. trains the plain student (``configs/synthetic_student.yaml``) and the
-   distilled student (``configs/synthetic_kd.yaml``) for the same epochs;
+3. trains the plain student (``mtkd/configs/synthetic_student.yaml``) and the
+   distilled student (``mtkd/configs/synthetic_kd.yaml``) for the same epochs;
 4. prints and writes (``<out>/results.md``, ``<out>/results.json``) one table
    with mAP50-95, mAP50, mIoU, params, GFLOPs, CPU latency and training time,
    all measured on the TEST split with the checkpoint chosen on VAL.
@@ -19,14 +19,13 @@ from typing import Any, Dict, List
 
 from mtkd.cli import command
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 COLUMNS = ("role", "map50_95", "map50", "miou", "params", "gflops", "latency_ms", "steps", "train_wall_s")
 
 
 def _cfg(name: str, overrides: List[str]) -> Dict[str, Any]:
-    from mtkd.engine.config import load_config
+    from mtkd.engine.config import load_config, packaged_configs
 
-    return load_config(CONFIG_DIR / name, overrides)
+    return load_config(packaged_configs() / name, overrides)
 
 
 def _train(name: str, overrides: List[str]) -> Dict[str, Any]:

@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchmarks.common import random_checkpoint  # noqa: E402
 
-KD_CONFIG = ROOT / "configs" / "synthetic_kd.yaml"
+KD_CONFIG = ROOT / "mtkd" / "configs" / "synthetic_kd.yaml"
 
 
 @pytest.fixture(scope="module")

@@ -4,15 +4,15 @@
 Protocol (the issue's, binding):
 
 * Roles: ``teacher`` (trained once, reused: ``--teacher-ckpt``; evaluated on
-  this benchmark's test split), ``plain`` (``configs/synthetic_student.yaml``)
-  and ``kd`` (``configs/synthetic_kd.yaml``), the students over ``--seeds``
+  this benchmark's test split), ``plain`` (``mtkd/configs/synthetic_student.yaml``)
+  and ``kd`` (``mtkd/configs/synthetic_kd.yaml``), the students over ``--seeds``
   (default 0 1 2) at the same number of epochs (the literature's convention).
 * ``kd@wall`` (``--equal-wallclock``, on by default): the distilled student
   again, with ``train.time_budget_s`` = the training wall-clock of the
   ``plain`` run of the same seed, because the teacher's forward pass costs
   steps. Reported beside the equal-epoch figures; targets do not apply.
 * Ablation (``--ablation``, on by default, one seed: the first of
-  ``--seeds``): ``abl:<name>`` for each ``configs/ablation/<name>.yaml``
+  ``--seeds``): ``abl:<name>`` for each ``mtkd/configs/ablation/<name>.yaml``
   (seg_kl, det_mse, feat_gan, cwd alone; ``all`` = the kd config plus the
   feature-GAN, which the kd default leaves out).
 * Verdicts (``results.md``'s lines, also in the JSON's ``derived``):
@@ -37,7 +37,7 @@ error instead of mixing them. The teacher checkpoint's SHA-256 is stored
 teacher trained on), the teacher, KD and ablation runs move to the JSON's
 ``superseded`` list and are re-run, and the plain runs, which never load the
 teacher, are kept. A missing ``--teacher-ckpt``
-is trained first with ``configs/synthetic_teacher.yaml`` (``--teacher-epochs``).
+is trained first with ``mtkd/configs/synthetic_teacher.yaml`` (``--teacher-epochs``).
 
 Full run (lead)::
 
@@ -79,11 +79,11 @@ def parse(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     add_common_args(p, default_out="benchmarks/kd_gain")
     p.add_argument("--teacher-ckpt", default="runs/demo/teacher/best.pt",
                    help="teacher checkpoint to reuse (trained with --teacher-config when missing)")
-    p.add_argument("--teacher-config", default=str(ROOT / "configs/synthetic_teacher.yaml"))
+    p.add_argument("--teacher-config", default=str(ROOT / "mtkd/configs/synthetic_teacher.yaml"))
     p.add_argument("--teacher-epochs", type=int, default=25, help="epochs when the teacher must be trained")
-    p.add_argument("--student-config", default=str(ROOT / "configs/synthetic_student.yaml"))
-    p.add_argument("--kd-config", default=str(ROOT / "configs/synthetic_kd.yaml"))
-    p.add_argument("--ablation-dir", default=str(ROOT / "configs/ablation"))
+    p.add_argument("--student-config", default=str(ROOT / "mtkd/configs/synthetic_student.yaml"))
+    p.add_argument("--kd-config", default=str(ROOT / "mtkd/configs/synthetic_kd.yaml"))
+    p.add_argument("--ablation-dir", default=str(ROOT / "mtkd/configs/ablation"))
     p.add_argument("--epochs", type=int, default=10, help="student epochs, every role (default 10)")
     p.add_argument("--ablation", action=argparse.BooleanOptionalAction, default=True,
                    help="run the one-seed loss ablation (default on)")

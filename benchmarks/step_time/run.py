@@ -62,8 +62,8 @@ def parse(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(p, default_out="benchmarks/step_time", seeds=(0,))
-    p.add_argument("--teacher-config", default=str(ROOT / "configs/synthetic_teacher.yaml"))
-    p.add_argument("--student-config", default=str(ROOT / "configs/synthetic_student.yaml"))
+    p.add_argument("--teacher-config", default=str(ROOT / "mtkd/configs/synthetic_teacher.yaml"))
+    p.add_argument("--student-config", default=str(ROOT / "mtkd/configs/synthetic_student.yaml"))
     p.add_argument("--teacher-set", action="append", default=[], metavar="KEY=VALUE",
                    help="override for the teacher trainer only (repeatable)")
     p.add_argument("--batches", type=int, default=8, help="batches per repeat (default 8)")

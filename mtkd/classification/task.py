@@ -1,6 +1,6 @@
 """The ``classify`` task: ImageFolder classification for the generic trainer.
 
-Config (keys of ``configs/defaults.yaml``, read as follows):
+Config (keys of ``mtkd/configs/defaults.yaml``, read as follows):
 
 * ``data.format: imagefolder``; ``data.root`` holds the split folders named by
   ``data.train`` / ``data.val`` / ``data.test`` (the val folder stands in for

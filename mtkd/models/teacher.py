@@ -123,7 +123,7 @@ def load_teacher(teacher_cfg: Mapping[str, Any], num_classes: int,
     for key in teacher_cfg:
         if key not in _TEACHER_KEYS:
             raise ConfigError(f"teacher.{key}: unknown key; known: {', '.join(sorted(_TEACHER_KEYS))}")
-    # Null entries (and an empty model config) mean "not given", as in configs/defaults.yaml.
+    # Null entries (and an empty model config) mean "not given", as in mtkd/configs/defaults.yaml.
     cfg = {k: v for k, v in teacher_cfg.items() if v is not None and not (k == "model" and v == {})}
     trust = cfg.get("trust_pickle", False)
     if not isinstance(trust, bool):
