@@ -168,7 +168,9 @@ def train_job(config: str, overrides: Sequence[str], seed: int, out: str, epochs
     """
     import torch
 
-    import mtkd  # noqa: F401  (offline switches before any library import)
+    from mtkd.env import go_offline
+
+    go_offline()  # offline switches before any library import
 
     if threads:
         torch.set_num_threads(int(threads))

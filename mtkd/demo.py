@@ -8,6 +8,9 @@
 4. prints and writes (``<out>/results.md``, ``<out>/results.json``) one table
    with mAP50-95, mAP50, mIoU, params, GFLOPs, CPU latency and training time,
    all measured on the TEST split with the checkpoint chosen on VAL.
+
+The demo is self-contained and offline by design: it calls
+:func:`mtkd.env.go_offline` itself, as ``mtkd --offline`` would.
 """
 from __future__ import annotations
 
@@ -52,6 +55,10 @@ def results_table(rows: List[Dict[str, Any]]) -> str:
 
 
 def run_demo(args: argparse.Namespace) -> int:
+    from mtkd.env import go_offline
+
+    go_offline()  # self-contained: nothing it runs may reach the network (before albumentations loads)
+
     from mtkd.datasets import make_synthetic
 
     out = Path(args.out)
@@ -94,7 +101,8 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-@command("demo", help="synthetic data -> teacher, plain student, distilled student -> results table")
+@command("demo", help="synthetic data -> teacher, plain student, distilled student -> results table "
+                      "(self-contained and offline by design: it always sets the --offline switches)")
 def _demo_args(p: argparse.ArgumentParser):
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--data", default="data/synthetic")

@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import mtkd  # noqa: F401  (offline switches first)
 from mtkd.datasets import SYNTHETIC_CLASSES, make_synthetic
 from mtkd.engine import checkpoint as ckpt_io
 from mtkd.engine.config import load_config

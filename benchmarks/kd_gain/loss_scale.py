@@ -53,7 +53,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, float]:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
     args = p.parse_args(argv)
-    import mtkd  # noqa: F401  (offline switches first)
+    from mtkd.env import go_offline
+
+    go_offline()  # offline switches first
 
     means = term_means(args.config, args.set, args.batches, args.seed)
     lines: List[str] = [f"{k:32s} {v:10.4f}" for k, v in means.items()]

@@ -230,7 +230,9 @@ def supersede_stale_runs(payload: Dict[str, Any], digest: str, changed: bool = F
 # -- main ---------------------------------------------------------------------------------------
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     args = parse(argv)
-    import mtkd  # noqa: F401  (offline switches first)
+    from mtkd.env import go_offline
+
+    go_offline()  # offline switches first
 
     data_ov = data_overrides(args.data, args.format)
     extra = list(args.set)

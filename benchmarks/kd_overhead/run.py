@@ -81,7 +81,9 @@ def teacher_ckpt(args: argparse.Namespace, classes: List[str]) -> Path:
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     args = parse(argv)
-    import mtkd  # noqa: F401  (offline switches first)
+    from mtkd.env import go_offline
+
+    go_offline()  # offline switches first
     import torch
 
     seed = args.seeds[0]

@@ -89,7 +89,9 @@ def loader_pass(loader: Any, n: int) -> List[float]:
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     args = parse(argv)
-    import mtkd  # noqa: F401  (offline switches first)
+    from mtkd.env import go_offline
+
+    go_offline()  # offline switches first
     import torch
 
     seed = args.seeds[0]

@@ -490,7 +490,9 @@ def run_dense(args: argparse.Namespace, res: common.Results) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    import mtkd  # noqa: F401  (offline switches before any library import)
+    from mtkd.env import go_offline
+
+    go_offline()  # offline switches before any library import
 
     args = parse(argv)
     if args.threads is not None:
