@@ -19,7 +19,10 @@ SWITCHES = (*mtkd_env.OFFLINE_ENV, "YOLO_CONFIG_DIR", "YOLO_VERBOSE")
 def test_import_sets_no_environment_variable(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in SWITCHES}
     env.update(HOME=str(tmp_path), PYTHONPATH=str(ROOT))
-    code = ("import json, os, mtkd, mtkd.cli, mtkd.env; mtkd.cli.build_parser(); "
+    # parsing the command line must not import Ultralytics / albumentations: `--offline` is applied
+    # after parsing, and both read the switches when imported
+    code = ("import json, os, sys, mtkd, mtkd.cli, mtkd.env; mtkd.cli.build_parser(); "
+            "assert not {'ultralytics', 'albumentations'} & set(sys.modules), 'imported while parsing'; "
             f"print(json.dumps({{k: os.environ.get(k) for k in {list(SWITCHES)!r}}}))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                           cwd=tmp_path, timeout=120)

@@ -20,7 +20,8 @@ How a run's config is built (:func:`load_config`):
    full dotted key and the closest known key; a value whose type differs
    from the default's raises :class:`ConfigError` naming the key. An int is
    accepted where the default is a float; a null default accepts any type;
-   bools are never taken for numbers.
+   bools are never taken for numbers; the keys of :data:`MIXED_TYPES` take
+   any of their listed types.
 
 The config is a plain nested dict throughout (so it checkpoints with
 ``weights_only=True``).
@@ -31,7 +32,7 @@ import copy
 import difflib
 from importlib import resources
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import yaml
 
@@ -48,6 +49,9 @@ def packaged_configs() -> Path:
 
 #: The packaged ``mtkd/configs/defaults.yaml``: every valid key with its default.
 DEFAULTS_PATH = packaged_configs() / "defaults.yaml"
+
+#: Keys whose value may take one of several types (their default is one of them).
+MIXED_TYPES: Dict[str, Tuple[type, ...]] = {"model.pretrained": (bool, str)}
 
 #: Subtrees whose content is validated by their owners, not here: the loss
 #: section (LossComposer), augmentation options (mtkd.datasets), the
@@ -202,6 +206,12 @@ def validate(cfg: Dict[str, Any], defaults: Dict[str, Any], prefix: str = "",
         if dotted in FREE_FORM:
             if value is not None and not _type_ok(default, value):
                 raise ConfigError(f"{dotted}: expected {type(default).__name__}, got {type(value).__name__}")
+            continue
+        if dotted in MIXED_TYPES:
+            kinds = MIXED_TYPES[dotted]
+            if value is not None and not isinstance(value, kinds):
+                raise ConfigError(f"{dotted}: expected {' or '.join(k.__name__ for k in kinds)}, got "
+                                  f"{type(value).__name__} ({value!r})")
             continue
         if not _type_ok(default, value):
             raise ConfigError(f"{dotted}: expected {type(default).__name__}, got "
