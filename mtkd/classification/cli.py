@@ -12,7 +12,7 @@ adds what they lack for classification::
 ``file class prob`` line per image of ``--source`` (see
 :func:`mtkd.classification.predict.predict_folder`).
 
-Choices where the spec is silent:
+Choices made here:
 
 * The test split is a second :func:`make_synthetic_imagefolder` draw with
   seed ``seed + 1`` (its ``val`` folder becomes ``test/``), so test images are

@@ -5,7 +5,7 @@ builds data, model, teacher and evaluation; the
 :class:`~mtkd.losses.composer.LossComposer` holds every loss and tells the
 trainer, through ``requires``, what it needs (``teacher_grad``: the
 teacher's forward keeps its graph; ``input_grad``: the input images get
-``requires_grad``). Choices made here where the spec is silent:
+``requires_grad``). Choices made here:
 
 * **Lazy modules.** One forward of student, teacher and composer runs on a
   batch of the first training samples before the optimizer is built, so lazy
