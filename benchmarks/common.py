@@ -34,7 +34,7 @@ Typical use (see ``benchmarks/kd_gain/run.py``)::
     res = Results(args.out, "x", data=args.data, budget={"epochs": args.epochs})
     for role, seed in progress(plan, desc="x"):
         if not res.has(role, seed):
-            rec = run_record(role, "configs/x.yaml", seed, res.run_dir(role, seed),
+            rec = run_record(role, "mtkd/configs/x.yaml", seed, res.run_dir(role, seed),
                              overrides=data + [f"train.epochs={args.epochs}"])
             res.add(rec)
     res.write(derived=["..."])
@@ -152,12 +152,12 @@ def extra_overrides(args: argparse.Namespace) -> List[str]:
 #: ``small`` is the converged 64-px testbed; ``large`` the 128-px one of the ``legacy_128px``
 #: results, whose students are far from their plateau on a CPU.
 TESTBEDS: Dict[str, Dict[str, str]] = {
-    "small": {"data": "data/small", "teacher": "configs/small/teacher.yaml",
-              "student": "configs/small/student.yaml", "kd": "configs/small/kd.yaml",
-              "ablation": "configs/small/ablation", "teacher_ckpt": "runs/small/teacher/best.pt"},
-    "large": {"data": "data/synthetic", "teacher": "configs/synthetic_teacher.yaml",
-              "student": "configs/synthetic_student.yaml", "kd": "configs/synthetic_kd.yaml",
-              "ablation": "configs/ablation", "teacher_ckpt": "runs/demo/teacher/best.pt"},
+    "small": {"data": "data/small", "teacher": "mtkd/configs/small/teacher.yaml",
+              "student": "mtkd/configs/small/student.yaml", "kd": "mtkd/configs/small/kd.yaml",
+              "ablation": "mtkd/configs/small/ablation", "teacher_ckpt": "runs/small/teacher/best.pt"},
+    "large": {"data": "data/synthetic", "teacher": "mtkd/configs/synthetic_teacher.yaml",
+              "student": "mtkd/configs/synthetic_student.yaml", "kd": "mtkd/configs/synthetic_kd.yaml",
+              "ablation": "mtkd/configs/ablation", "teacher_ckpt": "runs/demo/teacher/best.pt"},
 }
 
 
@@ -222,7 +222,9 @@ def train_job(config: str, overrides: Sequence[str], seed: int, out: str, epochs
     """
     import torch
 
-    import mtkd  # noqa: F401  (offline switches before any library import)
+    from mtkd.env import go_offline
+
+    go_offline()  # offline switches before any library import
 
     if threads:
         torch.set_num_threads(int(threads))

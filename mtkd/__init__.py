@@ -1,6 +1,7 @@
-"""mtkd: multi-task knowledge distillation for detection and segmentation."""
-from mtkd.env import setup_offline as _setup_offline
+"""mtkd: multi-task knowledge distillation for detection and segmentation.
 
-_setup_offline()
+Importing mtkd changes nothing in the process environment; see
+:func:`mtkd.env.go_offline` (``mtkd --offline``) for the offline switches.
+"""
 
 __version__ = "0.1.0"

@@ -12,6 +12,11 @@ and, if it lives outside this file, one line in :data:`COMMAND_MODULES`
 prints ``error: <message>`` on one line to stderr and exits with status 2; a
 training run stopped by SIGINT/SIGTERM (:class:`~mtkd.errors.Interrupted`)
 prints one line saying how to resume and exits with 128 + the signal number.
+
+``--offline`` (before or after the command) calls :func:`mtkd.env.go_offline`
+before the command runs: Ultralytics, albumentations and the Hugging Face Hub
+then make no network requests. Without it mtkd sets no environment variables
+(``mtkd demo`` calls it itself).
 """
 from __future__ import annotations
 
@@ -44,7 +49,8 @@ def command(name: str, help: str) -> Callable[[Setup], Setup]:
 
 
 def _overrides(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", help="run config YAML")
+    p.add_argument("config", help="run config YAML: a file, else a packaged config (e.g. synthetic_kd.yaml, "
+                                   "classify/teacher.yaml; a leading configs/ is allowed)")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
 
 
@@ -179,13 +185,21 @@ def _run_yolo(args: argparse.Namespace) -> int:
 
 
 # -- entry point ---------------------------------------------------------------------
+OFFLINE_HELP = ("set the offline switches (YOLO_OFFLINE, YOLO_AUTOINSTALL, NO_ALBUMENTATIONS_UPDATE, "
+                "HF_HUB_OFFLINE, where unset) and a local YOLO_CONFIG_DIR with a font, before running")
+
+
 def build_parser() -> argparse.ArgumentParser:
     for module in COMMAND_MODULES:
         importlib.import_module(module)
     parser = argparse.ArgumentParser(prog="mtkd", description="multi-task knowledge distillation")
+    parser.add_argument("--offline", action="store_true", help=OFFLINE_HELP)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (help_text, setup) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
+        # also accepted after the command (tools/*.py put the command first); SUPPRESS keeps
+        # the subparser from resetting a flag given before the command
+        p.add_argument("--offline", action="store_true", default=argparse.SUPPRESS, help=OFFLINE_HELP)
         p.set_defaults(_run=setup(p))
     return parser
 
@@ -193,6 +207,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the CLI; returns the exit code (2 for an MtkdError, printed on one line)."""
     args = build_parser().parse_args(argv)
+    if args.offline:
+        from mtkd.env import go_offline
+
+        go_offline()
     try:
         return int(args._run(args) or 0)
     except Interrupted as exc:

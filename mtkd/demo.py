@@ -2,11 +2,11 @@
 
 1. writes the small synthetic testbed (``make_synthetic(**TESTBEDS["small"])``,
    VOC layout) unless it exists;
-2. trains the teacher (``configs/small/teacher.yaml``) and the plain student
-   (``configs/small/student.yaml``) at the same time, in two processes of one
+2. trains the teacher (``mtkd/configs/small/teacher.yaml``) and the plain student
+   (``mtkd/configs/small/student.yaml``) at the same time, in two processes of one
    torch thread each, printing their progress; a teacher that finished on an
    earlier run (its ``test_metrics.json`` exists) is reused;
-3. trains the distilled student (``configs/small/kd.yaml``) with the same
+3. trains the distilled student (``mtkd/configs/small/kd.yaml``) with the same
    data, schedule and seed as the plain one, on every core;
 4. prints and writes (``<out>/results.md``, ``<out>/results.json``) one table
    with mAP50-95, mAP50, mIoU, params, GFLOPs, steps and training time, all on
@@ -15,7 +15,9 @@
    teacher-student gap it closes.
 
 It shows one seed; ``benchmarks/kd_gain`` measures the same comparison over
-five seeds.
+five seeds. The demo is self-contained and offline by design: it calls
+:func:`mtkd.env.go_offline` itself, as ``mtkd --offline`` would, and its
+child processes inherit the switches.
 """
 from __future__ import annotations
 
@@ -30,7 +32,6 @@ from typing import Any, Dict, List, Sequence
 
 from mtkd.cli import command
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "small"
 COLUMNS = ("role", "map50_95", "map50", "miou", "params", "gflops", "steps", "train_wall_s")
 GAP_METRICS = ("map50_95", "map50", "miou")
 
@@ -89,7 +90,8 @@ def _launch(config: Path, overrides: Sequence[str], out: Path, threads: int) -> 
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     out.parent.mkdir(parents=True, exist_ok=True)
     log = open(out.parent / f"{out.name}.log", "w")
-    cmd = [sys.executable, "-m", "mtkd.cli", "train", str(config), *overrides, f"out={out}"]
+    cmd = [sys.executable, "-c", "import sys; from mtkd.cli import main; sys.exit(main(sys.argv[1:]))",
+           "train", str(config), *overrides, f"out={out}"]
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
 
 
@@ -119,7 +121,14 @@ def _wait(procs: Dict[str, tuple], every: float) -> None:
 
 
 def run_demo(args: argparse.Namespace) -> int:
+    from mtkd.env import go_offline
+
+    go_offline()  # self-contained: nothing it runs may reach the network (before albumentations loads)
+
     from mtkd.datasets.synthetic import TESTBEDS, make_synthetic
+    from mtkd.engine.config import packaged_configs
+
+    config_dir = packaged_configs() / "small"
 
     start = time.perf_counter()
     out, data = Path(args.out), Path(args.data)
@@ -141,12 +150,12 @@ def run_demo(args: argparse.Namespace) -> int:
         print("[demo] training the teacher and the plain student side by side (one thread each) ...",
               flush=True)
         t_over = list(common) + ([f"train.epochs={args.teacher_epochs}"] if args.teacher_epochs else [])
-        procs["teacher"] = (_launch(CONFIG_DIR / "teacher.yaml", t_over, teacher_dir, 1), teacher_dir)
-    procs["plain student"] = (_launch(CONFIG_DIR / "student.yaml", common, plain_dir, 1), plain_dir)
+        procs["teacher"] = (_launch(config_dir / "teacher.yaml", t_over, teacher_dir, 1), teacher_dir)
+    procs["plain student"] = (_launch(config_dir / "student.yaml", common, plain_dir, 1), plain_dir)
     _wait(procs, args.progress_every)
 
     print("[demo] training the distilled student (same data, schedule and seed as the plain one) ...", flush=True)
-    kd = {"kd": (_launch(CONFIG_DIR / "kd.yaml", common + [f"teacher.ckpt={teacher_dir / 'best.pt'}"], kd_dir,
+    kd = {"kd": (_launch(config_dir / "kd.yaml", common + [f"teacher.ckpt={teacher_dir / 'best.pt'}"], kd_dir,
                          args.kd_threads), kd_dir)}
     _wait(kd, args.progress_every)
 
@@ -169,7 +178,8 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-@command("demo", help="small testbed -> teacher and plain student side by side, distilled student -> table")
+@command("demo", help="small testbed -> teacher and plain student side by side, distilled student -> table "
+                      "(self-contained and offline by design: it always sets the --offline switches)")
 def _demo_args(p: argparse.ArgumentParser):
     p.add_argument("--out", default="runs/demo", help="run folder (default runs/demo)")
     p.add_argument("--data", default="data/small", help="testbed folder, written when missing (default data/small)")

@@ -1,32 +1,40 @@
-"""Keep third-party libraries offline.
+"""Offline switches for third-party libraries, set only when asked for.
 
-Imported first by ``mtkd/__init__.py`` so that Ultralytics and albumentations
-never reach the network (DNS probes, update checks, font or AMP-check
-downloads). Every value is only a default: a user's own environment wins.
+``import mtkd`` leaves the process environment alone. :func:`go_offline`
+sets the switches below (each only where unset: a user's own environment
+wins) and gives Ultralytics a font so it never downloads one. It is called by
+``mtkd --offline ...``, by ``mtkd demo`` (self-contained and offline by
+design), by the benchmarks and by the test suite.
+
+Ultralytics and albumentations read these variables when they are imported,
+so call :func:`go_offline` before anything imports them.
 """
 from __future__ import annotations
 
 import os
 import shutil
 from pathlib import Path
+from typing import Dict
 
-_DEFAULTS = {
+#: Variables :func:`go_offline` sets where unset: no DNS probes, update checks,
+#: pip auto-installs or Hugging Face Hub requests.
+OFFLINE_ENV: Dict[str, str] = {
     "YOLO_OFFLINE": "1",
     "YOLO_AUTOINSTALL": "0",
-    "YOLO_VERBOSE": "False",
     "NO_ALBUMENTATIONS_UPDATE": "1",
     "HF_HUB_OFFLINE": "1",
 }
 
 
-def setup_offline() -> Path:
-    """Set offline switches and give Ultralytics a config dir with a font.
+def go_offline() -> Path:
+    """Set :data:`OFFLINE_ENV` and ``YOLO_CONFIG_DIR`` where unset; put a font there.
 
     Ultralytics' ``check_font('Arial.ttf')`` downloads the font unless it is
     found in ``$YOLO_CONFIG_DIR/Ultralytics``; we copy matplotlib's DejaVuSans
-    there under that name. Returns the config dir.
+    there under that name (``YOLO_CONFIG_DIR`` defaults to
+    ``~/.config/mtkd-yolo`` here). Returns the config dir.
     """
-    for key, value in _DEFAULTS.items():
+    for key, value in OFFLINE_ENV.items():
         os.environ.setdefault(key, value)
     cfg = Path(os.environ.setdefault("YOLO_CONFIG_DIR", str(Path.home() / ".config" / "mtkd-yolo")))
     font_dir = cfg / "Ultralytics"

@@ -1,11 +1,19 @@
-"""Shared test set-up: offline switches, one thread per process, a temp YOLO dir."""
+"""Shared test set-up: offline switches, one thread per process, a temp YOLO dir.
+
+The offline switches are set here, at import, before any test module imports
+Ultralytics or albumentations (``import mtkd`` itself sets nothing).
+"""
 import os
 import tempfile
 
 os.environ.setdefault("YOLO_CONFIG_DIR", tempfile.mkdtemp(prefix="mtkd-yolo-"))
+os.environ.setdefault("YOLO_VERBOSE", "False")  # quiet Ultralytics in test logs (tests only)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import mtkd  # noqa: E402,F401  (sets the offline switches before anything else)
+from mtkd.env import go_offline  # noqa: E402
+
+go_offline()
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-import mtkd  # noqa: F401  (offline switches first)
 from mtkd.datasets import make_synthetic
 from mtkd.errors import ConfigError
 

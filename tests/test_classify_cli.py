@@ -1,4 +1,4 @@
-"""`mtkd classify make-data|predict` and the configs/classify YAMLs (tiny data, one short training run)."""
+"""`mtkd classify make-data|predict` and the mtkd/configs/classify YAMLs (tiny data, one short training run)."""
 from pathlib import Path
 
 import pytest
@@ -10,7 +10,7 @@ from mtkd.engine.config import load_config
 from mtkd.engine.trainer import train
 from mtkd.losses.composer import LossComposer
 
-CFG = Path(__file__).resolve().parents[1] / "configs" / "classify"
+CFG = Path(__file__).resolve().parents[1] / "mtkd" / "configs" / "classify"
 
 
 @pytest.fixture(scope="module")

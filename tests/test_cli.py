@@ -83,3 +83,11 @@ def test_subcommand_table_is_extensible(capsys):
         assert capsys.readouterr().out.strip() == "hello mtkd"
     finally:
         del COMMANDS["hello-test"]
+
+
+def test_make_synthetic_writes_only_the_formats_asked(tmp_path, capsys):
+    out = tmp_path / "syn"
+    assert main(["make-synthetic", "--out", str(out), "--n-train", "2", "--n-val", "1", "--n-test", "1",
+                 "--formats", "voc"]) == 0
+    assert (out / "voc" / "classes.txt").is_file()
+    assert not (out / "coco").exists() and not (out / "yolo").exists()

@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mtkd.engine.config import DEFAULTS_PATH, FREE_FORM, build_config, load_config, parse_overrides
+from mtkd.engine.config import (DEFAULTS_PATH, FREE_FORM, build_config, load_config, packaged_configs,
+                                parse_overrides, resolve_config)
 from mtkd.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,10 +82,46 @@ def test_free_form_subtree_replaces_default_and_is_not_validated():
         build_config({"data": {"augment": [1]}})
 
 
-@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
+@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "mtkd" / "configs").glob("*.yaml")))
 def test_shipped_configs_load_and_stay_short(name):
-    path = ROOT / "configs" / name
+    path = ROOT / "mtkd" / "configs" / name
     cfg = load_config(path)
     assert cfg["task"] == "multitask"
     if name != "defaults.yaml":
         assert len(path.read_text().splitlines()) <= 60
+
+
+def test_configs_are_packaged_and_found_by_name(tmp_path, monkeypatch):
+    assert packaged_configs() == ROOT / "mtkd" / "configs" and DEFAULTS_PATH.parent == packaged_configs()
+    monkeypatch.chdir(tmp_path)  # no configs/ here: the packaged ones are used
+    packaged = packaged_configs() / "synthetic_kd.yaml"
+    assert resolve_config("synthetic_kd.yaml") == packaged
+    assert resolve_config("configs/synthetic_kd.yaml") == packaged  # the old repository spelling
+    assert resolve_config("classify/student_st.yaml") == packaged_configs() / "classify" / "student_st.yaml"
+    assert load_config("configs/synthetic_kd.yaml") == load_config(packaged)
+    assert load_config("classify/student_st.yaml")["task"] == "classify"  # _base_ chain inside the package
+    with pytest.raises(ConfigError, match=r"^nope\.yaml: config file not found \(neither a file nor a packaged"):
+        load_config("nope.yaml")
+
+
+def test_an_existing_file_wins_over_a_packaged_config(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path / "synthetic_kd.yaml", {"seed": 7})
+    (tmp_path / "configs").mkdir()
+    write(tmp_path / "configs" / "synthetic_student.yaml", {"seed": 8})
+    assert resolve_config("synthetic_kd.yaml") == Path("synthetic_kd.yaml")
+    assert load_config("synthetic_kd.yaml")["seed"] == 7
+    assert load_config("configs/synthetic_student.yaml")["seed"] == 8
+    assert load_config("synthetic_student.yaml")["model"] == load_config(
+        packaged_configs() / "synthetic_student.yaml")["model"]
+
+
+def test_every_packaged_yaml_is_package_data():
+    """Each YAML under mtkd/configs matches a pyproject package-data pattern (so a wheel carries it)."""
+    import tomllib
+
+    patterns = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["mtkd"]
+    root = ROOT / "mtkd"
+    files = set((root / "configs").rglob("*.yaml"))
+    covered = {f for pat in patterns for f in root.glob(pat)}
+    assert len(files) >= 10 and files <= covered, sorted(str(f) for f in files - covered)

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import yaml
 
-import mtkd  # noqa: F401
 from mtkd.datasets import COCODataset, VOCDataset, YOLODataset, build_dataset
 from mtkd.errors import ConfigError, DataError
 from test_datasets_formats import voc_xml, write_coco, write_palette_png, write_voc, write_yolo

@@ -10,7 +10,6 @@ import yaml
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-import mtkd  # noqa: F401  (offline switches before albumentations)
 from mtkd.datasets import COCODataset, VOCDataset, YOLODataset, build_dataset
 from mtkd.structures import VOID
 

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import yaml
 
-import mtkd  # noqa: F401
 from mtkd.datasets import SYNTHETIC_CLASSES, COCODataset, VOCDataset, YOLODataset, build_dataset, collate, make_synthetic
 from mtkd.errors import ConfigError
 

@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 import torch
 
-import mtkd  # noqa: F401
 from mtkd.datasets import build_transforms, collate, unletterbox_boxes
 from mtkd.datasets.transforms import PAD_VALUE
 from mtkd.errors import ConfigError

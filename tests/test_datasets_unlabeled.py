@@ -12,7 +12,6 @@ import torch
 import yaml
 from torch.utils.data import DataLoader, DistributedSampler
 
-import mtkd  # noqa: F401  (offline switches before albumentations)
 from mtkd.datasets import (MixedBatchSampler, MixedDataset, build_dataset, build_unlabeled, collate,
                            mixed_shares)
 from mtkd.errors import ConfigError, DataError

@@ -23,7 +23,6 @@ SCRIPT = textwrap.dedent("""
     import json, os, sys
     from pathlib import Path
     sys.path.insert(0, {tests!r})
-    import mtkd  # noqa: F401  (offline switches first)
     import torch
     torch.set_num_threads(1)
     import test_engine
@@ -52,7 +51,7 @@ SCRIPT = textwrap.dedent("""
 def test_torchrun_two_ranks_gloo(tmp_path):
     script = tmp_path / "ddp_run.py"
     script.write_text(SCRIPT.format(tests=str(TESTS)))
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1")  # with conftest's offline switches
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
          str(tmp_path)], capture_output=True, text=True, env=env, timeout=120)

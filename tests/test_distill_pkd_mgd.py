@@ -251,7 +251,7 @@ def test_short_train_with_pkd_and_mgd_extras(tmp_path):
     teacher = random_checkpoint(tmp_path / "teacher.pt", {"preset": "student", "neck_channels": 48},
                                 SYNTHETIC_CLASSES, seed=1)
     out = tmp_path / "run"
-    cfg = load_config(root / "configs" / "synthetic_kd.yaml", [
+    cfg = load_config(root / "mtkd" / "configs" / "synthetic_kd.yaml", [
         f"data.root={data}", "data.imgsz=64", f"teacher.ckpt={teacher}", f"out={out}", "train.batch=4",
         "train.workers=0", "train.warmup_epochs=0", "train.epochs=1", "train.ema=false", "train.plots=false",
         "train.tensorboard=false", "eval.max_batches=1", "data.augment={hflip: 0.0}",

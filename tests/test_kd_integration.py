@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import mtkd  # noqa: F401  (offline switches first)
 from mtkd.datasets import SYNTHETIC_CLASSES, make_synthetic
 from mtkd.engine import checkpoint as ckpt_io
 from mtkd.engine.config import load_config
@@ -29,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchmarks.common import random_checkpoint  # noqa: E402
 
-KD_CONFIG = ROOT / "configs" / "synthetic_kd.yaml"
+KD_CONFIG = ROOT / "mtkd" / "configs" / "synthetic_kd.yaml"
 
 
 @pytest.fixture(scope="module")

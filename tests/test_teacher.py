@@ -38,7 +38,7 @@ def test_mtkd_checkpoint_teacher_is_frozen_and_matches_source(tmp_path, student)
     with torch.no_grad():
         source(torch.randn(2, 3, 64, 64) * 3 + 1)
     path = save_mtkd_ckpt(tmp_path / "t.pt", source, TINY, ["a", "b", "c"])
-    # The shape configs/defaults.yaml gives (null composite, empty model: read from the checkpoint).
+    # The shape mtkd/configs/defaults.yaml gives (null composite, empty model: read from the checkpoint).
     cfg = {"ckpt": str(path), "model": {}, "composite": None, "trust_pickle": False}
     teacher = load_teacher(cfg, NC, student=student)
     assert_frozen(teacher)

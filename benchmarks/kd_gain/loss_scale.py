@@ -7,9 +7,9 @@ teacher without any optimizer step (no_grad, student in train mode) and
 prints the mean of each logged term over them. Logged values are the terms
 *before* their ``weight`` (and before alpha/ratio), so a weight that makes a
 soft term match its hard term is ``hard / soft``. The numbers in the header
-of ``configs/synthetic_kd.yaml`` come from::
+of ``mtkd/configs/synthetic_kd.yaml`` come from::
 
-    python benchmarks/kd_gain/loss_scale.py configs/synthetic_kd.yaml --batches 3 \\
+    python benchmarks/kd_gain/loss_scale.py mtkd/configs/synthetic_kd.yaml --batches 3 \\
         --set train.workers=0
 """
 from __future__ import annotations
@@ -53,7 +53,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, float]:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
     args = p.parse_args(argv)
-    import mtkd  # noqa: F401  (offline switches first)
+    from mtkd.env import go_offline
+
+    go_offline()  # offline switches first
 
     means = term_means(args.config, args.set, args.batches, args.seed)
     lines: List[str] = [f"{k:32s} {v:10.4f}" for k, v in means.items()]

@@ -5,11 +5,11 @@ Two testbeds (``--testbed``):
 
 * ``small`` (default): the 64-px synthetic set of ``mtkd make-synthetic
   --testbed small`` (written to ``data/small`` when missing) with the
-  ``student_small`` / ``teacher_small`` presets (``configs/small/``). Teacher
+  ``student_small`` / ``teacher_small`` presets (``mtkd/configs/small/``). Teacher
   and plain student reach their plateau there in minutes on a CPU
   (``benchmarks/plateau``), so a KD effect is not hidden by undertraining.
   Defaults: seeds 0-4, the configs' epochs, two one-thread runs at a time.
-* ``large``: the 128-px set and presets of ``configs/synthetic_*.yaml``;
+* ``large``: the 128-px set and presets of ``mtkd/configs/synthetic_*.yaml``;
   its CPU results are in ``benchmarks/kd_gain/legacy_128px/``.
 
 Protocol:
@@ -294,7 +294,9 @@ def plan_runs(args: argparse.Namespace, epochs: int, teacher_ov: List[str]) -> L
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     args = parse(argv)
-    import mtkd  # noqa: F401  (offline switches first)
+    from mtkd.env import go_offline
+
+    go_offline()  # offline switches first
 
     if args.data == TESTBEDS[args.testbed]["data"]:
         ensure_testbed_data(args.testbed, args.data)

@@ -91,7 +91,9 @@ def ranking(runs: List[Dict[str, Any]]) -> Tuple[List[str], List[Dict[str, Any]]
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     args = parse(argv)
-    import mtkd  # noqa: F401  (offline switches first)
+    from mtkd.env import go_offline
+
+    go_offline()  # offline switches first
 
     if args.data == TESTBEDS[args.testbed]["data"]:
         ensure_testbed_data(args.testbed, args.data)

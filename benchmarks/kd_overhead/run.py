@@ -59,8 +59,8 @@ def parse(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(p, default_out="benchmarks/kd_overhead", seeds=(0,))
-    p.add_argument("--plain-config", default=str(ROOT / "configs/synthetic_student.yaml"))
-    p.add_argument("--kd-config", default=str(ROOT / "configs/synthetic_kd.yaml"))
+    p.add_argument("--plain-config", default=str(ROOT / "mtkd/configs/synthetic_student.yaml"))
+    p.add_argument("--kd-config", default=str(ROOT / "mtkd/configs/synthetic_kd.yaml"))
     p.add_argument("--teacher-ckpt", default="runs/demo/teacher/best.pt",
                    help="teacher checkpoint (a random one of --teacher-preset when missing)")
     p.add_argument("--teacher-preset", default="teacher", help="model preset of the random teacher")
@@ -81,7 +81,9 @@ def teacher_ckpt(args: argparse.Namespace, classes: List[str]) -> Path:
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     args = parse(argv)
-    import mtkd  # noqa: F401  (offline switches first)
+    from mtkd.env import go_offline
+
+    go_offline()  # offline switches first
     import torch
 
     seed = args.seeds[0]

@@ -82,7 +82,9 @@ def verdicts(runs: List[Dict[str, Any]], tolerance: float) -> Tuple[List[str], D
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     args = parse(argv)
-    import mtkd  # noqa: F401  (offline switches first)
+    from mtkd.env import go_offline
+
+    go_offline()  # offline switches first
     from mtkd.engine.config import load_config
 
     if args.data == TESTBEDS[args.testbed]["data"]:

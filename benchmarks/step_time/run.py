@@ -62,8 +62,8 @@ def parse(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(p, default_out="benchmarks/step_time", seeds=(0,))
-    p.add_argument("--teacher-config", default=str(ROOT / "configs/synthetic_teacher.yaml"))
-    p.add_argument("--student-config", default=str(ROOT / "configs/synthetic_student.yaml"))
+    p.add_argument("--teacher-config", default=str(ROOT / "mtkd/configs/synthetic_teacher.yaml"))
+    p.add_argument("--student-config", default=str(ROOT / "mtkd/configs/synthetic_student.yaml"))
     p.add_argument("--teacher-set", action="append", default=[], metavar="KEY=VALUE",
                    help="override for the teacher trainer only (repeatable)")
     p.add_argument("--batches", type=int, default=8, help="batches per repeat (default 8)")
@@ -89,7 +89,9 @@ def loader_pass(loader: Any, n: int) -> List[float]:
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     args = parse(argv)
-    import mtkd  # noqa: F401  (offline switches first)
+    from mtkd.env import go_offline
+
+    go_offline()  # offline switches first
     import torch
 
     seed = args.seeds[0]

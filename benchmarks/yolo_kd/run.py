@@ -127,7 +127,9 @@ def parse_kv(text: str, flag: str) -> Dict[str, Any]:
 def run_one(spec: Dict[str, Any]) -> Dict[str, Any]:
     if "validate" in spec:
         return validate_one(spec["validate"], spec["overrides"])
-    import mtkd  # noqa: F401  (offline switches first)
+    from mtkd.env import go_offline
+
+    go_offline()  # offline switches first
     from ultralytics.models.yolo.detect import DetectionTrainer
     from ultralytics.utils.torch_utils import get_flops, get_num_params
 
@@ -174,7 +176,9 @@ def run_one(spec: Dict[str, Any]) -> Dict[str, Any]:
 
 def validate_one(weights: str, overrides: Dict[str, Any]) -> Dict[str, Any]:
     """Ultralytics' validation of an existing checkpoint (a reused ``--teacher``)."""
-    import mtkd  # noqa: F401
+    from mtkd.env import go_offline
+
+    go_offline()  # offline switches first
     from ultralytics import YOLO
 
     keep = {k: overrides[k] for k in ("data", "imgsz", "batch", "device", "workers") if k in overrides}
@@ -351,7 +355,9 @@ def main(argv: List[str] | None = None) -> int:
     if args.data:
         data = Path(args.data).resolve()
     else:
-        import mtkd  # noqa: F401
+        from mtkd.env import go_offline
+
+        go_offline()  # offline switches first
         from mtkd.datasets import make_synthetic
 
         data = out / "data" / "yolo" / "data.yaml"

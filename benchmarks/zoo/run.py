@@ -8,14 +8,14 @@ Protocol (classification, the default):
    :func:`mtkd.classification.cli.make_classify_data` into ``<runs>/data``
    (8 classes, 64 train / 16 val / 32 test images per class, 32 px; with
    batch 32 that is 16 steps per epoch).
-2. Teacher: ``configs/classify/teacher.yaml`` with ``model.backbone`` =
+2. Teacher: ``mtkd/configs/classify/teacher.yaml`` with ``model.backbone`` =
    ``--teacher-arch`` (default ``cnn8``: the student's 4-block layout with two
    convs per block and doubled widths, ~14x its FLOPs, feature maps of the
    same sizes under the same names) trained once for ``--teacher-epochs``
    (role ``teacher``, seed 0), or ``--teacher PATH`` (then only evaluated on
    the test split). A torchvision ResNet-18 was the first choice and was
    measured not to beat the student at 32 px (its stem downsamples 4x).
-3. Plain: ``configs/classify/student_plain.yaml`` (4-block CNN, CE only),
+3. Plain: ``mtkd/configs/classify/student_plain.yaml`` (4-block CNN, CE only),
    one run per seed. The teacher must beat the plain student's median test
    top1 by ``--min-gap`` points; otherwise the benchmark writes what it has,
    says so and stops (exit 1): distilling from a teacher no better than the
@@ -31,7 +31,7 @@ Protocol (classification, the default):
 
 Dense (``--dense``): the dense-capable losses (:data:`DENSE_LOSSES`; BSS,
 Sobolev and LwM need class logits and labels) on the multi-task set
-``--dense-data`` with ``configs/synthetic_student.yaml`` and the teacher
+``--dense-data`` with ``mtkd/configs/synthetic_student.yaml`` and the teacher
 checkpoint ``--dense-teacher``, plus the plain multi-task student and the
 teacher's own test metrics (roles ``<name>@dense``); metrics map50_95,
 map50, miou. The same gate applies: the teacher's test miou must beat the
@@ -103,7 +103,7 @@ if str(ROOT) not in sys.path:  # run as a script: make `benchmarks` importable
 
 from benchmarks import common  # noqa: E402
 
-CONFIGS = ROOT / "configs"
+CONFIGS = ROOT / "mtkd" / "configs"
 TEACHER_CFG = CONFIGS / "classify" / "teacher.yaml"
 PLAIN_CFG = CONFIGS / "classify" / "student_plain.yaml"
 DENSE_STUDENT_CFG = CONFIGS / "synthetic_student.yaml"
@@ -490,7 +490,9 @@ def run_dense(args: argparse.Namespace, res: common.Results) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    import mtkd  # noqa: F401  (offline switches before any library import)
+    from mtkd.env import go_offline
+
+    go_offline()  # offline switches before any library import
 
     args = parse(argv)
     if args.threads is not None:

@@ -1,7 +1,7 @@
 """``mtkd classify``: make the synthetic ImageFolder set, classify a folder of images.
 
 Training and evaluation go through the generic commands
-(``mtkd train configs/classify/teacher.yaml``, ``mtkd eval ...``); this module
+(``mtkd train classify/teacher.yaml``, ``mtkd eval ...``); this module
 adds what they lack for classification::
 
     mtkd classify make-data --out data/classify [--classes 8 --per-class 64 --test-per-class 32 --imgsz 32]
@@ -12,7 +12,7 @@ adds what they lack for classification::
 ``file class prob`` line per image of ``--source`` (see
 :func:`mtkd.classification.predict.predict_folder`).
 
-Choices where the spec is silent:
+Choices made here:
 
 * The test split is a second :func:`make_synthetic_imagefolder` draw with
   seed ``seed + 1`` (its ``val`` folder becomes ``test/``), so test images are
@@ -112,7 +112,7 @@ def _run_predict(args: argparse.Namespace) -> int:
 def _classify_args(p: argparse.ArgumentParser) -> Runner:
     sub = p.add_subparsers(dest="classify_command", required=True, metavar="ACTION")
     mk = sub.add_parser("make-data", help="write the synthetic texture ImageFolder (train/val/test)")
-    mk.add_argument("--out", required=True, help="output root (configs/classify expects data/classify)")
+    mk.add_argument("--out", required=True, help="output root (the classify configs expect data/classify)")
     mk.add_argument("--classes", type=int, default=8)
     mk.add_argument("--per-class", type=int, default=64, help="training images per class")
     mk.add_argument("--val-per-class", type=int, default=None, help="default: per-class // 4")
@@ -121,7 +121,8 @@ def _classify_args(p: argparse.ArgumentParser) -> Runner:
     mk.add_argument("--seed", type=int, default=0)
     mk.set_defaults(_action=_run_make_data)
     pr = sub.add_parser("predict", help="print 'file class prob' for every image of a folder")
-    pr.add_argument("config", help="run config YAML (e.g. configs/classify/student_st.yaml or <run>/config.yaml)")
+    pr.add_argument("config", help="run config YAML: a file (e.g. <run>/config.yaml), else a packaged "
+                                    "config (e.g. classify/student_st.yaml)")
     pr.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
     pr.add_argument("--ckpt", required=True, help="checkpoint (best.pt / last.pt)")
     pr.add_argument("--source", required=True, help="folder of images (searched recursively)")

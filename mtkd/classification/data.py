@@ -6,7 +6,7 @@ Layout (torchvision's ImageFolder convention)::
     root/val/<class name>/...
     root/test/<class name>/...      (optional; the val folder stands in when absent)
 
-Conventions (chosen here where the spec is silent):
+Conventions:
 
 * Classes are the sorted sub-folder names of the *train* folder (or the
   config's ``data.classes``); every other split maps its sub-folders through

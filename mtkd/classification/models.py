@@ -24,7 +24,17 @@
 Names: ``cnn4`` is the student, ``cnn8`` its bigger sibling; ``torchvision/<name>`` or ``timm/<name>``
 pick a library; a bare name is torchvision's when torchvision has that
 classification model (so seed-style torchvision state dicts load), else timm's.
-No weights are ever downloaded.
+
+Initial weights (``pretrained``, the config's ``model.pretrained`` /
+``teacher.model.pretrained``; see :mod:`mtkd.pretrained`): ``False``
+random; ``True`` timm's own pretrained weights, which timm downloads (timm
+models only: ``cnn4``/``cnn8`` have none, and torchvision's would need their
+1000-class head swapped, so name the model ``timm/<name>`` or give a path);
+a path: a local state dict of the network without its final class layer
+(the layer producing the logits keeps its random init; its keys in the file,
+of whatever class count, are ignored), loaded strictly. The file's keys are
+the library model's own (``timm.create_model(...).state_dict()``) or this
+wrapper's (a leading ``model.`` on every key is dropped).
 
 KD lives in :mod:`mtkd.losses`; nothing here knows a loss.
 """
@@ -38,6 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mtkd.errors import ConfigError, MtkdError
+from mtkd.pretrained import Pretrained, check_pretrained, load_state_file
 
 STUDENT = "cnn4"
 #: The built-in CNNs by name: constructor defaults of :class:`Cnn4`.
@@ -220,34 +231,51 @@ def _timm_taps(model: nn.Module) -> Tuple[Dict[str, str], Optional[str]]:
     return taps, head
 
 
-def build_classifier(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
-    """A randomly initialised classifier returning the mtkd output dict.
+def build_classifier(name: str, num_classes: int, pretrained: Pretrained = False,
+                     pretrained_key: str = "model.pretrained", **kwargs: Any) -> nn.Module:
+    """A classifier returning the mtkd output dict.
 
     ``name``: ``cnn4``/``cnn8`` (kwargs: ``widths``, ``hidden``, ``drop_rate``, ``depth``) or a
-    torchvision/timm name (kwargs go to the library's constructor).
+    torchvision/timm name (kwargs go to the library's constructor). ``pretrained``: ``False``
+    (random init), ``True`` (timm's weights) or a state dict path (see the module doc);
+    ``pretrained_key`` names the config entry in errors.
     """
     if num_classes < 1:
         raise ConfigError(f"num_classes: must be >= 1, got {num_classes}")
+    pretrained = check_pretrained(pretrained, pretrained_key)
     if name in CNN_VARIANTS:
+        if pretrained is True:
+            raise ConfigError(f"{pretrained_key}: {name} has no published weights; give a state dict path")
         try:
-            return Cnn4(num_classes, **{**CNN_VARIANTS[name], **kwargs})
+            model: nn.Module = Cnn4(num_classes, **{**CNN_VARIANTS[name], **kwargs})
         except TypeError as exc:
             raise ConfigError(f"model {name!r}: bad arguments {sorted(kwargs)}: {exc}") from None
-    lib, arch = _resolve(name)
-    try:
-        if lib == "torchvision":
-            from torchvision import models as tvm
+    else:
+        lib, arch = _resolve(name)
+        if pretrained is True and lib != "timm":
+            raise ConfigError(f"{pretrained_key}: true takes timm's weights; name the model 'timm/{arch}' "
+                              f"or give a state dict path for torchvision's {arch}")
+        try:
+            if lib == "torchvision":
+                from torchvision import models as tvm
 
-            model = tvm.get_model(arch, weights=None, num_classes=num_classes, **kwargs)
-            taps, head = _probe_taps(model)
+                net = tvm.get_model(arch, weights=None, num_classes=num_classes, **kwargs)
+                taps, head = _probe_taps(net)
+            else:
+                import timm
+
+                net = timm.create_model(arch, pretrained=pretrained is True, num_classes=num_classes, **kwargs)
+                taps, head = _timm_taps(net)
+        except TypeError as exc:
+            raise ConfigError(f"model {name!r}: bad arguments {sorted(kwargs)}: {exc}") from None
+        model = TappedClassifier(net, taps, head)
+    if isinstance(pretrained, str):  # all but the class layer, which keeps its init
+        if isinstance(model, TappedClassifier):  # the file holds the library model's own keys
+            load_state_file(model.model, pretrained, pretrained_key, prefixes=("model.",),
+                            skip=[model.head_name] if model.head_name else [])
         else:
-            import timm
-
-            model = timm.create_model(arch, pretrained=False, num_classes=num_classes, **kwargs)
-            taps, head = _timm_taps(model)
-    except TypeError as exc:
-        raise ConfigError(f"model {name!r}: bad arguments {sorted(kwargs)}: {exc}") from None
-    return TappedClassifier(model, taps, head)
+            load_state_file(model, pretrained, pretrained_key, skip=[f"classifier.{len(model.classifier) - 1}"])
+    return model
 
 
 def _state_dict_of(obj: Any, path: Path) -> Dict[str, torch.Tensor]:

@@ -1,6 +1,6 @@
 """The ``classify`` task: ImageFolder classification for the generic trainer.
 
-Config (keys of ``configs/defaults.yaml``, read as follows):
+Config (keys of ``mtkd/configs/defaults.yaml``, read as follows):
 
 * ``data.format: imagefolder``; ``data.root`` holds the split folders named by
   ``data.train`` / ``data.val`` / ``data.test`` (the val folder stands in for
@@ -11,11 +11,13 @@ Config (keys of ``configs/defaults.yaml``, read as follows):
   ``data.augment`` (``scale``, ``hflip``, ``enabled``); ``data.skip_bad``.
 * ``model.preset: student`` -> the 4-block CNN (``cnn4``); ``model.backbone``
   -> any torchvision/timm classifier name instead (see
-  :mod:`mtkd.classification.models`); the multi-task model keys must stay null.
-* ``teacher.model: {name: densenet121, <constructor kwargs>}`` (``backbone``
-  is accepted for ``name``; default ``densenet121``), ``teacher.ckpt`` (a
-  user checkpoint; random init when null but ``teacher.model`` is given),
-  ``teacher.trust_pickle``.
+  :mod:`mtkd.classification.models`); ``model.pretrained`` (false, true for
+  timm's weights, or a state dict path); the multi-task model keys must stay null.
+* ``teacher.model: {name: densenet121, pretrained: false, <constructor
+  kwargs>}`` (``backbone`` is accepted for ``name``; default
+  ``densenet121``), ``teacher.ckpt`` (a user checkpoint, which replaces
+  every weight; without it the teacher keeps its ``pretrained`` init:
+  random by default), ``teacher.trust_pickle``.
 * Losses: classification terms go in ``loss.extra`` (the composer's
   alpha/ratio sections are ``det``/``seg``), e.g. ``extra: [{name: ce,
   weight: 0.3}, {name: st, weight: 0.7, T: 4}]`` is Hinton's
@@ -39,6 +41,7 @@ from mtkd.classification.models import STUDENT, build_classifier, load_weights
 from mtkd.classification.predict import predict_folder
 from mtkd.engine.tasks import register_task
 from mtkd.errors import ConfigError, writing
+from mtkd.pretrained import check_pretrained
 
 #: Multi-task ``model:`` keys that mean nothing to a classifier (must stay null).
 _DENSE_MODEL_KEYS = ("neck_channels", "neck_depth", "head_channels", "reg_max", "seg_channels", "seg_c2",
@@ -98,10 +101,11 @@ class ClassifyTask:
         for key in _DENSE_MODEL_KEYS:
             if m.get(key) is not None:
                 raise ConfigError(f"model.{key}: not used by the classify task; leave it null")
+        pretrained = False if m.get("pretrained") is None else m["pretrained"]
         if m.get("backbone"):
-            return build_classifier(str(m["backbone"]), num_classes)
+            return build_classifier(str(m["backbone"]), num_classes, pretrained=pretrained)
         if m.get("preset") == "student":
-            return build_classifier(STUDENT, num_classes)
+            return build_classifier(STUDENT, num_classes, pretrained=pretrained)
         raise ConfigError(f"model.preset: the classify task knows 'student' ({STUDENT}); "
                           "give model.backbone for any torchvision/timm classifier")
 
@@ -117,10 +121,16 @@ class ClassifyTask:
         if t.get("ckpt") is None and not spec:
             return None
         name = spec.pop("name", None) or spec.pop("backbone", None) or "densenet121"
+        pretrained = spec.pop("pretrained", None)
+        pretrained = check_pretrained(False if pretrained is None else pretrained, "teacher.model.pretrained")
+        if t.get("ckpt") is not None:
+            pretrained = False  # the checkpoint replaces every weight: nothing to fetch or read first
         try:
-            model = build_classifier(str(name), num_classes, **spec)
+            model = build_classifier(str(name), num_classes, pretrained=pretrained,
+                                     pretrained_key="teacher.model.pretrained", **spec)
         except ConfigError as exc:
-            raise ConfigError(f"teacher.model: {exc}") from None
+            msg = str(exc)
+            raise ConfigError(msg if msg.startswith("teacher.") else f"teacher.model: {msg}") from None
         if t.get("ckpt") is not None:
             load_weights(model, t["ckpt"], trust_pickle=bool(t.get("trust_pickle", False)))
         return model

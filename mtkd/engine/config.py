@@ -2,11 +2,13 @@
 
 How a run's config is built (:func:`load_config`):
 
-1. The run's YAML file is read. A top-level ``_base_: other.yaml`` (a path
+1. The run's YAML file is found (:func:`resolve_config`: an existing file
+   path, else a path inside the packaged configs ``mtkd/configs/``, where a
+   leading ``configs/`` is dropped) and read. A top-level ``_base_: other.yaml`` (a path
    relative to that file, or a list of them, applied in order) is loaded first
    and the file is deep-merged onto it; chains are followed and cycles are an
    error.
-2. The result is merged onto ``configs/defaults.yaml``, which lists every
+2. The result is merged onto ``mtkd/configs/defaults.yaml``, which lists every
    valid key with its default and a comment. Mappings merge key by key,
    except the free-form subtrees of :data:`FREE_FORM`: there the user's value
    *replaces* the default as a whole (so a run can drop, say, the default
@@ -18,7 +20,8 @@ How a run's config is built (:func:`load_config`):
    full dotted key and the closest known key; a value whose type differs
    from the default's raises :class:`ConfigError` naming the key. An int is
    accepted where the default is a float; a null default accepts any type;
-   bools are never taken for numbers.
+   bools are never taken for numbers; the keys of :data:`MIXED_TYPES` take
+   any of their listed types.
 
 The config is a plain nested dict throughout (so it checkpoints with
 ``weights_only=True``).
@@ -27,15 +30,28 @@ from __future__ import annotations
 
 import copy
 import difflib
+from importlib import resources
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import yaml
 
 from mtkd.errors import ConfigError
 
-#: ``configs/defaults.yaml`` of the repository (mtkd is installed editable).
-DEFAULTS_PATH = Path(__file__).resolve().parents[2] / "configs" / "defaults.yaml"
+
+def packaged_configs() -> Path:
+    """The folder of configs shipped inside the package (``mtkd/configs``)."""
+    root = resources.files("mtkd") / "configs"
+    if not isinstance(root, Path):  # pragma: no cover - mtkd imported from a zip
+        raise ConfigError("mtkd's packaged configs need mtkd installed as files, not imported from a zip")
+    return root
+
+
+#: The packaged ``mtkd/configs/defaults.yaml``: every valid key with its default.
+DEFAULTS_PATH = packaged_configs() / "defaults.yaml"
+
+#: Keys whose value may take one of several types (their default is one of them).
+MIXED_TYPES: Dict[str, Tuple[type, ...]] = {"model.pretrained": (bool, str)}
 
 #: Subtrees whose content is validated by their owners, not here: the loss
 #: section (LossComposer), augmentation options (mtkd.datasets), the
@@ -90,6 +106,28 @@ def load_yaml_chain(path: str | Path, _seen: Optional[List[Path]] = None) -> Dic
     for base in bases:
         merged = deep_merge(merged, load_yaml_chain(path.parent / base, seen))
     return deep_merge(merged, data)
+
+
+def resolve_config(path: str | Path) -> Path:
+    """Where the run config ``path`` given by a user is.
+
+    An existing file path wins; otherwise a relative path is looked up in the
+    packaged configs, first as given, then without a leading ``configs/``
+    (so ``synthetic_kd.yaml`` and ``configs/synthetic_kd.yaml`` both name
+    ``mtkd/configs/synthetic_kd.yaml``). A path found nowhere is returned
+    as given (loading it then reports it missing).
+    """
+    given = Path(path).expanduser()
+    if given.is_file() or given.is_absolute():
+        return given
+    root = packaged_configs()
+    candidates = [given]
+    if len(given.parts) > 1 and given.parts[0] == "configs":
+        candidates.append(Path(*given.parts[1:]))
+    for rel in candidates:
+        if (root / rel).is_file():
+            return root / rel
+    return given
 
 
 def load_defaults() -> Dict[str, Any]:
@@ -169,6 +207,12 @@ def validate(cfg: Dict[str, Any], defaults: Dict[str, Any], prefix: str = "",
             if value is not None and not _type_ok(default, value):
                 raise ConfigError(f"{dotted}: expected {type(default).__name__}, got {type(value).__name__}")
             continue
+        if dotted in MIXED_TYPES:
+            kinds = MIXED_TYPES[dotted]
+            if value is not None and not isinstance(value, kinds):
+                raise ConfigError(f"{dotted}: expected {' or '.join(k.__name__ for k in kinds)}, got "
+                                  f"{type(value).__name__} ({value!r})")
+            continue
         if not _type_ok(default, value):
             raise ConfigError(f"{dotted}: expected {type(default).__name__}, got "
                               f"{type(value).__name__} ({value!r})")
@@ -185,8 +229,15 @@ def build_config(user: Dict[str, Any], overrides: Iterable[str] = ()) -> Dict[st
 
 
 def load_config(path: str | Path, overrides: Iterable[str] = ()) -> Dict[str, Any]:
-    """The validated config of the run file ``path`` plus ``key=value`` overrides."""
-    return build_config(load_yaml_chain(path), overrides)
+    """The validated config of the run file ``path`` plus ``key=value`` overrides.
+
+    ``path`` is found by :func:`resolve_config` (a file, else a packaged config).
+    """
+    found = resolve_config(path)
+    if not found.is_file():
+        raise ConfigError(f"{path}: config file not found (neither a file nor a packaged config "
+                          f"under {packaged_configs()})")
+    return build_config(load_yaml_chain(found), overrides)
 
 
 def dump_config(cfg: Dict[str, Any], path: str | Path) -> None:

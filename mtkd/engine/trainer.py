@@ -5,7 +5,7 @@ builds data, model, teacher and evaluation; the
 :class:`~mtkd.losses.composer.LossComposer` holds every loss and tells the
 trainer, through ``requires``, what it needs (``teacher_grad``: the
 teacher's forward keeps its graph; ``input_grad``: the input images get
-``requires_grad``). Choices made here where the spec is silent:
+``requires_grad``). Choices made here:
 
 * **Lazy modules.** One forward of student, teacher and composer runs on a
   batch of the first training samples before the optimizer is built, so lazy
@@ -291,7 +291,8 @@ class Trainer:
         self.val_loader = self._loader(self.val_ds, train=False) if self.val_ds is not None else None
 
         nc = len(self.classes)
-        self.model = self.task.build_model(cfg, nc).to(self.device)
+        resuming = self.tcfg["resume"] not in (None, False)  # the checkpoint replaces the initial weights
+        self.model = self.task.build_model(_without_pretrained(cfg) if resuming else cfg, nc).to(self.device)
         self.teacher = self.task.build_teacher(cfg, nc, self.model)
         if self.teacher is None and self.unlabeled_ds is not None:
             raise ConfigError("data.unlabeled: needs a teacher (teacher.ckpt or teacher.composite); "
@@ -738,6 +739,12 @@ def train(cfg: Dict[str, Any], task: Optional[Task] = None) -> Dict[str, Any]:
     return Trainer(cfg, task).fit()
 
 
+def _without_pretrained(cfg: Dict[str, Any]) -> Dict[str, Any]:
+    """``cfg`` with ``model.pretrained`` off, for a model whose weights a checkpoint then replaces
+    (nothing to download, and a moved or deleted init file does not matter)."""
+    return {**cfg, "model": {**cfg["model"], "pretrained": False}}
+
+
 def load_model(cfg: Dict[str, Any], ckpt_path: str | Path,
                task: Optional[Task] = None) -> tuple[Task, nn.Module, List[str], torch.device]:
     """The model of ``cfg["model"]`` with a checkpoint's ``"model"`` weights, in eval mode.
@@ -751,7 +758,7 @@ def load_model(cfg: Dict[str, Any], ckpt_path: str | Path,
     classes = ck.get("classes")
     if not classes:
         raise MtkdError(f"{ckpt_path}: checkpoint has no class list")
-    model = task.build_model(cfg, len(classes))
+    model = task.build_model(_without_pretrained(cfg), len(classes))
     try:
         model.load_state_dict(ck["model"])
     except RuntimeError as exc:

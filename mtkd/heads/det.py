@@ -13,7 +13,7 @@ Ultralytics' ``DFL`` into its expectation; ``reg_max == 1`` predicts the four
 ltrb distances directly (as Ultralytics does for ``reg_max=1``), without any
 activation, and ``box_dist`` is then ``None``.
 
-Bias priors (choices of ours where the spec is silent):
+Bias priors:
 
 * box: 2.0 on every output, as Ultralytics' ``Detect.bias_init``;
 * class: YOLOv8's ``log(5 / nc / (prior_imgsz / stride)^2)``, since the

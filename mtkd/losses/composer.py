@@ -16,8 +16,13 @@ Config shape (``loss:`` section)::
     seg:   {ratio: 1.0, alpha: 0.5, hard: {name: seg_ce},   soft: [{name: seg_kl, weight: 1.0, T: 2}]}
     extra: [{name: cwd, weight: 1.0}, ...]
 
-Every term is logged on its own under ``<task>/hard``, ``<task>/soft/<name>``,
-``extra/<name>`` (and ``.../<sub>`` for losses returning dicts).
+Every term is logged on its own under ``<task>/hard``, ``<task>/soft/<label>``,
+``extra/<label>`` (and ``.../<sub>`` for losses returning dicts). A term's
+label is its loss name unless the entry gives ``as: <label>``, which lets one
+loss appear twice in a section (e.g. ``extra: [{name: cwd, layers: [p3]},
+{name: cwd, as: cwd_p5, layers: [p5]}]``); two entries of one section with
+the same label are a ConfigError naming the second (its module and
+checkpoint keys are the label too).
 """
 from __future__ import annotations
 
@@ -47,15 +52,28 @@ def _sum_value(value: LossValue, prefix: str, logs: Dict[str, torch.Tensor]) -> 
     return value
 
 
-def _spec(entry: Any, key: str) -> Tuple[str, float, Dict[str, Any]]:
+def _spec(entry: Any, key: str) -> Tuple[str, str, float, Dict[str, Any]]:
+    """``(name, label, weight, kwargs)`` of one loss entry; ``label`` is ``as`` or the name."""
     if isinstance(entry, str):
-        return entry, 1.0, {}
+        return entry, entry, 1.0, {}
     if not isinstance(entry, dict) or "name" not in entry:
         raise ConfigError(f"{key}: expected a loss name or a mapping with 'name'")
     kwargs = dict(entry)
     name = kwargs.pop("name")
     weight = float(kwargs.pop("weight", 1.0))
-    return name, weight, kwargs
+    label = kwargs.pop("as", name)
+    if not isinstance(label, str) or not label or "." in label or "/" in label:
+        raise ConfigError(f"{key}.as: expected a non-empty label without '.' or '/', got {label!r}")
+    return name, label, weight, kwargs
+
+
+def _check_unique(labels: List[str], label: str, key: str, section: str) -> None:
+    """A ConfigError for ``key`` if an earlier entry of ``section`` has the label ``label``."""
+    if label in labels:
+        first = f"{section}[{labels.index(label)}]"
+        raise ConfigError(f"{key}: duplicate loss label {label!r} (also {first}); "
+                          f"give one of them 'as: <label>'")
+    labels.append(label)
 
 
 class LossComposer(nn.Module):
@@ -85,25 +103,31 @@ class LossComposer(nn.Module):
             if not 0.0 <= alpha <= 1.0:
                 raise ConfigError(f"loss.{task}.alpha: must be in [0, 1], got {alpha}")
             if tcfg.get("hard"):
-                name, _, kw = _spec(tcfg["hard"], f"loss.{task}.hard")
+                name, _, _, kw = _spec(tcfg["hard"], f"loss.{task}.hard")
                 self.hard[task] = build_loss(name, f"loss.{task}.hard", **kw)
             soft = nn.ModuleDict()
             weights: Dict[str, float] = {}
+            labels: List[str] = []
             for i, entry in enumerate(tcfg.get("soft") or []):
-                name, w, kw = _spec(entry, f"loss.{task}.soft[{i}]")
-                mod = build_loss(name, f"loss.{task}.soft[{i}]", **kw)
+                key = f"loss.{task}.soft[{i}]"
+                name, label, w, kw = _spec(entry, key)
+                _check_unique(labels, label, key, f"loss.{task}.soft")
+                mod = build_loss(name, key, **kw)
                 if self._usable(mod):
-                    soft[name] = mod
-                    weights[name] = w
+                    soft[label] = mod
+                    weights[label] = w
             self.soft[task] = soft
             self.soft_weights[task] = weights
             self.alpha[task] = alpha if len(soft) else 0.0
+        labels = []
         for i, entry in enumerate(cfg.get("extra") or []):
-            name, w, kw = _spec(entry, f"loss.extra[{i}]")
-            mod = build_loss(name, f"loss.extra[{i}]", **kw)
+            key = f"loss.extra[{i}]"
+            name, label, w, kw = _spec(entry, key)
+            _check_unique(labels, label, key, "loss.extra")
+            mod = build_loss(name, key, **kw)
             if self._usable(mod):
-                self.extra[name] = mod
-                self.extra_weights[name] = w
+                self.extra[label] = mod
+                self.extra_weights[label] = w
 
     def _usable(self, mod: nn.Module) -> bool:
         return self.with_teacher or "teacher" not in getattr(mod, "requires", ())

@@ -4,7 +4,11 @@
 which defaults to ``"student"``):
 
 * ``preset``: ``"student"`` or ``"teacher"``, the base the other keys override;
-* ``backbone``: a timm model name or ``"smp:<encoder>"`` (random init);
+* ``backbone``: a timm model name or ``"smp:<encoder>"``;
+* ``pretrained``: the backbone's initial weights: ``false`` (random, the
+  default), ``true`` (timm's / smp's own, downloaded by them) or the path of
+  a local state dict of the encoder (see :mod:`mtkd.pretrained`); the
+  neck and heads always start random;
 * ``neck_channels`` / ``neck_depth``: PAN width ``c`` (levels c, 2c, 4c) and
   bottlenecks per C2f;
 * ``head_channels``: width of the detection head's towers;
@@ -27,6 +31,7 @@ from mtkd.models.backbone import Backbone, build_backbone
 from mtkd.models.info import model_info
 from mtkd.models.multitask import MultiTaskModel
 from mtkd.models.neck import PAN
+from mtkd.pretrained import check_pretrained
 
 #: Presets, measured at 128 px with nc=20 on the 2-core CPU (``model_info``;
 #: a train step = forward + yolo_det + seg_ce + backward at batch 16):
@@ -56,11 +61,13 @@ def _resolve(model_cfg: Mapping[str, Any]) -> Dict[str, Any]:
     if not isinstance(preset, str) or preset not in PRESETS:
         raise ConfigError(f"model.preset: unknown preset {preset!r}; known: {', '.join(PRESETS)}")
     cfg = dict(PRESETS[preset])
+    pretrained = model_cfg.get("pretrained")
+    cfg["pretrained"] = check_pretrained(False if pretrained is None else pretrained)
     for key, value in model_cfg.items():
-        if key == "preset" or value is None:  # null = take the preset's value
+        if key in ("preset", "pretrained") or value is None:  # null = take the preset's value
             continue
         if key not in _TYPES:
-            raise ConfigError(f"model.{key}: unknown key; known: preset, {', '.join(_TYPES)}")
+            raise ConfigError(f"model.{key}: unknown key; known: preset, pretrained, {', '.join(_TYPES)}")
         want = _TYPES[key]
         if not isinstance(value, want) or (want is int and isinstance(value, bool)):
             raise ConfigError(f"model.{key}: expected {want.__name__}, got {value!r}")
@@ -75,11 +82,14 @@ def _resolve(model_cfg: Mapping[str, Any]) -> Dict[str, Any]:
 
 
 def build_model(model_cfg: Mapping[str, Any], num_classes: int) -> MultiTaskModel:
-    """Build a randomly initialised :class:`MultiTaskModel` from a ``model:`` config section."""
+    """Build a :class:`MultiTaskModel` from a ``model:`` config section.
+
+    Random init, except the backbone when ``model_cfg["pretrained"]`` says otherwise.
+    """
     if not isinstance(num_classes, int) or num_classes < 1:
         raise ConfigError(f"num_classes: expected a positive int, got {num_classes!r}")
     cfg = _resolve(model_cfg)
-    backbone = build_backbone(cfg["backbone"])
+    backbone = build_backbone(cfg["backbone"], pretrained=cfg["pretrained"])
     neck = PAN(backbone.channels[1:], cfg["neck_channels"], cfg["neck_depth"])
     det = DetHead(neck.channels, num_classes, cfg["head_channels"], cfg["reg_max"]) if cfg["det"] else None
     seg = (SegHead(neck.channels, num_classes, cfg["seg_channels"],

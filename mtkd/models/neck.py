@@ -1,7 +1,7 @@
 """PAN neck (FPN top-down + bottom-up path) from Ultralytics blocks.
 
 The layout is YOLOv8's neck (Ultralytics ``Conv``/``C2f``) over the backbone
-maps at strides 8/16/32, with two choices of ours where the spec is silent:
+maps at strides 8/16/32, with two choices of mtkd's own:
 
 * each backbone map first goes through a 1x1 ``Conv`` to the level width, so
   the neck's cost does not depend on the backbone's (often 512-2048) widths;

@@ -8,7 +8,8 @@
         teacher: {ckpt: runs/teacher/best.pt, model: {preset: teacher}, trust_pickle: false}
 
     ``model`` defaults to the checkpoint's own ``config.model``; weights come
-    from the checkpoint's ``model`` entry, read with
+    from the checkpoint's ``model`` entry (so a ``model.pretrained`` there is
+    not fetched or read: the checkpoint replaces those weights), read with
     :func:`mtkd.engine.checkpoint.load_checkpoint` (``weights_only=True``
     unless ``trust_pickle``).
 
@@ -123,7 +124,7 @@ def load_teacher(teacher_cfg: Mapping[str, Any], num_classes: int,
     for key in teacher_cfg:
         if key not in _TEACHER_KEYS:
             raise ConfigError(f"teacher.{key}: unknown key; known: {', '.join(sorted(_TEACHER_KEYS))}")
-    # Null entries (and an empty model config) mean "not given", as in configs/defaults.yaml.
+    # Null entries (and an empty model config) mean "not given", as in mtkd/configs/defaults.yaml.
     cfg = {k: v for k, v in teacher_cfg.items() if v is not None and not (k == "model" and v == {})}
     trust = cfg.get("trust_pickle", False)
     if not isinstance(trust, bool):
@@ -162,6 +163,7 @@ def _mtkd_model(cfg: Mapping[str, Any], num_classes: int,
                 trust: bool) -> Tuple[nn.Module, int, Tuple[int, ...]]:
     from mtkd.engine.checkpoint import load_checkpoint
     from mtkd.models import build_model
+    from mtkd.pretrained import check_pretrained
 
     path = cfg["ckpt"]
     ckpt = load_checkpoint(path, trust_pickle=trust)
@@ -172,7 +174,12 @@ def _mtkd_model(cfg: Mapping[str, Any], num_classes: int,
     nc = len(classes) if isinstance(classes, (list, tuple)) else int(classes or num_classes)
     if nc != num_classes:
         raise ConfigError(f"teacher.ckpt: {path} has {nc} classes but the student has {num_classes}")
-    model = build_model(model_cfg, nc)
+    if not isinstance(model_cfg, Mapping):
+        raise ConfigError(f"teacher.model: expected a mapping, got {type(model_cfg).__name__}")
+    if model_cfg.get("pretrained") is not None:
+        check_pretrained(model_cfg["pretrained"], "teacher.model.pretrained")
+    # the checkpoint replaces every weight: no pretrained init to fetch or read first
+    model = build_model({**model_cfg, "pretrained": False}, nc)
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as exc:

@@ -8,7 +8,7 @@ helpers below to pick tensors out of the model output dicts:
 * dense multi-task models: ``{"det", "seg": (B,K,H,W), "feats": {"c2".."c5","p3","p4","p5"}}``;
 * classification models: ``{"logits": (B,C), "embed": (B,D), "feats": {"f1".."f4"}}``.
 
-Conventions (the spec is silent on these; chosen here and used by every zoo loss):
+Conventions, shared by every zoo loss:
 
 * Teacher tensors are always detached, as the reference's train scripts do
   (``out_t.detach()``), so no gradient reaches the teacher.

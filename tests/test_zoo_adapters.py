@@ -1,7 +1,14 @@
-"""Registered adapters of zoo part 2 on tiny classification and dense models:
-built by name, gradients reach the student and never the teacher, trainable
-parts are registered, batch size 1 works, hooks (bind, aux_step, extra_state,
-index) behave, and misuse raises ConfigError."""
+"""Registered adapters of every zoo loss on model output dicts.
+
+Built by name on dense (seg logits, neck maps p3..p5) and classifier
+(logits, embed, f1..f4) outputs: gradients reach the student and never the
+teacher, student and teacher widths may differ, trainable parts are
+registered, batch size 1 works, hooks (bind, aux_step, extra_state, index)
+behave, and misuse raises ConfigError. First sp, cc, irg, vid, ofd, afd, crd,
+dml, bss, sobolev, lwm on tiny models, then logits, st, at, fitnet, nst, pkt,
+fsp, ft, rkd, ab on random output dicts. The tensor-level formulas are in
+test_zoo_formulas.py.
+"""
 import io
 
 import pytest
@@ -11,6 +18,8 @@ from torch import nn
 
 from mtkd.errors import ConfigError
 from mtkd.losses import build_loss
+from mtkd.losses.zoo.pkt import PKTCosSim
+from mtkd.losses.zoo.rkd import RKD
 from mtkd.structures import VOID
 
 
@@ -266,3 +275,200 @@ def test_lwm_teacher_feat_names_the_teachers_map():
                           {k: v.clone() for k, v in batch.items()})
     default, _, _ = step(build_loss("lwm", feat="f3"), student, teacher, {k: v.clone() for k, v in batch.items()})
     assert torch.isfinite(explicit) and torch.allclose(explicit, default)
+
+
+# ==== logits, st, at, fitnet, nst, pkt, fsp, ft, rkd, ab ====================================
+NAMES = ["logits", "st", "at", "fitnet", "nst", "pkt", "fsp", "ft", "rkd", "ab"]
+
+
+def dense_out(b, widths, size=8, k=3, grad=False):
+    c3, c4, c5 = widths
+    out = {
+        "seg": torch.randn(b, k, 16, 16),
+        "feats": {
+            "p3": torch.randn(b, c3, size, size),
+            "p4": torch.randn(b, c4, size // 2, size // 2),
+            "p5": torch.randn(b, c5, size // 4, size // 4),
+        },
+    }
+    if grad:
+        out["seg"].requires_grad_(True)
+        for v in out["feats"].values():
+            v.requires_grad_(True)
+    return out
+
+
+def cls_out(b, c=5, d=6, grad=False):
+    out = {"logits": torch.randn(b, c), "embed": torch.randn(b, d),
+           "feats": {f"f{i}": torch.randn(b, 4 * i, 16 // 2 ** i, 16 // 2 ** i) for i in range(1, 5)}}
+    if grad:
+        out["logits"].requires_grad_(True)
+        out["embed"].requires_grad_(True)
+        for v in out["feats"].values():
+            v.requires_grad_(True)
+    return out
+
+
+DENSE_KW = {"logits": {"output": "seg"}, "st": {"output": "seg"}, "pkt": {"feats": ["p5"]},
+            "rkd": {"feats": ["p5"]}, "ft": {"para_steps": 0}}
+
+
+def _leaves(out):
+    return [out["seg"], *out["feats"].values()] if "seg" in out else \
+        [out["logits"], out["embed"], *out["feats"].values()]
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_adapter_dense_widths_differ_and_grad_flow(name, batch_size):
+    loss = build_loss(name, **DENSE_KW.get(name, {}))
+    assert "teacher" in loss.requires
+    s = dense_out(batch_size, (8, 16, 32), grad=True)
+    t = dense_out(batch_size, (12, 24, 48), grad=True)
+    batch = {"masks": torch.zeros(batch_size, 16, 16, dtype=torch.long)}
+    value = loss(s, t, batch)
+    assert value.dim() == 0 and torch.isfinite(value)
+    value.backward()
+    assert all(x.grad is None for x in _leaves(t)), "gradient reached the teacher"
+    grads = [x.grad for x in _leaves(s) if x.grad is not None]
+    assert grads, "no gradient reached the student"
+    if not (name in ("pkt", "rkd") and batch_size == 1):  # relations need 2 samples: zero gradient
+        assert any(g.abs().sum() > 0 for g in grads)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_adapter_classifier_outputs(name):
+    kw = {"ft": {"para_steps": 0}}.get(name, {})
+    loss = build_loss(name, **kw)
+    s, t = cls_out(4, d=6, grad=True), cls_out(4, d=9)
+    for k in ("f1", "f2", "f3", "f4"):  # teacher twice as wide
+        t["feats"][k] = torch.randn(4, 2 * s["feats"][k].shape[1], *s["feats"][k].shape[2:])
+    value = loss(s, t, {"labels": torch.zeros(4, dtype=torch.long)})
+    value.backward()
+    assert torch.isfinite(value)
+
+
+@pytest.mark.parametrize("name", ["logits", "st", "at", "fitnet", "nst", "pkt", "fsp", "ft", "rkd"])
+def test_adapter_zero_when_student_is_teacher(name):
+    kw = dict(DENSE_KW.get(name, {}))
+    loss = build_loss(name, **kw)
+    out = dense_out(2, (8, 16, 32))
+    if name == "ft":  # equal widths: give the translator the paraphraser's encoder
+        loss(out, out, {})  # builds both
+        for n in ("p3", "p4", "p5"):
+            loss.translators[n].encoder.load_state_dict(loss.paraphrasers[n].encoder.state_dict())
+        loss.eval()  # same BN statistics on both sides
+    assert loss(out, out, {}).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_adapters_are_registered_parameters():
+    s, t = dense_out(2, (8, 16, 32)), dense_out(2, (12, 24, 48))
+    for name in ("fitnet", "fsp", "ab"):
+        loss = build_loss(name)
+        loss(s, t, {})
+        convs = list(loss.pairs.convs.values())
+        assert len(convs) == 3 and all(c.out_channels == w for c, w in zip(convs, (12, 24, 48)))
+        params = {id(p) for p in loss.student_parameters()}
+        assert all(id(c.weight) in params for c in convs)
+    for name in ("at", "nst"):  # width-agnostic maths: no adapter unless asked
+        loss = build_loss(name)
+        loss(s, t, {})
+        assert not list(loss.parameters())
+        loss = build_loss(name, adapt=True)
+        loss(s, t, {})
+        assert len(list(loss.parameters())) == 3
+    # equal widths: no adapter at all
+    loss = build_loss("fitnet")
+    loss(s, dense_out(2, (8, 16, 32)), {})
+    assert not list(loss.parameters())
+
+
+def test_ft_translator_trains_with_student_paraphraser_on_its_own():
+    s, t = dense_out(2, (8, 16, 32)), dense_out(2, (12, 24, 48))
+    loss = build_loss("ft", feats=["p4"], para_steps=2)
+    before = loss(s, t, {})
+    assert before.item() == 0.0  # inactive until the paraphraser is pre-trained
+    assert set(loss.translators) == {"p4"} and set(loss.paraphrasers) == {"p4"}
+    student_ids = {id(p) for p in loss.student_parameters()}
+    assert student_ids == {id(p) for p in loss.translators.parameters()}
+    assert not student_ids & {id(p) for p in loss.paraphrasers.parameters()}
+    w0 = loss.paraphrasers["p4"].encoder[0].weight.detach().clone()
+    logs = loss.aux_step(s, t, {})
+    assert "para_loss" in logs and logs["para_loss"] > 0
+    assert not torch.equal(w0, loss.paraphrasers["p4"].encoder[0].weight)
+    state = loss.extra_state()
+    assert "para_optimizer" in state
+    loss.aux_step(s, t, {})
+    assert loss.paraphraser_ready and int(loss.para_done) == 2
+    assert not any(p.requires_grad for p in loss.paraphrasers.parameters())
+    loss.train()
+    assert not loss.paraphrasers.training  # stays frozen in eval mode
+    assert loss.aux_step(s, t, {}) == {}
+    value = loss(s, t, {})
+    assert value.item() > 0
+    value.backward()
+    assert loss.translators["p4"].encoder[0].weight.grad is not None
+    assert loss.paraphrasers["p4"].encoder[0].weight.grad is None
+
+
+def test_ft_resume_restores_optimizer_state():
+    s, t = dense_out(2, (8, 16, 32)), dense_out(2, (12, 24, 48))
+    a = build_loss("ft", feats=["p5"], para_steps=5)
+    a(s, t, {})
+    a.aux_step(s, t, {})
+    b = build_loss("ft", feats=["p5"], para_steps=5)
+    b(s, t, {})  # dry forward builds the modules
+    b.load_state_dict(a.state_dict())
+    b.load_extra_state(a.extra_state())
+    assert int(b.para_done) == 1
+    b.aux_step(s, t, {})
+    mom = b._optimizer().state_dict()["state"]
+    assert mom and int(b.para_done) == 2
+
+
+def test_seg_logits_ignore_void():
+    s, t = dense_out(2, (8, 16, 32)), dense_out(2, (8, 16, 32))
+    masks = torch.full((2, 16, 16), VOID, dtype=torch.long)
+    masks[0, :4, :4] = 1
+    keep = masks.reshape(-1) != VOID
+    rows_s = s["seg"].permute(0, 2, 3, 1).reshape(-1, 3)[keep]
+    rows_t = t["seg"].permute(0, 2, 3, 1).reshape(-1, 3)[keep]
+    got = build_loss("logits", output="seg", ignore_void=True)(s, t, {"masks": masks})
+    assert got.item() == pytest.approx(((rows_s - rows_t) ** 2).mean().item(), rel=1e-6)
+    T = 2.0
+    p_t = torch.softmax(rows_t / T, 1)
+    kl = (p_t * (p_t.log() - torch.log_softmax(rows_s / T, 1))).sum() / rows_s.shape[0] * T * T
+    got = build_loss("st", T=T, output="seg", ignore_void=True)(s, t, {"masks": masks})
+    assert got.item() == pytest.approx(kl.item(), rel=1e-5)
+    all_void = {"masks": torch.full((2, 16, 16), VOID, dtype=torch.long)}
+    s["seg"].requires_grad_(True)
+    z = build_loss("st", output="seg", ignore_void=True)(s, t, all_void)
+    z.backward()
+    assert z.item() == 0.0
+
+
+def test_config_errors_name_the_key():
+    s, t = dense_out(2, (8, 16, 32)), dense_out(2, (8, 16, 32))
+    with pytest.raises(ConfigError, match="'at'.*'p9'"):
+        build_loss("at", feats=["p9"])(s, t, {})
+    with pytest.raises(ConfigError, match="'logits'"):
+        build_loss("logits")(s, t, {})  # dense outputs have no 'logits'
+    with pytest.raises(ConfigError, match="teacher"):
+        build_loss("st", output="seg")(s, None, {})
+    with pytest.raises(ConfigError, match="feats"):
+        build_loss("fsp", feats=["p3"])
+    with pytest.raises(ConfigError, match="bad arguments"):
+        build_loss("rkd", margin=1.0)
+
+
+def test_embedding_losses_pool_p5_on_dense_outputs():
+    s, t = dense_out(4, (8, 16, 32)), dense_out(4, (12, 24, 48))
+    es, et = s["feats"]["p5"].mean(dim=(2, 3)), t["feats"]["p5"].mean(dim=(2, 3))
+    assert build_loss("pkt")(s, t, {}).item() == pytest.approx(PKTCosSim()(es, et).item(), rel=1e-6)
+    assert build_loss("rkd", w_dist=1.0, w_angle=2.0)(s, t, {}).item() == pytest.approx(
+        RKD(1.0, 2.0)(es, et).item(), rel=1e-6)
+    both = build_loss("rkd", feats=["p4", "p5"])(s, t, {})
+    e4s, e4t = s["feats"]["p4"].mean(dim=(2, 3)), t["feats"]["p4"].mean(dim=(2, 3))
+    assert both.item() == pytest.approx((RKD(25, 50)(e4s, e4t) + RKD(25, 50)(es, et)).item() / 2, rel=1e-6)
+    with pytest.raises(ConfigError, match="feats"):
+        build_loss("pkt", feats="p5")

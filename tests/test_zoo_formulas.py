@@ -1,6 +1,12 @@
-"""Tensor-level cores of zoo part 2: exact values on small cases, each
-expected value written out from the formula with plain torch (loops where
-that is clearer), never by calling the core under test."""
+"""Tensor-level cores of every zoo loss: exact values on small cases.
+
+Each expected value is written out from the paper's / the reference's formula
+with plain Python or torch (loops where that is clearer), never by calling the
+core under test: logits, st, at, fitnet, nst, pkt, fsp, ft, rkd, ab first,
+then sp, cc, irg, vid, ofd, afd, crd, dml, bss, sobolev, lwm. The losses'
+adapters (model output dicts, widths, gradients, hooks) are in
+test_zoo_adapters.py.
+"""
 import math
 
 import pytest
@@ -8,18 +14,207 @@ import torch
 import torch.nn.functional as F
 
 from mtkd.errors import ConfigError
+from mtkd.losses.zoo.ab import AB
 from mtkd.losses.zoo.afd import AFD
+from mtkd.losses.zoo.at import AT
 from mtkd.losses.zoo.bss import BSS, BSSAttacker, select_attack
 from mtkd.losses.zoo.cc import CC
 from mtkd.losses.zoo.crd import CRD, ContrastLoss
 from mtkd.losses.zoo.dml import DML
+from mtkd.losses.zoo.fitnet import FitNet, Hint
+from mtkd.losses.zoo.fsp import FSP
+from mtkd.losses.zoo.ft import FT, Paraphraser, Translator
 from mtkd.losses.zoo.irg import IRG
+from mtkd.losses.zoo.logits import Logits
 from mtkd.losses.zoo.lwm import LwM
+from mtkd.losses.zoo.nst import NST
 from mtkd.losses.zoo.ofd import OFD, ofd_distance
+from mtkd.losses.zoo.pkt import PKT, PKTCosSim
+from mtkd.losses.zoo.rkd import RKD
 from mtkd.losses.zoo.sobolev import Sobolev
 from mtkd.losses.zoo.sp import SP
+from mtkd.losses.zoo.st import ST, SoftTarget
 from mtkd.losses.zoo.vid import VID
 
+
+# ==== logits, st, at, fitnet, nst, pkt, fsp, ft, rkd, ab ====================================
+def test_aliases_are_the_reference_classes():
+    assert ST is SoftTarget and FitNet is Hint and PKT is PKTCosSim
+
+
+def test_logits_value_and_zero():
+    s = torch.tensor([[1.0, 2.0], [0.0, -1.0]])
+    t = torch.tensor([[0.0, 2.0], [2.0, -1.0]])
+    assert Logits()(s, t).item() == pytest.approx((1 + 0 + 4 + 0) / 4)
+    assert Logits()(t, t).item() == 0.0
+
+
+def test_st_value_hand_checked():
+    s = torch.tensor([[0.0, 0.0]])
+    t = torch.tensor([[math.log(3.0), 0.0]])  # softmax -> (0.75, 0.25)
+    expected = 0.75 * math.log(0.75 / 0.5) + 0.25 * math.log(0.25 / 0.5)
+    assert SoftTarget(1.0)(s, t).item() == pytest.approx(expected, rel=1e-6)
+    # T = 2: logits halved, times T^2 = 4; batchmean divides by rows only
+    s2 = torch.tensor([[0.0, 0.0], [0.0, 0.0]])
+    t2 = torch.tensor([[2 * math.log(3.0), 0.0], [0.0, 0.0]])
+    expected2 = (expected + 0.0) / 2 * 4
+    assert SoftTarget(2.0)(s2, t2).item() == pytest.approx(expected2, rel=1e-6)
+    assert SoftTarget(4.0)(t2, t2).item() == pytest.approx(0.0, abs=1e-5)
+
+
+def test_at_value_per_map_normalisation():
+    # one sample, 2 channels, 1x2 map; Q = sum_c |A|^2 = (1+4, 0+9) = (5, 9)
+    fs = torch.tensor([[[[1.0, 0.0]], [[2.0, 3.0]]]])
+    ft = torch.tensor([[[[1.0, 1.0]]]])  # one channel: Q = (1, 1); widths may differ
+    qs = [5 / math.hypot(5, 9), 9 / math.hypot(5, 9)]
+    qt = [1 / math.sqrt(2), 1 / math.sqrt(2)]
+    expected = ((qs[0] - qt[0]) ** 2 + (qs[1] - qt[1]) ** 2) / 2
+    assert AT(2)(fs, ft).item() == pytest.approx(expected, rel=1e-4)  # eps 1e-6 in the norm
+    assert AT(2)(fs, fs).item() == 0.0
+
+
+def test_fitnet_value():
+    fs = torch.arange(8.0).reshape(1, 2, 2, 2)
+    ft = torch.zeros(1, 2, 2, 2)
+    assert Hint()(fs, ft).item() == pytest.approx(sum(i * i for i in range(8)) / 8)
+    assert Hint()(fs, fs).item() == 0.0
+
+
+def test_nst_value_closed_form():
+    # one channel each: k(s,s) = k(t,t) = 1 after normalisation, k(s,t) = cos^2
+    fs = torch.tensor([[[[1.0, 0.0]]]])
+    ft = torch.tensor([[[[1.0, 1.0]]]])
+    assert NST()(fs, ft).item() == pytest.approx(2 - 2 * 0.5, rel=1e-6)
+    # two student channels (e1, e2), one teacher channel (e1): means over the kernel matrices
+    fs2 = torch.tensor([[[[1.0, 0.0]], [[0.0, 1.0]]]])
+    ft2 = torch.tensor([[[[3.0, 0.0]]]])
+    k_ss = (1 + 0 + 0 + 1) / 4
+    k_tt = 1.0
+    k_st = (1 + 0) / 2
+    assert NST()(fs2, ft2).item() == pytest.approx(k_tt + k_ss - 2 * k_st, abs=1e-6)
+    x = torch.randn(2, 3, 4, 4)
+    assert NST()(x, x).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def _pkt_expected(fs, ft, eps=1e-6):
+    def probs(f):
+        rows = []
+        for a in f:
+            na = math.sqrt(sum(v * v for v in a)) + eps
+            rows.append([v / na for v in a])
+        sims = [[(sum(x * y for x, y in zip(r1, r2)) + 1) / 2 for r2 in rows] for r1 in rows]
+        return [[v / sum(r) for v in r] for r in sims]
+
+    ps, pt = probs(fs), probs(ft)
+    n = len(fs)
+    return sum(pt[i][j] * math.log((pt[i][j] + eps) / (ps[i][j] + eps))
+               for i in range(n) for j in range(n)) / (n * n)
+
+
+def test_pkt_value_and_zero():
+    fs = [[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]
+    ft = [[1.0, 0.0, 0.0], [1.0, 1.0, 0.0], [0.0, 0.0, 2.0]]  # widths differ
+    got = PKTCosSim()(torch.tensor(fs), torch.tensor(ft)).item()
+    assert got == pytest.approx(_pkt_expected(fs, ft), rel=1e-5)
+    x = torch.randn(4, 5)
+    assert PKTCosSim()(x, x).item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_fsp_value_and_pooling():
+    f1 = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]]])  # (1,1,2,2)
+    f2 = torch.tensor([[[[1.0, 0.0], [0.0, 1.0]]]])
+    g_s = (1 * 1 + 4 * 1) / 4
+    g_t = 0.0
+    zero = torch.zeros(1, 1, 2, 2)
+    assert FSP()(f1, f2, zero, f2).item() == pytest.approx((g_s - g_t) ** 2)
+    # F1 taller than F2: F1 average-pooled to F2's 1x1 -> mean 2.5; G = 2.5 * 7 / 1
+    f2_small = torch.tensor([[[[7.0]]]])
+    assert FSP()(f1, f2_small, zero, f2_small).item() == pytest.approx((2.5 * 7) ** 2)
+    # fixed defect: F2 larger than F1 pools F2 instead of crashing
+    assert FSP()(f2_small, f1, f2_small, zero).item() == pytest.approx((7 * 2.5) ** 2)
+    assert FSP()(f1, f2, f1, f2).item() == 0.0
+
+
+def test_ft_value():
+    fs = torch.tensor([[3.0, 4.0]])  # normalised (0.6, 0.8)
+    ft = torch.tensor([[0.0, 2.0]])  # normalised (0, 1)
+    assert FT()(fs, ft).item() == pytest.approx((0.6 + 0.2) / 2)
+    x = torch.randn(2, 3, 4, 4)
+    assert FT()(x, 2 * x).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def _smooth_l1(a, b):
+    d = abs(a - b)
+    return 0.5 * d * d if d < 1 else d - 0.5
+
+
+def _rkd_expected(fs, ft, w_dist, w_angle):
+    n = len(fs)
+
+    def dist(f):
+        d = [[math.dist(f[i], f[j]) if i != j else 0.0 for j in range(n)] for i in range(n)]
+        pos = [v for r in d for v in r if v > 0]
+        mu = sum(pos) / len(pos)
+        return [v / mu for r in d for v in r]
+
+    def angles(f):
+        out = []
+        for i in range(n):
+            for j in range(n):
+                for k in range(n):
+                    a = [x - y for x, y in zip(f[j], f[i])]
+                    b = [x - y for x, y in zip(f[k], f[i])]
+                    na, nb = math.hypot(*a), math.hypot(*b)
+                    out.append(0.0 if na == 0 or nb == 0 else sum(x * y for x, y in zip(a, b)) / (na * nb))
+        return out
+
+    ds, dt = dist(fs), dist(ft)
+    as_, at_ = angles(fs), angles(ft)
+    l_d = sum(_smooth_l1(a, b) for a, b in zip(ds, dt)) / len(ds)
+    l_a = sum(_smooth_l1(a, b) for a, b in zip(as_, at_)) / len(as_)
+    return w_dist * l_d + w_angle * l_a
+
+
+def test_rkd_value_and_zero():
+    fs = [[0.0, 0.0], [1.0, 0.0], [0.0, 2.0]]
+    ft = [[0.0, 0.0], [3.0, 0.0], [3.0, 3.0]]
+    got = RKD(25.0, 50.0)(torch.tensor(fs), torch.tensor(ft)).item()
+    assert got == pytest.approx(_rkd_expected(fs, ft, 25.0, 50.0), rel=1e-4)
+    x = torch.randn(5, 4)
+    assert RKD(25.0, 50.0)(x, x).item() == pytest.approx(0.0, abs=1e-6)
+    # distance normalisation makes RKD scale-invariant
+    assert RKD(1.0, 1.0)(x, 3 * x).item() == pytest.approx(0.0, abs=1e-5)
+
+
+def test_rkd_batch_size_one_is_finite():
+    one = torch.randn(1, 4, requires_grad=True)
+    loss = RKD(25.0, 50.0)(one, torch.randn(1, 4))
+    assert torch.isfinite(loss) and loss.item() == 0.0
+    loss.backward()
+
+
+def test_ab_value():
+    m = 2.0
+    s = torch.tensor([-3.0, -1.0, 1.0, 3.0, -1.0, 1.0, 2.0])
+    t = torch.tensor([-1.0, -1.0, -1.0, -1.0, 1.0, 1.0, 1.0])
+    # t<=0: penalise s > -m by (s+m)^2; t>0: penalise s <= m by (s-m)^2
+    per = [0.0, (-1 + m) ** 2, (1 + m) ** 2, (3 + m) ** 2, (-1 - m) ** 2, (1 - m) ** 2, (2 - m) ** 2]
+    assert AB(m)(s, t).item() == pytest.approx(sum(per) / len(per))
+    # zero once the student is past the margin on the teacher's side
+    assert AB(m)(torch.tensor([-2.5, 2.5]), torch.tensor([-0.1, 0.3])).item() == 0.0
+
+
+def test_ft_modules_follow_reference_shapes():
+    para = Paraphraser(8, 0.5, use_bn=True)
+    z, rec = para(torch.randn(2, 8, 4, 4))
+    assert z.shape == (2, 4, 4, 4) and rec.shape == (2, 8, 4, 4)
+    trans = Translator(6, 8, 0.5, use_bn=False)
+    assert trans(torch.randn(2, 6, 4, 4)).shape == (2, 4, 4, 4)
+    convs = [m for m in trans.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert all(c.bias is not None for c in convs)  # no BN -> convs keep their bias
+
+
+# ==== sp, cc, irg, vid, ofd, afd, crd, dml, bss, sobolev, lwm ==============================
 D = torch.float64
 
 
