@@ -49,8 +49,9 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import (Results, add_common_args, build_trainer, data_overrides, extra_overrides,  # noqa: E402
-                               interleaved_times, random_checkpoint, take_batches)
+from benchmarks.common import (TESTBEDS, Results, add_common_args, build_trainer, data_overrides,  # noqa: E402
+                               ensure_testbed_data, extra_overrides,
+                               interleaved_times, testbed_paths, random_checkpoint, take_batches)
 
 COLUMNS = ("overhead", "limit", "excess", "plain_ms", "kd_ms", "teacher_fwd_ms")
 
@@ -58,16 +59,28 @@ COLUMNS = ("overhead", "limit", "excess", "plain_ms", "kd_ms", "teacher_fwd_ms")
 def parse(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(p, default_out="benchmarks/kd_overhead", seeds=(0,))
-    p.add_argument("--plain-config", default=str(ROOT / "mtkd/configs/synthetic_student.yaml"))
-    p.add_argument("--kd-config", default=str(ROOT / "mtkd/configs/synthetic_kd.yaml"))
-    p.add_argument("--teacher-ckpt", default="runs/demo/teacher/best.pt",
-                   help="teacher checkpoint (a random one of --teacher-preset when missing)")
-    p.add_argument("--teacher-preset", default="teacher", help="model preset of the random teacher")
+    add_common_args(p, default_out=None, default_data=None, seeds=(0,))
+    p.add_argument("--testbed", choices=sorted(TESTBEDS), default="small",
+                   help="whose configs, data and teacher are timed (default small)")
+    p.add_argument("--plain-config", default=None, help="default: the testbed's plain student")
+    p.add_argument("--kd-config", default=None, help="default: the testbed's distilled student")
+    p.add_argument("--teacher-ckpt", default=None,
+                   help="teacher checkpoint (default the testbed's; a random one of --teacher-preset when missing)")
+    p.add_argument("--teacher-preset", default=None,
+                   help="model preset of the random teacher (default teacher_small / teacher)")
     p.add_argument("--batches", type=int, default=8, help="training batches per repeat (default 8)")
     p.add_argument("--repeats", type=int, default=5, help="repeats (default 5)")
     p.add_argument("--warmup", type=int, default=1, help="untimed passes first (default 1)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    tb = testbed_paths(args.testbed, ROOT)
+    small = args.testbed == "small"
+    args.out = args.out or str(ROOT / "benchmarks/kd_overhead" / ("" if small else "legacy_128px"))
+    args.data = args.data or tb["data"]
+    args.plain_config = args.plain_config or tb["student"]
+    args.kd_config = args.kd_config or tb["kd"]
+    args.teacher_ckpt = args.teacher_ckpt or tb["teacher_ckpt"]
+    args.teacher_preset = args.teacher_preset or ("teacher_small" if small else "teacher")
+    return args
 
 
 def teacher_ckpt(args: argparse.Namespace, classes: List[str]) -> Path:
@@ -87,6 +100,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     import torch
 
     seed = args.seeds[0]
+    if args.data == TESTBEDS[args.testbed]["data"]:
+        ensure_testbed_data(args.testbed, args.data)
     common = data_overrides(args.data, args.format) + ["train.workers=0"] + extra_overrides(args)
     plain = build_trainer(args.plain_config, common, seed)
     ckpt = teacher_ckpt(args, plain.classes)

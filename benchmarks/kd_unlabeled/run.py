@@ -7,7 +7,7 @@ closes by supervising the other 90% of the images without their labels
 (``kd``), compared with the classic baseline of training on the teacher's
 thresholded hard pseudo-labels (``pseudo``).
 
-Protocol (small testbed by default: ``data/small``, ``configs/small/``):
+Protocol (small testbed by default: ``data/small``, ``mtkd/configs/small/``):
 
 * **Splits.** The student's training split (the student config's
   ``data.train``, ``train``) is cut by a fixed permutation of its sorted ids,

@@ -51,8 +51,9 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import (Results, add_common_args, build_trainer, data_overrides, extra_overrides,  # noqa: E402
-                               interleaved_times, take_batches)
+from benchmarks.common import (TESTBEDS, Results, add_common_args, build_trainer, data_overrides,  # noqa: E402
+                               ensure_testbed_data, extra_overrides,
+                               interleaved_times, testbed_paths, take_batches)
 
 COLUMNS = ("teacher_vs_student", "loader_vs_student", "loader_vs_teacher", "teacher_ms", "student_ms",
            "loader_ms", "first_batch_ms")
@@ -61,15 +62,23 @@ COLUMNS = ("teacher_vs_student", "loader_vs_student", "loader_vs_teacher", "teac
 def parse(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(p, default_out="benchmarks/step_time", seeds=(0,))
-    p.add_argument("--teacher-config", default=str(ROOT / "mtkd/configs/synthetic_teacher.yaml"))
-    p.add_argument("--student-config", default=str(ROOT / "mtkd/configs/synthetic_student.yaml"))
+    add_common_args(p, default_out=None, default_data=None, seeds=(0,))
+    p.add_argument("--testbed", choices=sorted(TESTBEDS), default="small",
+                   help="whose configs and data are timed (default small)")
+    p.add_argument("--teacher-config", default=None, help="default: the testbed's")
+    p.add_argument("--student-config", default=None, help="default: the testbed's")
     p.add_argument("--teacher-set", action="append", default=[], metavar="KEY=VALUE",
                    help="override for the teacher trainer only (repeatable)")
     p.add_argument("--batches", type=int, default=8, help="batches per repeat (default 8)")
     p.add_argument("--repeats", type=int, default=5, help="repeats (default 5)")
     p.add_argument("--warmup", type=int, default=1, help="untimed step passes first (default 1)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    tb = testbed_paths(args.testbed, ROOT)
+    args.out = args.out or str(ROOT / "benchmarks/step_time" / ("" if args.testbed == "small" else "legacy_128px"))
+    args.data = args.data or tb["data"]
+    args.teacher_config = args.teacher_config or tb["teacher"]
+    args.student_config = args.student_config or tb["student"]
+    return args
 
 
 def loader_pass(loader: Any, n: int) -> List[float]:
@@ -95,6 +104,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     import torch
 
     seed = args.seeds[0]
+    if args.data == TESTBEDS[args.testbed]["data"]:
+        ensure_testbed_data(args.testbed, args.data)
     common = data_overrides(args.data, args.format) + extra_overrides(args)
     student = build_trainer(args.student_config, common, seed)
     teacher = build_trainer(args.teacher_config, common + list(args.teacher_set), seed)
