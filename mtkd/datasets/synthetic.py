@@ -70,13 +70,15 @@ _SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
 #: ``make_synthetic`` arguments of the two benchmark testbeds (``mtkd make-synthetic --testbed NAME``).
 #: ``large``: 96-160 px images, all 12 classes, 2-8 objects, full clutter, a third of the
 #: training masks missing; the models of its presets are far from their plateau after
-#: 1500 CPU steps. ``small``: 64-px square images with fewer, larger objects and half the
-#: clutter, and many more images, so that the ``*_small`` presets reach their plateau
-#: in minutes on a CPU (see benchmarks/README.md for the measurements behind it).
+#: 1500 CPU steps. ``small``: 64-px square images, 8 classes (4 shapes, solid or striped),
+#: 1-3 objects of 14-38 px, 30 % of the clutter, and 12x the images, so that the
+#: ``*_small`` presets come close to their plateau in minutes on a CPU
+#: (benchmarks/README.md has the measurements behind each choice).
 TESTBEDS: Dict[str, Dict] = {
     "large": {"n_train": 320, "n_val": 80, "n_test": 160, "imgsz": (96, 160), "seg_missing": 0.33},
-    "small": {"n_train": 4000, "n_val": 500, "n_test": 500, "imgsz": (64, 64), "objects": (1, 4),
-              "min_size": 10.0, "max_size": 0.5, "clutter": 0.5},
+    "small": {"n_train": 4000, "n_val": 500, "n_test": 500, "imgsz": (64, 64), "objects": (1, 3),
+              "min_size": 14.0, "max_size": 0.6, "clutter": 0.3,
+              "classes": [f"{s}_{t}" for s in SHAPES for t in ("solid", "stripes")]},
 }
 _MIN_VISIBLE = 0.4
 

@@ -44,7 +44,7 @@ PRESETS: Dict[str, Dict[str, Any]] = {
                 "reg_max": 16, "seg_channels": 32, "seg_c2": False, "det": True, "seg": True},
     "teacher": {"backbone": "resnet18", "neck_channels": 64, "neck_depth": 2, "head_channels": 64,
                 "reg_max": 16, "seg_channels": 64, "seg_c2": False, "det": True, "seg": True},
-    "student_small": {"backbone": "cnn_w8", "neck_channels": 16, "neck_depth": 1, "head_channels": 16,
+    "student_small": {"backbone": "cnn_w12", "neck_channels": 12, "neck_depth": 1, "head_channels": 16,
                       "reg_max": 8, "seg_channels": 32, "seg_c2": True, "det": True, "seg": True},
     "teacher_small": {"backbone": "cnn_w32", "neck_channels": 32, "neck_depth": 1, "head_channels": 48,
                       "reg_max": 8, "seg_channels": 64, "seg_c2": True, "det": True, "seg": True},
