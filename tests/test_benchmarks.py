@@ -103,10 +103,17 @@ def test_kd_gain_verdicts_on_fake_records() -> None:
     assert summary["premise"]["holds"]  # 0.80 - 0.44 and 0.70 - 0.33
     assert summary["gap_closed"]["kd"]["map50"] == pytest.approx((0.64 - 0.44) / (0.80 - 0.44))
     assert summary["gap_closed"]["kd"]["miou"] == pytest.approx((0.52 - 0.33) / (0.70 - 0.33))
-    assert summary["half_gap_met"] is True
+    # targets on mAP50-95 and mIoU: (0.33 - 0.22) / (0.50 - 0.22) = 0.39 and 0.51 >= 0.3
+    assert summary["gap_target_met"] is True
     # worst kd map50 0.60 > best plain 0.50; worst kd miou 0.50 > best plain 0.36
     assert summary["worst_kd_above_best_plain"]["kd"] == {"map50_95": True, "map50": True, "miou": True}
+    assert summary["worst_seed_target_met"] is True
     assert any("3/9" in line for line in lines)
+    # a KD median that closes less than 0.3 of the mAP50-95 gap misses the target
+    low = [r if not (r["role"] == "kd" and r["seed"] == 2) else _rec("kd", 2, 0.23, 0.64, 0.56) for r in FAKE]
+    low = [r if not (r["role"] == "kd" and r["seed"] == 1) else _rec("kd", 1, 0.25, 0.66, 0.50) for r in low]
+    _, summary = kd_gain.verdicts(low)
+    assert summary["gap_target_met"] is False and summary["worst_seed_target_met"] is False
 
     weak = [r if r["role"] != "teacher" else _rec("teacher", 0, 0.3, 0.5, 0.4) for r in FAKE]
     lines, summary = kd_gain.verdicts(weak)

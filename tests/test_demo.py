@@ -8,7 +8,7 @@ from mtkd.cli import main
 
 @pytest.mark.slow
 def test_demo_trains_three_roles_side_by_side_and_reuses_the_teacher(tmp_path, capsys):
-    args = ["demo", "--out", str(tmp_path / "runs"), "--data", str(tmp_path / "data"), "--epochs", "1",
+    args = ["demo", "--out", str(tmp_path / "runs"), "--data", str(tmp_path / "data"), "--epochs", "1", "--teacher-epochs", "1",
             "--n-train", "16", "--n-val", "4", "--n-test", "4", "--progress-every", "5"]
     assert main(args) == 0
     first = capsys.readouterr().out
