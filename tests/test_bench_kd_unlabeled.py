@@ -56,17 +56,6 @@ def test_threshold_pseudo_keeps_confident_boxes_and_pixels() -> None:
     assert len(b) == 2 and mask is None
 
 
-def test_seg_logits_to_original_has_the_evaluators_argmax() -> None:
-    from mtkd.engine.evaluator import seg_to_original
-
-    g = torch.Generator().manual_seed(0)
-    logits = torch.randn(5, 64, 64, generator=g)
-    for letterbox, hw in (((1.0, 0.0, 12.0), (40, 64)), ((0.5, 8.0, 0.0), (128, 96)), ((2.0, 0.0, 0.0), (32, 32))):
-        out = ku.seg_logits_to_original(logits, letterbox, hw)
-        assert out.shape == (5,) + hw
-        assert torch.equal(out.argmax(0), seg_to_original(logits, letterbox, hw))
-
-
 def test_voc_xml_reads_back_as_the_same_boxes(tmp_path: Path) -> None:
     from mtkd.datasets.voc import parse_voc_xml
 

@@ -268,26 +268,6 @@ def write_splits(voc_root: str | Path, source: str, fraction: float, seed: int) 
 
 
 # -- pseudo-labels ------------------------------------------------------------------------------
-def seg_logits_to_original(logits: Any, letterbox: Sequence[float], orig_hw: Sequence[int]) -> Any:
-    """(K, H, W) input-resolution logits -> (K, h, w) float logits in original pixels.
-
-    The same crop of the un-padded region and bilinear resize as
-    :func:`mtkd.engine.evaluator.seg_to_original`, without its arg-max (the
-    pseudo-labels need the probabilities); its arg-max equals that function's.
-    """
-    import torch.nn.functional as F
-
-    scale, pad_x, pad_y = (float(v) for v in letterbox)
-    h, w = (int(v) for v in orig_hw)
-    in_h, in_w = logits.shape[-2:]
-    y0 = min(max(int(round(pad_y)), 0), in_h - 1)
-    x0 = min(max(int(round(pad_x)), 0), in_w - 1)
-    y1 = min(max(int(round(pad_y + h * scale)), y0 + 1), in_h)
-    x1 = min(max(int(round(pad_x + w * scale)), x0 + 1), in_w)
-    crop = logits[None, :, y0:y1, x0:x1].float()
-    return F.interpolate(crop, size=(h, w), mode="bilinear", align_corners=False)[0]
-
-
 def threshold_pseudo(boxes: Any, scores: Any, labels: Any, seg_logits: Any,
                      conf: float) -> Tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
     """Hard pseudo-labels of one image from the teacher's outputs in original pixels.
@@ -345,7 +325,7 @@ def teacher_predictions(cfg: Dict[str, Any], ckpt: Path, images: Sequence[Tuple[
 
     from mtkd.datasets.common import read_image
     from mtkd.datasets.transforms import build_transforms
-    from mtkd.engine.evaluator import boxes_to_original
+    from mtkd.engine.evaluator import boxes_to_original, seg_logits_to_original
     from mtkd.engine.trainer import load_model
     from mtkd.heads.decode import decode
     from mtkd.structures import Sample

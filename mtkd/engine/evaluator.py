@@ -41,14 +41,15 @@ def boxes_to_original(boxes: torch.Tensor, letterbox: Sequence[float], orig_hw: 
     return out
 
 
-def seg_to_original(logits: torch.Tensor, letterbox: Sequence[float], orig_hw: Sequence[int]) -> torch.Tensor:
-    """(K, H, W) input-resolution logits -> (h, w) int64 class map in original pixels.
+def seg_logits_to_original(logits: torch.Tensor, letterbox: Sequence[float],
+                           orig_hw: Sequence[int]) -> torch.Tensor:
+    """(K, H, W) input-resolution logits -> (K, h, w) float logits in original pixels.
 
     The un-padded region is ``[round(pad), round(pad + size * scale))`` along
     each axis (at least one pixel, clamped to the input); its logits are
     resized bilinearly (``align_corners=False``, no antialiasing) to the
-    original (h, w) and arg-maxed. Resizing logits rather than the label map
-    keeps class boundaries sub-pixel accurate.
+    original (h, w). Resizing logits rather than the label map keeps class
+    boundaries sub-pixel accurate.
     """
     scale, pad_x, pad_y = (float(v) for v in letterbox)
     h, w = (int(v) for v in orig_hw)
@@ -58,7 +59,13 @@ def seg_to_original(logits: torch.Tensor, letterbox: Sequence[float], orig_hw: S
     y1 = min(max(int(round(pad_y + h * scale)), y0 + 1), in_h)
     x1 = min(max(int(round(pad_x + w * scale)), x0 + 1), in_w)
     crop = logits[None, :, y0:y1, x0:x1].float()
-    return F.interpolate(crop, size=(h, w), mode="bilinear", align_corners=False)[0].argmax(0)
+    return F.interpolate(crop, size=(h, w), mode="bilinear", align_corners=False)[0]
+
+
+def seg_to_original(logits: torch.Tensor, letterbox: Sequence[float], orig_hw: Sequence[int]) -> torch.Tensor:
+    """(K, H, W) input-resolution logits -> (h, w) int64 class map in original pixels
+    (the arg-max of :func:`seg_logits_to_original`)."""
+    return seg_logits_to_original(logits, letterbox, orig_hw).argmax(0)
 
 
 def _autocast(device: torch.device, amp: bool) -> contextlib.AbstractContextManager:
