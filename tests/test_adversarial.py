@@ -230,3 +230,116 @@ def test_sign_noise_has_the_attack_norm():
     d = _pixels(noisy) - _pixels(x)
     assert torch.allclose(d.abs(), torch.full_like(d, 0.05), atol=1e-5)
     assert 0.3 < (d > 0).float().mean() < 0.7
+
+
+# -- item 2: mtkd attack -------------------------------------------------------------------------
+class _Quantised(nn.Module):
+    """A model whose input gradient is zero everywhere (gradient masking by rounding the input)."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net(torch.round(x * 16) / 16)
+
+
+def _scorer(net, x, y):
+    from torch.utils.data import DataLoader
+
+    from mtkd.adversarial.report import _Scorer
+    from mtkd.classification.task import ClassifyTask
+
+    task = ClassifyTask()
+
+    class Items(list):
+        classes = ["r", "g", "b"]
+
+    ds = Items({"image": x[i], "label": int(y[i]), "index": i, "id": str(i)} for i in range(len(y)))
+    loader = DataLoader(ds, batch_size=32, collate_fn=task.collate)
+    cfg = {"eval": {"max_batches": None}, "train": {"amp": False, "batch": 32}}
+    return _Scorer(task, net, cfg, ds, loader, torch.device("cpu"), MEAN, STD, {"use_labels": True}, 0)
+
+
+def test_attacked_loader_feeds_the_evaluator_attacked_images_under_inference_mode(trained):
+    net, x, y = trained
+    scorer = _scorer(net, x, y)
+    clean = scorer.clean()["top1"]
+    with torch.inference_mode():  # as an evaluator would be
+        attacked = scorer.attacked(make_attack("pgd", 8 / 255, steps=5))["top1"]
+    assert clean > 80 and attacked < clean - 20
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_masking_checks_flag_a_model_without_input_gradients(trained, masked):
+    from mtkd.adversarial.report import masking_checks
+
+    net, x, y = trained
+    model = _Quantised(net) if masked else net
+    scorer = _scorer(model, x, y)
+    spec = make_attack("pgd", 8 / 255, steps=10, random_start=False)
+    clean = scorer.clean()
+    checks = {c["name"]: c for c in masking_checks(scorer, clean, [(spec.eps, scorer.attacked(spec))], spec)}
+    assert set(checks) == {"pgd20<=pgd10", "pgd10<=fgsm", "attacked<=clean", "large_eps_to_zero"}
+    if masked:
+        assert not checks["large_eps_to_zero"]["passed"]   # rounding hides the gradient: no attack works
+        assert checks["large_eps_to_zero"]["values"]["pgd20_large_eps"] == pytest.approx(scorer.score(clean))
+    else:
+        assert all(c["passed"] for c in checks.values()), checks
+        assert checks["large_eps_to_zero"]["values"]["pgd20_large_eps"] == 0.0
+
+
+@pytest.fixture(scope="module")
+def classify_run(tmp_path_factory):
+    """A tiny classify checkpoint (cnn4 student, 3 classes, 24 px, a few steps)."""
+    import mtkd.classification.task  # noqa: F401
+    from mtkd.classification import make_synthetic_imagefolder
+    from mtkd.engine.config import build_config
+    from mtkd.engine.trainer import train
+
+    tmp = tmp_path_factory.mktemp("advcls")
+    root = make_synthetic_imagefolder(tmp / "data", n_classes=3, n_per_class=8, imgsz=24, seed=1)
+    cfg = build_config({
+        "task": "classify", "out": str(tmp / "run"),
+        "data": {"format": "imagefolder", "root": str(root), "imgsz": 24, "mean": None, "std": None},
+        "model": {"backbone": "cnn4"},
+        "loss": {"det": {}, "seg": {}, "extra": [{"name": "ce"}]},
+        "train": {"epochs": 2, "batch": 8, "workers": 0, "ema": False, "tensorboard": False, "plots": False,
+                  "device": "cpu", "lr": 0.003},
+    })
+    train(cfg)
+    return tmp, root
+
+
+def test_mtkd_attack_writes_report_with_clean_at_least_attacked(classify_run, capsys):
+    import json
+
+    from mtkd.cli import main
+
+    tmp, _ = classify_run
+    out = tmp / "attack"
+    code = main(["attack", str(tmp / "run" / "config.yaml"), "--ckpt", str(tmp / "run" / "best.pt"),
+                 "--attack", "pgd", "--eps", "2/255,16/255", "--steps", "5", "--out", str(out), "--draw", "2"])
+    assert code == 0
+    report = json.loads((out / "attack.json").read_text())
+    assert [round(r["eps_255"]) for r in report["attacked"]] == [2, 16]
+    clean = report["clean"]["top1"]
+    attacked = [r["metrics"]["top1"] for r in report["attacked"]]
+    assert all(a <= clean for a in attacked) and attacked[-1] <= attacked[0]
+    assert report["attack"]["steps"] == 5 and report["attack"]["step_size"][1] == pytest.approx(2.5 * 16 / 255 / 5)
+    assert {c["name"] for c in report["checks"]} >= {"pgd20<=pgd10", "pgd10<=fgsm", "large_eps_to_zero"}
+    assert (out / "attack_curve.png").stat().st_size > 0 and (out / "attack_examples.png").stat().st_size > 0
+    assert "clean" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args,match", [(["--attack", "cw"], "unknown attack 'cw'"),
+                                        (["--eps", "0"], "eps: must be > 0"),
+                                        (["--eps", "4/255", "--step-size", "11/255"], "more than 2.5 x eps")])
+def test_mtkd_attack_bad_settings_exit_2_with_one_line(classify_run, capsys, args, match):
+    from mtkd.cli import main
+
+    tmp, _ = classify_run
+    code = main(["attack", str(tmp / "run" / "config.yaml"), "--ckpt", str(tmp / "run" / "best.pt"),
+                 "--out", str(tmp / "bad"), *args])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("error:") and match in err and "\n" not in err
