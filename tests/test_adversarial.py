@@ -343,3 +343,252 @@ def test_mtkd_attack_bad_settings_exit_2_with_one_line(classify_run, capsys, arg
                  "--out", str(tmp / "bad"), *args])
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith("error:") and match in err and "\n" not in err
+
+
+# -- item 3: adversarial distillation as losses --------------------------------------------------
+class BNNet(TinyNet):
+    """TinyNet with a BatchNorm (to see whether crafting touches running statistics)."""
+
+    def __init__(self, nc: int = 3, width: int = 8):
+        super().__init__(nc, width)
+        self.body.insert(1, nn.BatchNorm2d(width))
+
+
+def _composer(entry, with_teacher=True):
+    from mtkd.losses.composer import LossComposer
+
+    comp = LossComposer({"extra": [entry]}, with_teacher=with_teacher)
+    comp.bind_input(MEAN, STD)
+    return comp
+
+
+def _step(comp, student, teacher, x, y, opt):
+    """What the trainer does: pre_step, one student forward on cat([x, x']), split, loss, step."""
+    from mtkd.engine.trainer import split_output
+
+    batch = comp.pre_step({"images": x, "labels": y}, student, teacher)
+    n = len(x)
+    s_out, s_adv = split_output(student(torch.cat([x, batch["adv_images"]])), n)
+    s_out["adv"] = s_adv
+    t_out = None
+    if teacher is not None:
+        with torch.no_grad():
+            if "adv_teacher" in comp.requires:
+                t_out, t_adv = split_output(teacher(torch.cat([x, batch["adv_images"]])), n)
+                t_out["adv"] = t_adv
+            else:
+                t_out = teacher(x)
+    total, logs = comp(s_out, t_out, batch)
+    opt.zero_grad()
+    total.backward()
+    grads = [p.grad.clone() for p in student.parameters() if p.grad is not None]
+    opt.step()
+    return batch, total, logs, grads
+
+
+PRESET_TABLE = {
+    "ard": dict(source="student", objective="ce", target="clean", T=30.0, w_adv=1.0, w_clean=0.0, w_ce=0.0,
+                random_start="uniform"),
+    "rslad": dict(source="student", objective="kl", target="clean", T=1.0, w_adv=5 / 6, w_clean=1 / 6, w_ce=0.0,
+                  random_start="uniform"),
+    "adaad": dict(source="student", objective="kl", target="adv", T=1.0, w_adv=1.0, w_clean=0.0, w_ce=0.0,
+                  random_start="normal"),
+    "kd_adv": dict(source="teacher", objective="ce", target="adv", T=1.0, w_adv=1.0, w_clean=1.0, w_ce=0.0,
+                   random_start="uniform"),
+}
+
+
+@pytest.mark.parametrize("preset", sorted(PRESET_TABLE))
+def test_presets_resolve_to_the_documented_options(preset):
+    from mtkd.losses import build_loss
+
+    loss = build_loss("adv_kd", preset=preset)
+    for k, v in PRESET_TABLE[preset].items():
+        assert loss.options[k] == pytest.approx(v) if isinstance(v, float) else loss.options[k] == v, k
+    assert loss.attack.eps == pytest.approx(8 / 255) and loss.attack.steps == 10
+    assert loss.attack.step_size == pytest.approx(2 / 255)
+    assert ("adv_teacher" in loss.requires) == (PRESET_TABLE[preset]["target"] == "adv")
+    assert {"teacher", "adv_split"} <= loss.requires
+    # an explicit option wins over the preset
+    assert build_loss("adv_kd", preset=preset, w_adv=0.5, steps=3).options["w_adv"] == 0.5
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(preset="madry"), "unknown preset 'madry'"),
+    (dict(preset="rslad", eps=0), "eps: must be > 0"),
+    (dict(preset="rslad", eps=0.01, step_size=0.03), "more than 2.5 x eps"),
+    (dict(source="teacher", objective="kl", target="adv"), "teacher with itself"),
+    (dict(w_adv=0), "all 0"),
+    (dict(target="both"), "adv_kd.target"),
+])
+def test_adv_kd_bad_options_are_config_errors(kwargs, match):
+    from mtkd.losses import build_loss
+
+    with pytest.raises(ConfigError, match=match):
+        build_loss("adv_kd", "loss.extra[0]", **kwargs)
+
+
+def test_only_one_loss_may_craft_adversarial_images():
+    with pytest.raises(ConfigError, match="both craft adversarial images"):
+        from mtkd.losses.composer import LossComposer
+
+        LossComposer({"extra": [{"name": "pgd_at"}, {"name": "trades"}]}, with_teacher=False)
+
+
+def test_default_pre_step_returns_the_batch_unchanged():
+    from mtkd.losses import build_loss
+
+    batch = {"images": torch.zeros(1, 3, 4, 4), "labels": torch.zeros(1, dtype=torch.long)}
+    assert build_loss("ce").pre_step(batch, nn.Identity(), None) is batch
+    comp = _composer({"name": "ce"})
+    assert comp.pre_step(batch, nn.Identity(), None) is batch and not comp.adv_split
+
+
+ENTRIES = [{"name": "adv_kd", "preset": p, "steps": 3} for p in sorted(PRESET_TABLE)] + \
+          [{"name": "pgd_at", "steps": 3}, {"name": "trades", "steps": 3}]
+
+
+@pytest.mark.parametrize("entry", ENTRIES, ids=lambda e: e.get("preset", e["name"]))
+def test_adversarial_losses_train_the_student_only(trained, entry):
+    net, x, y = trained
+    torch.manual_seed(1)
+    student = BNNet()
+    teacher = TinyNet()
+    teacher.load_state_dict(net.state_dict())
+    teacher.eval().requires_grad_(False)
+    before_t = {k: v.clone() for k, v in teacher.state_dict().items()}
+    stats = {k: v.clone() for k, v in student.state_dict().items() if "running" in k}
+    comp = _composer(entry)
+    opt = torch.optim.SGD(student.parameters(), lr=0.1)
+    student.train()
+
+    batch = comp.pre_step({"images": x[:16], "labels": y[:16]}, student, teacher)
+    # crafting in eval mode: running statistics untouched, train mode restored
+    assert student.training
+    assert all(torch.equal(v, student.state_dict()[k]) for k, v in stats.items())
+    d = _pixels(batch["adv_images"]) - _pixels(x[:16])
+    assert d.abs().max() <= 8 / 255 + 1e-5 and d.abs().max() > 1 / 255
+    assert all(p.grad is None for p in student.parameters())
+
+    batch, total, logs, grads = _step(comp, student, teacher, x[:16], y[:16], opt)
+    assert torch.isfinite(total) and total > 0
+    assert grads and all(torch.isfinite(g).all() for g in grads) and sum(g.abs().sum() for g in grads) > 0
+    assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in before_t.items())
+    assert all(p.grad is None for p in teacher.parameters())
+    label = entry["name"]
+    aux = comp.aux_step({}, None, batch)
+    assert aux[f"extra/{label}/attack_ms"] > 0
+    per_step = 2 if entry.get("preset") == "adaad" else 1
+    refs = 1 if entry.get("preset") == "rslad" or label == "trades" else 0
+    assert aux[f"extra/{label}/attack_passes"] == 3 * per_step + refs
+
+
+def test_rslad_terms_match_the_formula(trained):
+    """5/6 KL(S(x')||T(x)) + 1/6 KL(S(x)||T(x)), the KL with the teacher as the target distribution."""
+    from mtkd.engine.trainer import split_output
+
+    net, x, y = trained
+    student, teacher = TinyNet(), net
+    comp = _composer({"name": "adv_kd", "preset": "rslad", "steps": 2})
+    batch = comp.pre_step({"images": x[:8], "labels": y[:8]}, student, teacher)
+    s_out, s_adv = split_output(student(torch.cat([x[:8], batch["adv_images"]])), 8)
+    s_out["adv"] = s_adv
+    with torch.no_grad():
+        t = teacher(x[:8])
+    _, logs = comp(s_out, t, batch)
+
+    def kl(s, t):  # sum_c p_t log(p_t / p_s), mean over images
+        p_t = t.softmax(1)
+        return (p_t * (p_t.log() - s.log_softmax(1))).sum(1).mean()
+
+    adv = kl(s_adv["logits"], t["logits"]).item()
+    clean = kl(s_out["logits"], t["logits"]).item()
+    assert logs["extra/adv_kd/adv"].item() == pytest.approx(5 / 6 * adv, rel=1e-4)
+    assert logs["extra/adv_kd/clean"].item() == pytest.approx(1 / 6 * clean, rel=1e-4)
+    assert logs["total"].item() == pytest.approx(5 / 6 * adv + 1 / 6 * clean, rel=1e-4)
+
+
+def test_split_output_matches_separate_forwards(multitask_batch, trained):
+    from mtkd.engine.trainer import split_output
+
+    model, batch, _, _ = multitask_batch
+    x = batch["images"]
+    y = x.flip(-1)
+    with torch.no_grad():
+        first, second = split_output(model(torch.cat([x, y])), len(x))
+        a, b = model(x), model(y)
+    for got, want in ((first, a), (second, b)):
+        assert torch.allclose(got["seg"], want["seg"], atol=1e-5)
+        for k in ("cls", "obj", "box"):
+            assert torch.allclose(getattr(got["det"], k), getattr(want["det"], k), atol=1e-5)
+        assert torch.equal(got["det"].anchors, want["det"].anchors)
+        assert torch.allclose(got["feats"]["p3"], want["feats"]["p3"], atol=1e-5)
+
+
+def test_multitask_adv_kd_distils_seg_and_det_on_adversarial_inputs(multitask_batch):
+    import copy
+
+    from mtkd.engine.trainer import split_output
+
+    model, batch, mean, std = multitask_batch
+    student = copy.deepcopy(model).train()
+    torch.manual_seed(3)
+    teacher = copy.deepcopy(model)
+    for p in teacher.parameters():
+        p.data.add_(0.05 * torch.randn_like(p))
+    teacher.eval().requires_grad_(False)
+    comp = _composer({"name": "adv_kd", "output": "multitask", "target": "adv", "steps": 2, "w_clean": 0.5})
+    comp.bind_input(mean, std)
+    b = comp.pre_step(dict(batch), student, teacher)
+    d = _pixels(b["adv_images"], mean, std) - _pixels(batch["images"], mean, std)
+    assert 4 / 255 < d.abs().max() <= 8 / 255 + 1e-5
+    n = len(batch["images"])
+    s_out, s_adv = split_output(student(torch.cat([batch["images"], b["adv_images"]])), n)
+    s_out["adv"] = s_adv
+    with torch.no_grad():
+        t_out, t_adv = split_output(teacher(torch.cat([batch["images"], b["adv_images"]])), n)
+    t_out["adv"] = t_adv
+    total, logs = comp(s_out, t_out, b)
+    assert {"extra/adv_kd/adv_seg", "extra/adv_kd/adv_det", "extra/adv_kd/clean_seg"} <= set(logs)
+    assert torch.isfinite(total) and logs["extra/adv_kd/adv_seg"] > 0
+    total.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
+    assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_classify_train_with_rslad_runs_one_split_student_forward(classify_run):
+    """A 2-step classify run with adv_kd (rslad): the student is forwarded once per step on 2B images
+    (plus the attack's B-image forwards), and the attack's cost is logged."""
+    import csv
+
+    from mtkd.engine.config import build_config
+    from mtkd.engine.trainer import Trainer
+
+    tmp, root = classify_run
+    cfg = build_config({
+        "task": "classify", "out": str(tmp / "rslad"),
+        "data": {"format": "imagefolder", "root": str(root), "imgsz": 24, "mean": None, "std": None},
+        "model": {"backbone": "cnn4"},
+        "teacher": {"ckpt": str(tmp / "run" / "best.pt"), "model": {"name": "cnn4"}},
+        "loss": {"det": {}, "seg": {}, "extra": [{"name": "adv_kd", "preset": "rslad", "steps": 2}]},
+        "train": {"epochs": 1, "max_steps": 2, "batch": 8, "workers": 0, "ema": False, "tensorboard": False,
+                  "plots": False, "device": "cpu"},
+    })
+    tr = Trainer(cfg)
+    sizes = []  # batch size of every student forward after build (training steps, then evaluation)
+    build = tr.build
+
+    def build_and_hook():
+        build()
+        tr.model.register_forward_pre_hook(lambda m, args: sizes.append(args[0].shape[0]))
+
+    tr.build = build_and_hook
+    report = tr.fit()
+    assert report["steps"] == 2 and 0 <= report["top1"] <= 100
+    # per step: the attack's 2 forwards on the 8 images, then ONE forward on the 16 clean + adversarial ones
+    assert sizes[:6] == [8, 8, 16, 8, 8, 16]
+    assert 16 not in sizes[6:]
+    rows = list(csv.DictReader(open(tmp / "rslad" / "results.csv")))
+    assert float(rows[-1]["train/extra/adv_kd/attack_ms"]) > 0
+    assert float(rows[-1]["train/extra/adv_kd/attack_passes"]) == 3.0  # 2 steps x student + 1 teacher reference
+    assert float(rows[-1]["train/extra/adv_kd/adv"]) > 0
