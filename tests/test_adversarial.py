@@ -557,8 +557,8 @@ def test_multitask_adv_kd_distils_seg_and_det_on_adversarial_inputs(multitask_ba
 
 
 def test_classify_train_with_rslad_runs_one_split_student_forward(classify_run):
-    """A 2-step classify run with adv_kd (rslad): the student is forwarded once per step on 2B images
-    (plus the attack's B-image forwards), and the attack's cost is logged."""
+    """A 2-step classify run with ``extra: [{name: adv_kd, preset: rslad}]``: the student is forwarded once
+    per step on 2B images (plus the attack's B-image forwards), and the attack's cost is logged."""
     import csv
 
     from mtkd.engine.config import build_config
@@ -570,7 +570,7 @@ def test_classify_train_with_rslad_runs_one_split_student_forward(classify_run):
         "data": {"format": "imagefolder", "root": str(root), "imgsz": 24, "mean": None, "std": None},
         "model": {"backbone": "cnn4"},
         "teacher": {"ckpt": str(tmp / "run" / "best.pt"), "model": {"name": "cnn4"}},
-        "loss": {"det": {}, "seg": {}, "extra": [{"name": "adv_kd", "preset": "rslad", "steps": 2}]},
+        "loss": {"det": {}, "seg": {}, "extra": [{"name": "adv_kd", "preset": "rslad"}]},
         "train": {"epochs": 1, "max_steps": 2, "batch": 8, "workers": 0, "ema": False, "tensorboard": False,
                   "plots": False, "device": "cpu"},
     })
@@ -585,10 +585,39 @@ def test_classify_train_with_rslad_runs_one_split_student_forward(classify_run):
     tr.build = build_and_hook
     report = tr.fit()
     assert report["steps"] == 2 and 0 <= report["top1"] <= 100
-    # per step: the attack's 2 forwards on the 8 images, then ONE forward on the 16 clean + adversarial ones
-    assert sizes[:6] == [8, 8, 16, 8, 8, 16]
-    assert 16 not in sizes[6:]
+    # per step: the attack's 10 forwards on the 8 images, then ONE forward on the 16 clean + adversarial ones
+    assert sizes[:22] == ([8] * 10 + [16]) * 2
+    assert 16 not in sizes[22:]
     rows = list(csv.DictReader(open(tmp / "rslad" / "results.csv")))
     assert float(rows[-1]["train/extra/adv_kd/attack_ms"]) > 0
-    assert float(rows[-1]["train/extra/adv_kd/attack_passes"]) == 3.0  # 2 steps x student + 1 teacher reference
+    assert float(rows[-1]["train/extra/adv_kd/attack_passes"]) == 11.0  # 10 steps x student + 1 teacher reference
     assert float(rows[-1]["train/extra/adv_kd/adv"]) > 0
+
+
+def test_multitask_train_with_adv_kd_splits_student_and_teacher(tmp_path):
+    """Multi-task KD with adv_kd (output multitask, teacher at x'): the trainer's split forward of
+    both models (DetOutput included) feeds seg_kl + det_mse on the adversarial half."""
+    import csv
+    import sys
+    from pathlib import Path
+
+    from mtkd.datasets import SYNTHETIC_CLASSES, make_synthetic
+    from mtkd.engine.config import load_config
+    from mtkd.engine.trainer import train
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks.common import random_checkpoint
+
+    roots = make_synthetic(tmp_path / "d", n_train=4, n_val=2, n_test=2, imgsz=(48, 64), seed=3, seg_missing=0.25,
+                           formats=("voc",))
+    teacher = random_checkpoint(tmp_path / "teacher.pt", {"preset": "student_small"}, SYNTHETIC_CLASSES, seed=1)
+    cfg = load_config("synthetic_kd.yaml", [
+        f"data.root={roots['voc']}", "data.imgsz=64", f"teacher.ckpt={teacher}", f"out={tmp_path / 'run'}",
+        "model.preset=student_small", "train.batch=4", "train.workers=0", "train.ema=false", "train.plots=false",
+        "train.tensorboard=false", "train.epochs=1", "eval.max_batches=1",
+        "loss.extra=[{name: adv_kd, output: multitask, target: adv, steps: 2, T: 2}]"])
+    report = train(cfg)
+    assert report["steps"] == 1
+    row = list(csv.DictReader(open(tmp_path / "run" / "results.csv")))[-1]
+    assert float(row["train/extra/adv_kd/adv_seg"]) > 0 and "train/extra/adv_kd/adv_det" in row
+    assert float(row["train/extra/adv_kd/attack_passes"]) == 4.0  # 2 steps + 2 clean references
