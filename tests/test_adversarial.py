@@ -621,3 +621,45 @@ def test_multitask_train_with_adv_kd_splits_student_and_teacher(tmp_path):
     row = list(csv.DictReader(open(tmp_path / "run" / "results.csv")))[-1]
     assert float(row["train/extra/adv_kd/adv_seg"]) > 0 and "train/extra/adv_kd/adv_det" in row
     assert float(row["train/extra/adv_kd/attack_passes"]) == 4.0  # 2 steps + 2 clean references
+
+
+# -- transfer from a surrogate -------------------------------------------------------------------
+def test_flip_rates_surrogate_equal_to_target_transfers_like_white_box(trained):
+    from torch.utils.data import DataLoader
+
+    from mtkd.adversarial.report import flip_rates
+    from mtkd.classification.data import collate
+
+    net, x, y = trained
+    items = [{"image": x[i], "label": int(y[i]), "index": i, "id": str(i)} for i in range(len(y))]
+    loader = DataLoader(items, batch_size=32, collate_fn=collate)
+    spec = make_attack("pgd", 8 / 255, steps=5)
+    same = flip_rates(net, net, loader, spec, MEAN, STD, torch.device("cpu"), seed=0)
+    assert same["transfer_success"] == same["surrogate_whitebox_success"] > 0.3
+    assert same["noise_success"] < same["transfer_success"]
+    assert same["n_images"] == len(y) and same["n_target_correct"] == same["n_surrogate_correct"]
+    torch.manual_seed(5)
+    other = flip_rates(net, TinyNet().eval(), loader, spec, MEAN, STD, torch.device("cpu"), seed=0)
+    assert other["transfer_success"] < same["transfer_success"]  # a random surrogate transfers worse
+
+
+def test_mtkd_attack_with_surrogate_reports_transfer(classify_run):
+    import json
+
+    from mtkd.cli import main
+
+    tmp, _ = classify_run
+    out = tmp / "transfer"
+    code = main(["attack", str(tmp / "run" / "config.yaml"), "--ckpt", str(tmp / "run" / "best.pt"), "--eps", "8/255",
+                 "--steps", "3", "--no-checks", "--draw", "0", "--out", str(out),
+                 "--surrogate", str(tmp / "run" / "best.pt")])
+    assert code == 0
+    report = json.loads((out / "attack.json").read_text())
+    (row,) = report["transfer"]
+    for key in ("transfer_success", "surrogate_whitebox_success", "noise_success", "target_transfer",
+                "target_noise", "surrogate_whitebox", "n_target_correct"):
+        assert key in row
+    # the surrogate here is the target itself: the transferred attack is the white-box one
+    assert row["surrogate_clean"]["top1"] == pytest.approx(report["clean"]["top1"])
+    assert row["transfer_success"] == row["surrogate_whitebox_success"]
+    assert row["target_transfer"]["top1"] == pytest.approx(row["surrogate_whitebox"]["top1"])

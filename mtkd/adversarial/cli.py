@@ -2,6 +2,7 @@
 
     mtkd attack CONFIG [key=value ...] --ckpt CKPT --attack fgsm|pgd --eps 4/255,8/255
                 [--steps 10] [--step-size 1/255] [--split test] [--out DIR] [--no-checks]
+                [--surrogate CKPT]
 
 Sizes are in 0..1 pixels and accept fractions (``8/255``). Failed
 gradient-masking checks print ``warning: ...`` lines; the exit status stays 0.
@@ -30,6 +31,9 @@ def _attack_args(p: argparse.ArgumentParser) -> Runner:
     p.add_argument("--draw", type=int, default=4, help="images in attack_examples.png (0: none)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random starts")
     p.add_argument("--no-labels", action="store_true", help="attack the model's own predictions, not the labels")
+    p.add_argument("--surrogate", default=None, metavar="CKPT",
+                   help="also craft on this checkpoint and apply to the target (transfer success, surrogate "
+                        "white-box success, sign-noise baseline)")
     mt = p.add_argument_group("multi-task objective")
     mt.add_argument("--no-seg", action="store_true", help="leave the segmentation CE out of the attacked loss")
     mt.add_argument("--no-det", action="store_true", help="leave the detection loss out of the attacked loss")
@@ -52,7 +56,7 @@ def _run_attack(args: argparse.Namespace) -> int:
                                    random_start=args.random_start, split=args.split, out=args.out,
                                    checks=not args.no_checks, n_draw=args.draw, seed=args.seed,
                                    seg=not args.no_seg, det=not args.no_det, segpgd=args.segpgd,
-                                   use_labels=not args.no_labels)
+                                   use_labels=not args.no_labels, surrogate=args.surrogate)
     print(format_report(report))
     for msg in report["warnings"]:
         print(f"warning: {msg}", file=sys.stderr)

@@ -28,6 +28,17 @@ evaluating adversarial robustness", 2019), on the task's ``fitness`` score
 A check passes within a tolerance of 1 % of the clean score, or one image's
 worth of top-1 for classification, since random starts make runs differ
 slightly.
+
+Transfer (``surrogate``): the attack is crafted on a second checkpoint (its
+architecture from its own recorded ``config.model``, else the target's) and
+applied to the target; ``attack.json`` gets a ``transfer`` list per eps with
+the target's metrics under the transferred attack and under random sign
+noise of the same L-inf norm (:func:`~mtkd.adversarial.attacks.sign_noise`),
+and the surrogate's own (white-box) metrics. For classification also the
+rates: ``transfer_success`` = fraction of the images the target classifies
+correctly that the transferred attack flips, ``surrogate_whitebox_success``
+= the same for the surrogate attacked by itself, ``noise_success`` = the
+fraction of target-correct images the noise flips.
 """
 from __future__ import annotations
 
@@ -129,9 +140,13 @@ class _Scorer:
     def attacked(self, spec: AttackSpec) -> Dict[str, float]:
         if spec not in self.cache:
             fn = _attack_fn(self.model, spec, self.mean, self.std, self.device, self.seed, self.options)
-            loader = AttackedLoader(self.loader, fn, self.device, self.max_batches)
-            self.cache[spec] = self.task.evaluate(self.model, loader, self.ds, self.cfg, self.device, self.amp)
+            self.cache[spec] = self.under(fn)
         return self.cache[spec]
+
+    def under(self, fn: Callable[[Dict[str, Any]], torch.Tensor]) -> Dict[str, float]:
+        """Metrics of the model on batches whose images ``fn(batch)`` replaces."""
+        loader = AttackedLoader(self.loader, fn, self.device, self.max_batches)
+        return self.task.evaluate(self.model, loader, self.ds, self.cfg, self.device, self.amp)
 
     def score(self, metrics: Mapping[str, float]) -> float:
         return float(self.task.fitness(dict(metrics)))
@@ -296,6 +311,98 @@ def plot_curve(eps: Sequence[float], rows: Sequence[Mapping[str, float]], path: 
     return path
 
 
+# -- transfer -----------------------------------------------------------------------------------
+def load_surrogate(cfg: Dict[str, Any], ckpt: Path, task: Any, classes: Sequence[str]) -> nn.Module:
+    """The surrogate model: its checkpoint's recorded ``config.model`` (else ``cfg``'s) with its weights."""
+    from mtkd.engine.checkpoint import load_checkpoint
+    from mtkd.engine.trainer import load_model
+
+    saved = (load_checkpoint(ckpt).get("config") or {}).get("model")
+    scfg = {**cfg, "model": {**cfg["model"], **saved}} if isinstance(saved, dict) else cfg
+    _, model, s_classes, _ = load_model(scfg, ckpt, task)
+    if list(s_classes) != list(classes):
+        raise MtkdError(f"{ckpt}: the surrogate was trained on classes {list(s_classes)}, the target on "
+                        f"{list(classes)}")
+    return model
+
+
+def _noise_fn(spec: AttackSpec, mean: Any, std: Any, device: torch.device,
+              seed: int) -> Callable[[Dict[str, Any]], torch.Tensor]:
+    from mtkd.adversarial.attacks import _content, is_classification_batch, sign_noise
+
+    generator = torch.Generator(device=device).manual_seed(seed + 1)
+
+    def fn(batch: Dict[str, Any]) -> torch.Tensor:
+        x = batch["images"]
+        valid = None if is_classification_batch(batch) else _content(batch, x.shape[-2:], x.device)
+        return sign_noise(x, spec.eps, mean, std, valid=valid, generator=generator)
+
+    return fn
+
+
+@torch.no_grad()
+def _predictions(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    from mtkd.adversarial.attacks import logits_of
+
+    return logits_of(model(x)).argmax(1)
+
+
+def flip_rates(target: nn.Module, surrogate: nn.Module, loader: Any, spec: AttackSpec, mean: Any, std: Any,
+               device: torch.device, seed: int, max_batches: Optional[int] = None,
+               use_labels: bool = True) -> Dict[str, Any]:
+    """Classification transfer rates of the module doc (and the counts they come from)."""
+    from mtkd.adversarial.attacks import attack_classifier, sign_noise
+    from mtkd.engine.trainer import to_device
+
+    g = torch.Generator(device=device).manual_seed(seed)
+    g_noise = torch.Generator(device=device).manual_seed(seed + 1)
+    n = t_ok = s_ok = transfer = whitebox = noise = 0
+    target.eval()
+    surrogate.eval()
+    for b, batch in enumerate(loader):
+        if max_batches is not None and b >= max_batches:
+            break
+        batch = to_device(batch, device)
+        x, y = batch["images"], batch["labels"]
+        adv = attack_classifier(surrogate, x, spec, y if use_labels else None, mean, std, generator=g)
+        noisy = sign_noise(x, spec.eps, mean, std, generator=g_noise)
+        t_clean, s_clean = _predictions(target, x) == y, _predictions(surrogate, x) == y
+        transfer += int((t_clean & (_predictions(target, adv) != y)).sum())
+        whitebox += int((s_clean & (_predictions(surrogate, adv) != y)).sum())
+        noise += int((t_clean & (_predictions(target, noisy) != y)).sum())
+        n, t_ok, s_ok = n + len(y), t_ok + int(t_clean.sum()), s_ok + int(s_clean.sum())
+
+    def rate(k: int, m: int) -> Optional[float]:
+        return k / m if m else None
+
+    return {"transfer_success": rate(transfer, t_ok), "surrogate_whitebox_success": rate(whitebox, s_ok),
+            "noise_success": rate(noise, t_ok), "n_images": n, "n_target_correct": t_ok,
+            "n_surrogate_correct": s_ok}
+
+
+def transfer_report(scorer: _Scorer, surrogate: nn.Module, specs: Sequence[AttackSpec]) -> List[Dict[str, Any]]:
+    """Per eps: the target's metrics under the attack crafted on ``surrogate`` and under sign noise,
+    the surrogate's white-box metrics, and (classification) the flip rates."""
+    rows = []
+    surrogate_scorer = _Scorer(scorer.task, surrogate, scorer.cfg, scorer.ds, scorer.loader, scorer.device,
+                               scorer.mean, scorer.std, scorer.options, scorer.seed)
+    for spec in specs:
+        fn = _attack_fn(surrogate, spec, scorer.mean, scorer.std, scorer.device, scorer.seed, scorer.options)
+        row: Dict[str, Any] = {
+            "eps": spec.eps, "eps_255": spec.eps * 255,
+            "target_transfer": scorer.under(fn),
+            "target_noise": scorer.under(_noise_fn(spec, scorer.mean, scorer.std, scorer.device, scorer.seed)),
+            "surrogate_clean": surrogate_scorer.clean(),
+            "surrogate_whitebox": surrogate_scorer.attacked(spec),
+        }
+        if scorer.task.name == "classify":
+            row.update(flip_rates(scorer.model, surrogate, scorer.loader, spec, scorer.mean, scorer.std,
+                                  scorer.device, scorer.seed, scorer.max_batches,
+                                  bool(scorer.options.get("use_labels", True))))
+        rows.append(row)
+    return rows
+
+
 # -- the report ---------------------------------------------------------------------------------
 def _fill_normalisation(cfg: Dict[str, Any], ckpt: Path) -> None:
     """Null ``data.mean``/``data.std`` from the checkpoint's recorded config, where it has them."""
@@ -328,13 +435,14 @@ def robustness_report(cfg: Dict[str, Any], ckpt: str | Path, attack: str = "pgd"
                       step_size: Optional[float] = None, random_start: Any = None, split: str = "test",
                       out: Optional[str | Path] = None, checks: bool = True, n_draw: int = 4, seed: int = 0,
                       seg: bool = True, det: bool = True, segpgd: bool = False, use_labels: bool = True,
-                      det_conf: float = 0.25) -> Dict[str, Any]:
+                      det_conf: float = 0.25, surrogate: Optional[str | Path] = None) -> Dict[str, Any]:
     """Clean and attacked metrics of checkpoint ``ckpt`` on ``split``; writes the files of the module doc.
 
     ``step_size`` applies to every eps when given (else each eps gets the
     attack's default). ``seg``/``det``/``segpgd``/``det_conf`` shape the
     multi-task objective (:func:`mtkd.adversarial.attacks.attack_multitask`);
-    ``use_labels=False`` attacks the model's own predictions. Returns the
+    ``use_labels=False`` attacks the model's own predictions; ``surrogate``
+    (a checkpoint) adds the transfer results of the module doc. Returns the
     report written to ``attack.json``.
     """
     ckpt = Path(ckpt)
@@ -369,6 +477,10 @@ def robustness_report(cfg: Dict[str, Any], ckpt: str | Path, attack: str = "pgd"
                 msg = f"possible gradient masking: check {c['name']} failed: {c['detail']}"
                 report["warnings"].append(msg)
                 warnings.warn(msg, RuntimeWarning, stacklevel=2)
+    if surrogate is not None:
+        report["surrogate"] = str(surrogate)
+        sur = load_surrogate(cfg, Path(surrogate), task, ds.classes)
+        report["transfer"] = transfer_report(scorer, sur, specs)
     with writing(out):
         out.mkdir(parents=True, exist_ok=True)
     files = {"json": str(out / "attack.json")}
@@ -407,4 +519,17 @@ def format_report(report: Mapping[str, Any]) -> str:
     lines = ["  ".join(str(c).rjust(w) for c, w in zip(row, widths)) for row in [head] + rows]
     for c in report.get("checks", []):
         lines.append(f"check {c['name']}: {'ok' if c['passed'] else 'FAILED'} ({c['detail']})")
+    for r in report.get("transfer", []):
+        eps = f"{r['eps_255']:.3g}/255"
+        if "transfer_success" in r:
+            def pct(v: Optional[float]) -> str:
+                return "n/a" if v is None else f"{100 * v:.1f}%"
+
+            lines.append(f"transfer at {eps}: {pct(r['transfer_success'])} of target-correct images flipped "
+                         f"(surrogate white-box {pct(r['surrogate_whitebox_success'])}, sign noise "
+                         f"{pct(r['noise_success'])})")
+        else:
+            parts = [f"{k} {r['target_transfer'][k]:.4f} (noise {r['target_noise'][k]:.4f})"
+                     for k in HEADLINE if k in r["target_transfer"]]
+            lines.append(f"transfer at {eps}: target " + ", ".join(parts))
     return "\n".join(lines)
