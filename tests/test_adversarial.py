@@ -420,6 +420,8 @@ def test_presets_resolve_to_the_documented_options(preset):
     (dict(source="teacher", objective="kl", target="adv"), "teacher with itself"),
     (dict(w_adv=0), "all 0"),
     (dict(target="both"), "adv_kd.target"),
+    (dict(output="multitask", preset="rslad"), "takes no preset"),
+    (dict(output="multitask", w_ce=0.5), "w_ce: not used"),
 ])
 def test_adv_kd_bad_options_are_config_errors(kwargs, match):
     from mtkd.losses import build_loss

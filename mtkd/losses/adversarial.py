@@ -74,7 +74,7 @@ objective (:func:`mtkd.adversarial.attacks.attack_multitask`'s: seg CE +
 teacher's predictions; ``source: teacher`` crafts on the teacher), and the
 adversarial term is ``seg_kl`` (at ``T``) + ``det_mse`` between the
 student's output at ``x'`` and the teacher's at the target; ``w_clean``
-adds the same pair on clean inputs (``w_ce`` is not used there: the hard
+adds the same pair on clean inputs (``w_ce`` must stay 0 there: the hard
 losses live in ``loss.det``/``loss.seg``). Presets and ``objective: kl``
 are classification-only.
 
@@ -215,6 +215,9 @@ class AdvKDLoss(_Crafting):
         if opts["output"] == "multitask" and (preset is not None or opts["objective"] != "ce"):
             raise ConfigError("loss adv_kd: output multitask crafts on the multi-task loss (objective ce) and takes "
                               "no preset")
+        if opts["output"] == "multitask" and opts["w_ce"]:
+            raise ConfigError("loss adv_kd.w_ce: not used with output multitask (the hard losses live in "
+                              "loss.det/loss.seg)")
         for key in ("w_adv", "w_clean", "w_ce"):
             opts[key] = float(opts[key])
             if opts[key] < 0:
