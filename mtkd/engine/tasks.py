@@ -35,6 +35,11 @@ class Task(Protocol):
     def collate(self, items: List[Any]) -> Dict[str, Any]:
         """Items of the dataset -> a batch dict with ``"images"``."""
 
+    # Optional: without it, ``data.mean``/``data.std`` are read as they are.
+    def normalisation(self, cfg: Dict[str, Any]) -> tuple:
+        """``(mean, std)`` of the model input: ``x_norm = (x - mean) / std`` for ``x`` in 0..1 pixels
+        (what attacks and adversarial losses need to work in pixel space)."""
+
     # Optional: tasks without it reject ``data.unlabeled``.
     def build_unlabeled(self, cfg: Dict[str, Any], labeled: Any) -> Optional[Any]:
         """Images of ``data.unlabeled`` as training items without labels, or ``None`` when unset."""
@@ -126,6 +131,15 @@ class MultiTaskTask:
         from mtkd.datasets import collate
 
         return collate(items)
+
+    def normalisation(self, cfg: Dict[str, Any]) -> tuple:
+        """``(mean, std)``: ``data.mean``/``data.std``, ImageNet's where null (as the transforms do)."""
+        from mtkd.datasets.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+        data = cfg["data"]
+        mean = data.get("mean") if data.get("mean") is not None else IMAGENET_MEAN
+        std = data.get("std") if data.get("std") is not None else IMAGENET_STD
+        return [float(v) for v in mean], [float(v) for v in std]
 
     def build_model(self, cfg: Dict[str, Any], num_classes: int) -> nn.Module:
         from mtkd.models import build_model

@@ -11,6 +11,15 @@ teacher's forward keeps its graph; ``input_grad``: the input images get
   batch of the first training samples before the optimizer is built, so lazy
   adapters inside losses get their shapes. The student's buffers (BatchNorm
   statistics) are restored afterwards, so this forward leaves no trace.
+* **Adversarial inputs.** Before every forward the composer's ``pre_step``
+  runs on the unwrapped student and the teacher; a loss declaring
+  ``adv_split`` (``adv_kd``, ``pgd_at``, ``trades``) crafts
+  ``batch["adv_images"]`` there (outside autocast), and the step then runs
+  ONE student forward on ``cat([images, adv_images])``, split by
+  :func:`split_output` into the clean output and its ``"adv"`` half (so
+  BatchNorm and DDP see one pass); the teacher's forward is split likewise
+  when a loss declares ``adv_teacher``. The losses get the input
+  normalisation through ``bind_input`` (the task's ``normalisation``).
 * **Optimizer.** AdamW (``momentum`` is beta1) or SGD with Nesterov momentum
   over ``model.parameters()`` + ``composer.student_parameters()``; weight
   decay only on tensors with ``ndim > 1`` (no decay on biases and norms).
@@ -162,6 +171,31 @@ def detach_tree(x: Any) -> Any:
     return x
 
 
+def split_output(x: Any, n: int) -> tuple:
+    """``(first, rest)``: a model output of a batch of ``n + m`` images cut into its first ``n`` and
+    last ``m`` images (tensors along dim 0; a DetOutput's per-image fields; dicts, lists and
+    tuples item by item; anything else, e.g. a DetOutput's anchors, goes to both halves)."""
+    if isinstance(x, torch.Tensor):
+        return (x[:n], x[n:]) if x.dim() > 0 else (x, x)
+    if isinstance(x, DetOutput):
+        parts = {k: split_output(getattr(x, k), n) for k in ("cls", "obj", "box", "box_dist")}
+        levels = [split_output(lv, n) for lv in x.levels]
+        halves = []
+        for i in (0, 1):
+            halves.append(DetOutput(cls=parts["cls"][i], obj=parts["obj"][i], box=parts["box"][i],
+                                    anchors=x.anchors, strides=x.strides,
+                                    box_dist=None if x.box_dist is None else parts["box_dist"][i],
+                                    obj_is_proxy=x.obj_is_proxy, levels=[lv[i] for lv in levels]))
+        return halves[0], halves[1]
+    if isinstance(x, dict):
+        pairs = {k: split_output(v, n) for k, v in x.items()}
+        return {k: p[0] for k, p in pairs.items()}, {k: p[1] for k, p in pairs.items()}
+    if isinstance(x, (list, tuple)):
+        pairs = [split_output(v, n) for v in x]
+        return type(x)(p[0] for p in pairs), type(x)(p[1] for p in pairs)
+    return x, x
+
+
 class WarmupDecay:
     """LR factor per step: linear warm-up, then cosine/linear decay to ``lrf``."""
 
@@ -303,6 +337,7 @@ class Trainer:
                 p.requires_grad_(False)
         self.composer = LossComposer(cfg["loss"], with_teacher=self.teacher is not None).to(self.device)
         self.composer.bind(self.model, self.teacher)
+        self.composer.bind_input(*self._input_normalisation())
         self.requires = self.composer.requires
         self._lazy_forward()
         ddp.broadcast_module(self.composer, self.dist)
@@ -322,6 +357,11 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp and self.device.type == "cuda")
         self.ema = ModelEMA(self.model, t["ema_decay"], t["ema_tau"]) if t["ema"] else None
         self.net = ddp.wrap(self.model, self.dist)
+
+    def _input_normalisation(self) -> tuple:
+        """``(mean, std)`` of the model input from the task (``(None, None)`` if it has none)."""
+        fn = getattr(self.task, "normalisation", None)
+        return fn(self.cfg) if fn is not None else (None, None)
 
     def _build_unlabeled(self) -> Any:
         """The task's ``data.unlabeled`` dataset, or ``None`` when the key is unset."""
@@ -372,6 +412,7 @@ class Trainer:
         batch = to_device(self.task.collate([self.train_ds[i] for i in range(n)]), self.device)
         saved = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         self.model.train()
+        batch = self.composer.pre_step(batch, self.model, self.teacher)
         with self._autocast():
             s_out, t_out = self._forward(batch)
             self.composer(s_out, t_out, batch)
@@ -387,14 +428,31 @@ class Trainer:
             return self.teacher(images)
 
     def _forward(self, batch: Dict[str, Any], net: Optional[nn.Module] = None) -> tuple:
+        """Student and teacher outputs. With a loss declaring ``adv_split`` and ``batch["adv_images"]``
+        set (by its ``pre_step``): one student forward on ``cat([images, adv_images])``, split into
+        the clean output with the adversarial half under ``"adv"`` (and the teacher's likewise when
+        a loss declares ``adv_teacher``)."""
         if "input_grad" in self.requires:
             batch["images"].requires_grad_(True)
-        s_out = (net or self.model)(batch["images"])
-        return s_out, self._teacher_forward(batch["images"])
+        images = batch["images"]
+        adv = batch.get("adv_images") if "adv_split" in self.requires else None
+        if adv is None:
+            return (net or self.model)(images), self._teacher_forward(images)
+        n = images.shape[0]
+        both = torch.cat([images, adv.to(images.dtype)])
+        s_out, s_adv = split_output((net or self.model)(both), n)
+        s_out["adv"] = s_adv
+        if self.teacher is not None and "adv_teacher" in self.requires:
+            t_out, t_adv = split_output(self._teacher_forward(both), n)
+            t_out["adv"] = t_adv
+        else:
+            t_out = self._teacher_forward(images)
+        return s_out, t_out
 
     def train_step(self, batch: Dict[str, Any]) -> Optional[Dict[str, float]]:
         """Forward, loss, backward, optimizer/EMA/aux steps. ``None`` when the step was skipped."""
         batch = to_device(batch, self.device)
+        batch = self.composer.pre_step(batch, self.model, self.teacher)  # e.g. crafts batch["adv_images"]
         with self._autocast():
             s_out, t_out = self._forward(batch, self.net)
             total, logs = self.composer(s_out, t_out, batch)

@@ -17,7 +17,21 @@ and never names a loss:
       ``no_grad``), e.g. losses that differentiate through the teacher;
     - ``"input_grad"``: ``batch["images"]`` must have ``requires_grad`` before
       the student's forward (Sobolev, LwM);
+    - ``"adv_split"``: the loss crafts ``batch["adv_images"]`` in ``pre_step``;
+      the trainer then runs one student forward on ``cat([images,
+      adv_images])`` and splits it: ``student_out`` is the clean half and
+      ``student_out["adv"]`` the adversarial one (at most one such loss per run);
+    - ``"adv_teacher"``: with ``"adv_split"``, the teacher's forward is split
+      the same way (``teacher_out["adv"]``);
   and any batch key (e.g. ``"index"`` for CRD) the loss reads.
+* ``pre_step(batch, student, teacher) -> batch``: called before the forward
+  of every step (and of the trainer's dry forward), with the unwrapped student
+  (not DDP's wrapper) and the teacher; returns the batch, possibly with keys
+  added (adversarial losses add ``"adv_images"``). Default: the batch as it is.
+* ``bind_input(mean, std)``: called once by the trainer with the input
+  normalisation (``x_norm = (x - mean) / std`` for ``x`` in 0..1 pixels;
+  ``None`` when the task has none), for losses that perturb images in pixel
+  space.
 * ``aux_step(student_out, teacher_out, batch) -> dict``: called once after the
   main optimizer step with detached outputs; losses that train something of
   their own (a GAN discriminator, DML's peer) do it here with their own
@@ -35,7 +49,7 @@ and never names a loss:
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Iterable, Optional, Type, Union
+from typing import Any, Callable, Dict, Iterable, Optional, Sequence, Type, Union
 
 import torch
 from torch import nn
@@ -60,6 +74,12 @@ class Loss(nn.Module):
 
     def bind(self, student: nn.Module, teacher: Optional[nn.Module]) -> None:
         return None
+
+    def bind_input(self, mean: Optional[Sequence[float]], std: Optional[Sequence[float]]) -> None:
+        return None
+
+    def pre_step(self, batch: Dict[str, Any], student: nn.Module, teacher: Optional[nn.Module]) -> Dict[str, Any]:
+        return batch
 
     def aux_step(self, student_out: Dict[str, Any], teacher_out: Optional[Dict[str, Any]],
                  batch: Dict[str, Any]) -> Dict[str, float]:

@@ -128,6 +128,10 @@ class LossComposer(nn.Module):
             if self._usable(mod):
                 self.extra[label] = mod
                 self.extra_weights[label] = w
+        crafting = [prefix for prefix, m in self.modules_flat() if "adv_split" in getattr(m, "requires", ())]
+        if len(crafting) > 1:
+            raise ConfigError(f"loss: {crafting[0]} and {crafting[1]} both craft adversarial images "
+                              "(batch['adv_images']); keep one adversarial loss per run")
 
     def _usable(self, mod: nn.Module) -> bool:
         return self.with_teacher or "teacher" not in getattr(mod, "requires", ())
@@ -158,6 +162,25 @@ class LossComposer(nn.Module):
             fn = getattr(m, "bind", None)
             if fn is not None:
                 fn(student, teacher)
+
+    def bind_input(self, mean: Optional[Any], std: Optional[Any]) -> None:
+        for _, m in self.modules_flat():
+            fn = getattr(m, "bind_input", None)
+            if fn is not None:
+                fn(mean, std)
+
+    @property
+    def adv_split(self) -> bool:
+        """Whether a loss crafts ``batch["adv_images"]`` and wants the student's forward split."""
+        return "adv_split" in self.requires
+
+    def pre_step(self, batch: Dict[str, Any], student: nn.Module, teacher: Optional[nn.Module]) -> Dict[str, Any]:
+        """Every loss's ``pre_step`` in turn (before the forward); returns the batch they leave."""
+        for _, m in self.modules_flat():
+            fn = getattr(m, "pre_step", None)
+            if fn is not None:
+                batch = fn(batch, student, teacher)
+        return batch
 
     # -- the step ------------------------------------------------------------------
     def forward(self, student_out: Dict[str, Any], teacher_out: Optional[Dict[str, Any]],
