@@ -222,4 +222,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # run through the imported module: commands defined in other modules register on it, not on __main__
+    from mtkd.cli import main as _package_main
+
+    sys.exit(_package_main())
