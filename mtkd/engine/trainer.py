@@ -66,6 +66,11 @@ teacher's forward keeps its graph; ``input_grad``: the input images get
   DataLoader workers ignore both signals and are stopped by the trainer.
   Stale temporary files of killed checkpoint saves are removed from the run
   folder at start and at resume.
+* **Starting weights.** ``model.init`` names any mtkd checkpoint (of the same
+  task and class count) whose weights the run starts from, the optimizer and
+  schedule starting fresh; a pruned checkpoint (``mtkd prune``) brings its
+  pruned architecture (:mod:`mtkd.models.restore`), and every checkpoint of
+  the run then records it too. ``model.pretrained`` is not applied then.
 * **Resume.** ``train.resume`` (``--resume``) restores weights, optimizer,
   scheduler step, grad scaler, EMA, composer state and ``extra_state``, RNG
   states and the results history, and continues at the next epoch (after an
@@ -331,20 +336,26 @@ class Trainer:
         return self.out / "last.pt" if path is True else Path(path)
 
     def _build_student(self, nc: int) -> nn.Module:
-        """The student: built from ``model:``, or as the run resumed.
+        """The student: built from ``model:``, from ``model.init``'s checkpoint, or as the run resumed.
 
         Resuming, the architecture is the one ``last.pt`` records (a pruned
-        one included) and :meth:`_resume` loads its weights; otherwise it is
-        built from ``model:``.
+        one included) and :meth:`_resume` loads its weights; with
+        ``model.init`` the model is that checkpoint's, weights included
+        (:func:`init_model`); otherwise it is built from ``model:``.
         """
         cfg = self.cfg
+        init = cfg["model"].get("init")
         resume = self._resume_path()
-        if resume is None:
+        if resume is None and init is None:
             return self.task.build_model(cfg, nc)
-        self._resume_ckpt = ckpt_io.load_checkpoint(resume)
-        record = self._resume_ckpt.get("pruning")
-        # the checkpoint replaces the initial weights: nothing pretrained to fetch
-        return build_pruned(record, resume) if record else self.task.build_model(_without_pretrained(cfg), nc)
+        if init is not None and not isinstance(init, str):
+            raise ConfigError(f"model.init: expected the path of an mtkd checkpoint, got {init!r}")
+        build = lambda: self.task.build_model(_without_pretrained(cfg), nc)  # noqa: E731 - weights replaced
+        if resume is not None:
+            self._resume_ckpt = ckpt_io.load_checkpoint(resume)
+            record = self._resume_ckpt.get("pruning")
+            return build_pruned(record, resume) if record else build()
+        return init_model(cfg, init, nc, build, self.classes)
 
     def _build_unlabeled(self) -> Any:
         """The task's ``data.unlabeled`` dataset, or ``None`` when the key is unset."""
@@ -773,6 +784,34 @@ def _checked_task(ck: Dict[str, Any], path: str | Path, task: Task) -> None:
     own = ck.get("task")
     if own is not None and own != task.name:
         raise MtkdError(f"{path}: a {own!r} checkpoint, but the config's task is {task.name!r}")
+
+
+def init_model(cfg: Dict[str, Any], path: str | Path, nc: int, build: Any,
+               classes: Optional[List[str]] = None) -> nn.Module:
+    """``model.init``: the model of checkpoint ``path`` with its weights, to start a run from.
+
+    ``build()`` makes the config's architecture for an unpruned checkpoint; a
+    pruned one rebuilds the architecture it records
+    (:func:`mtkd.models.restore.model_from_checkpoint`). The checkpoint must
+    be of the config's task and have ``nc`` classes (ConfigErrors naming
+    ``model.init``); other class names only warn.
+    """
+    task = get_task(cfg["task"])
+    try:
+        ck = ckpt_io.load_checkpoint(path)
+        _checked_task(ck, path, task)
+    except MtkdError as exc:
+        raise ConfigError(f"model.init: {exc}") from None
+    own = ck.get("classes")
+    if not isinstance(own, (list, tuple)) or len(own) != nc:
+        n = len(own) if isinstance(own, (list, tuple)) else "no"
+        raise ConfigError(f"model.init: {path} has {n} classes but the data has {nc}")
+    if classes is not None and list(own) != list(classes):
+        warnings.warn(f"model.init: {path} was trained on classes {list(own)}, the data has {list(classes)}",
+                      stacklevel=2)
+    return model_from_checkpoint(
+        ck, path, build, num_classes=nc,
+        mismatch=lambda d: ConfigError(f"model.init: {path} does not fit the model of the config: {d}"))
 
 
 def load_model(cfg: Dict[str, Any], ckpt_path: str | Path,
