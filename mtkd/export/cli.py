@@ -45,3 +45,30 @@ def _run_prune(args: argparse.Namespace) -> int:
     print(f"pruned checkpoint written to {args.out}/best.pt; recover with: "
           f"mtkd train {args.config} model.init={args.out}/best.pt ...")
     return 0
+
+
+# -- export --------------------------------------------------------------------------
+@command("export", help="export a checkpoint (pruned or not) to ONNX, checked against PyTorch in onnxruntime")
+def _export_args(p: argparse.ArgumentParser):
+    _overrides(p)
+    p.add_argument("--ckpt", required=True, help="checkpoint to export (best.pt of a run, or a pruned one)")
+    p.add_argument("--format", dest="fmt", choices=("onnx",), default="onnx")
+    p.add_argument("--out", required=True, metavar="FILE", help="the .onnx file to write")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18, as Ultralytics)")
+    p.add_argument("--no-simplify", dest="simplify", action="store_false", help="skip onnxslim")
+    return _run_export
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from mtkd.export.onnx import export_checkpoint
+
+    report = export_checkpoint(_load(args), args.ckpt, args.out, fmt=args.fmt, opset=args.opset,
+                               simplify=args.simplify)
+    par = report["parity"]
+    diffs = ", ".join(f"{k} {v:.2g}" for k, v in par["max_abs_diff"].items())
+    print(f"wrote {report['path']} ({report['bytes'] / 1e6:.2f} MB, opset {report['opset']}, {report['nodes']} nodes"
+          f"{', simplified from ' + str(report['nodes_exported']) if report['simplified'] else ''}; "
+          f"outputs {', '.join(report['outputs'])})")
+    print(f"parity with PyTorch on {par['images']} val images: max abs diff {diffs}; "
+          f"{par['boxes_checked']} boxes matched after NMS")
+    return 0
