@@ -207,6 +207,9 @@ def prune_model(model: nn.Module, imgsz: int, *, ratio: Optional[float] = None,
                 model.zero_grad(set_to_none=True)
                 with torch.enable_grad():
                     grad_fn(model)
+                for p in model.parameters():  # layers the loss does not reach rank as unimportant
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
             pruner.step()
             reached = (ratio if ratio is not None else MAX_RATIO) * step / steps
             gflops = _gflops(model, imgsz)
