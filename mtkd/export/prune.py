@@ -211,7 +211,7 @@ def prune_model(model: nn.Module, imgsz: int, *, ratio: Optional[float] = None,
                     if p.grad is None:
                         p.grad = torch.zeros_like(p)
             pruner.step()
-            reached = (ratio if ratio is not None else MAX_RATIO) * step / steps
+            reached = round((ratio if ratio is not None else MAX_RATIO) * step / steps, 6)
             gflops = _gflops(model, imgsz)
             if target_gflops is not None and gflops <= target_gflops:
                 break
