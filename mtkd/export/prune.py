@@ -146,7 +146,9 @@ def prune_model(model: nn.Module, imgsz: int, *, ratio: Optional[float] = None,
 
     Exactly one of ``ratio`` (share of each layer's channels to remove, in
     (0, 1); with ``global_pruning`` the share over the network) and
-    ``target_gflops`` is given. ``grad_fn(model)`` back-propagates a loss (it
+    ``target_gflops`` is given; a target that cannot be reached is an
+    MtkdError, after which ``model`` is pruned as far as it got (and its
+    record says so). ``grad_fn(model)`` back-propagates a loss (it
     is called after the gradients are zeroed); ``taylor`` importance needs it.
     ``round_to`` (``None`` or 1: no rounding) is the channel multiple of
     every pruned layer. The report: ``gflops_before/after``,
@@ -215,16 +217,16 @@ def prune_model(model: nn.Module, imgsz: int, *, ratio: Optional[float] = None,
             gflops = _gflops(model, imgsz)
             if target_gflops is not None and gflops <= target_gflops:
                 break
-    finally:
+    finally:  # whatever happened, the record describes the model as it now is (pruned as far as it got)
         model.zero_grad(set_to_none=True)
         model.train(was_training)
+        record["stages"].append(plain_history(pruner.pruning_history()))
+        refresh_widths(model)
+        model.pruning = record
     if target_gflops is not None and gflops > target_gflops:
         raise MtkdError(f"--target-gflops {target_gflops}: removing {MAX_RATIO:.0%} of the channels only reaches "
                         f"{gflops:.4g} GFLOPs (from {gflops_before:.4g}); the protected output and GroupNorm "
                         "layers cost more")
-    record["stages"].append(plain_history(pruner.pruning_history()))
-    refresh_widths(model)
-    model.pruning = record
     after = _output_shapes(model, imgsz)
     if after != shapes:  # the protected layers failed to protect: a bug, not bad input
         raise RuntimeError(f"prune: output shapes changed from {shapes} to {after}")
