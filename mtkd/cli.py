@@ -37,7 +37,7 @@ Setup = Callable[[argparse.ArgumentParser], Runner]
 COMMANDS: Dict[str, Tuple[str, Setup]] = {}
 
 #: Modules outside this file that register subcommands with :func:`command`.
-COMMAND_MODULES: List[str] = ["mtkd.demo", "mtkd.classification.cli", "mtkd.adversarial.cli"]
+COMMAND_MODULES: List[str] = ["mtkd.demo", "mtkd.classification.cli", "mtkd.adversarial.cli", "mtkd.export.cli"]
 
 
 def command(name: str, help: str) -> Callable[[Setup], Setup]:

@@ -3,8 +3,11 @@
 Layout of a checkpoint dict (every value is a tensor, a state dict or a plain
 dict/list/number/string, so ``torch.load(weights_only=True)`` reads it):
 
-* ``"format"``: ``"mtkd-ckpt-1"``;
+* ``"format"``: ``"mtkd-ckpt-2"`` (:data:`FORMAT`; version 1 files, which
+  never hold ``"pruning"``, still load);
 * ``"model"``: the weights to evaluate and deploy (the EMA's where EMA is on);
+* ``"pruning"`` (pruned models only, since version 2): how to rebuild the
+  pruned architecture without pickle, see :mod:`mtkd.models.restore`;
 * ``"config"``: the run's config as a plain dict; ``"task"``, ``"classes"``;
 * ``"epoch"`` (completed epochs), ``"step"``, ``"metrics"`` (last val metrics),
   ``"best_score"``;
@@ -34,7 +37,10 @@ import torch
 
 from mtkd.errors import MtkdError, os_error_in_chain, write_error
 
-FORMAT = "mtkd-ckpt-1"
+FORMAT = "mtkd-ckpt-2"
+
+#: Formats :func:`load_checkpoint` reads (a file without ``"format"`` is taken as version 1).
+READABLE_FORMATS = ("mtkd-ckpt-1", "mtkd-ckpt-2")
 
 #: Names of :func:`save_atomic`'s temporary files: ``tempfile.mkstemp`` with
 #: prefix ``.<name>.`` and suffix ``.tmp`` (8 random characters between).
@@ -87,7 +93,8 @@ def load_checkpoint(path: str | Path, trust_pickle: bool = False,
                     map_location: str | torch.device = "cpu") -> Dict[str, Any]:
     """Load a checkpoint; ``weights_only=True`` unless ``trust_pickle`` is set.
 
-    A missing, corrupt or non-mtkd file raises a one-line MtkdError naming it.
+    A missing, corrupt or non-mtkd file, or one of an unknown ``"format"``,
+    raises a one-line MtkdError naming it.
     """
     path = Path(path)
     if not path.is_file():
@@ -100,6 +107,11 @@ def load_checkpoint(path: str | Path, trust_pickle: bool = False,
         raise MtkdError(f"{path}: cannot read checkpoint: {reason[:200]}{hint}") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise MtkdError(f"{path}: not an mtkd checkpoint (no 'model' entry)")
+    fmt = ckpt.get("format", READABLE_FORMATS[0])
+    if fmt not in READABLE_FORMATS:
+        newer = isinstance(fmt, str) and fmt.startswith("mtkd-ckpt-")
+        raise MtkdError(f"{path}: checkpoint format {fmt!r} is not one this mtkd reads "
+                        f"({', '.join(READABLE_FORMATS)}){'; written by a newer mtkd?' if newer else ''}")
     return ckpt
 
 

@@ -100,8 +100,9 @@ def get_task(name: str) -> Task:
 
 
 def model_kwargs(model_cfg: Dict[str, Any]) -> Dict[str, Any]:
-    """The ``model:`` section without its null entries (null = the preset's value)."""
-    return {k: v for k, v in model_cfg.items() if v is not None}
+    """The ``model:`` section without its null entries (null = the preset's value) and without
+    ``init`` (starting weights, which the trainer loads; see :func:`mtkd.engine.trainer.init_model`)."""
+    return {k: v for k, v in model_cfg.items() if v is not None and k != "init"}
 
 
 @register_task("multitask")

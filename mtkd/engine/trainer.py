@@ -75,6 +75,11 @@ teacher's forward keeps its graph; ``input_grad``: the input images get
   DataLoader workers ignore both signals and are stopped by the trainer.
   Stale temporary files of killed checkpoint saves are removed from the run
   folder at start and at resume.
+* **Starting weights.** ``model.init`` names any mtkd checkpoint (of the same
+  task and class count) whose weights the run starts from, the optimizer and
+  schedule starting fresh; a pruned checkpoint (``mtkd prune``) brings its
+  pruned architecture (:mod:`mtkd.models.restore`), and every checkpoint of
+  the run then records it too. ``model.pretrained`` is not applied then.
 * **Resume.** ``train.resume`` (``--resume``) restores weights, optimizer,
   scheduler step, grad scaler, EMA, composer state and ``extra_state``, RNG
   states and the results history, and continues at the next epoch (after an
@@ -116,6 +121,7 @@ from mtkd.engine.logger import RunLogger
 from mtkd.engine.tasks import Task, get_task
 from mtkd.errors import ConfigError, Interrupted, MtkdError, writing
 from mtkd.losses.composer import LossComposer
+from mtkd.models.restore import build_pruned, checkpoint_entries, model_from_checkpoint
 from mtkd.structures import DetOutput
 
 
@@ -277,6 +283,7 @@ class Trainer:
         self.signal: Optional[signal.Signals] = None  # the first SIGINT/SIGTERM received while training
         self.epoch_batches = 0  # batches of the current epoch done (trained or skipped as non-finite)
         self._resume_batches = 0
+        self._resume_ckpt: Optional[Dict[str, Any]] = None  # last.pt, read once by _build_student for _resume
         self._resume_sums: Dict[str, float] = {}
         self._resume_counts: Dict[str, int] = {}
         self.best_score = -math.inf
@@ -325,8 +332,7 @@ class Trainer:
         self.val_loader = self._loader(self.val_ds, train=False) if self.val_ds is not None else None
 
         nc = len(self.classes)
-        resuming = self.tcfg["resume"] not in (None, False)  # the checkpoint replaces the initial weights
-        self.model = self.task.build_model(_without_pretrained(cfg) if resuming else cfg, nc).to(self.device)
+        self.model = self._build_student(nc).to(self.device)
         self.teacher = self.task.build_teacher(cfg, nc, self.model)
         if self.teacher is None and self.unlabeled_ds is not None:
             raise ConfigError("data.unlabeled: needs a teacher (teacher.ckpt or teacher.composite); "
@@ -362,6 +368,33 @@ class Trainer:
         """``(mean, std)`` of the model input from the task (``(None, None)`` if it has none)."""
         fn = getattr(self.task, "normalisation", None)
         return fn(self.cfg) if fn is not None else (None, None)
+    def _resume_path(self) -> Optional[Path]:
+        path = self.tcfg["resume"]
+        if path is None or path is False:
+            return None
+        return self.out / "last.pt" if path is True else Path(path)
+
+    def _build_student(self, nc: int) -> nn.Module:
+        """The student: built from ``model:``, from ``model.init``'s checkpoint, or as the run resumed.
+
+        Resuming, the architecture is the one ``last.pt`` records (a pruned
+        one included) and :meth:`_resume` loads its weights; with
+        ``model.init`` the model is that checkpoint's, weights included
+        (:func:`init_model`); otherwise it is built from ``model:``.
+        """
+        cfg = self.cfg
+        init = cfg["model"].get("init")
+        resume = self._resume_path()
+        if resume is None and init is None:
+            return self.task.build_model(cfg, nc)
+        if init is not None and not isinstance(init, str):
+            raise ConfigError(f"model.init: expected the path of an mtkd checkpoint, got {init!r}")
+        build = lambda: self.task.build_model(_without_pretrained(cfg), nc)  # noqa: E731 - weights replaced
+        if resume is not None:
+            self._resume_ckpt = ckpt_io.load_checkpoint(resume)
+            record = self._resume_ckpt.get("pruning")
+            return build_pruned(record, resume) if record else build()
+        return init_model(cfg, init, nc, build, self.classes)
 
     def _build_unlabeled(self) -> Any:
         """The task's ``data.unlabeled`` dataset, or ``None`` when the key is unset."""
@@ -562,7 +595,8 @@ class Trainer:
     def _base_ckpt(self, metrics: Dict[str, float]) -> Dict[str, Any]:
         return {"format": ckpt_io.FORMAT, "task": self.task.name, "classes": self.classes,
                 "config": self.cfg, "epoch": self.epoch + 1, "step": self.step, "metrics": metrics,
-                "best_score": self.best_score, "model": self.eval_model.state_dict()}
+                "best_score": self.best_score, "model": self.eval_model.state_dict(),
+                **checkpoint_entries(self.eval_model)}
 
     def _train_state(self) -> Dict[str, Any]:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
@@ -574,11 +608,11 @@ class Trainer:
                 "budget_step_time": self.budget_step_time, "total_steps": self.schedule.total}
 
     def _resume(self) -> int:
-        path = self.tcfg["resume"]
-        if path is None or path is False:
+        path = self._resume_path()
+        if path is None:
             return 0
-        path = self.out / "last.pt" if path is True else Path(path)
-        ck = ckpt_io.load_checkpoint(path)
+        ck = self._resume_ckpt or ckpt_io.load_checkpoint(path)
+        self._resume_ckpt = None
         st = ck.get("train_state")
         if st is None:
             raise MtkdError(f"{path}: has no training state to resume from (use last.pt)")
@@ -803,25 +837,59 @@ def _without_pretrained(cfg: Dict[str, Any]) -> Dict[str, Any]:
     return {**cfg, "model": {**cfg["model"], "pretrained": False}}
 
 
+def _checked_task(ck: Dict[str, Any], path: str | Path, task: Task) -> None:
+    own = ck.get("task")
+    if own is not None and own != task.name:
+        raise MtkdError(f"{path}: a {own!r} checkpoint, but the config's task is {task.name!r}")
+
+
+def init_model(cfg: Dict[str, Any], path: str | Path, nc: int, build: Any,
+               classes: Optional[List[str]] = None) -> nn.Module:
+    """``model.init``: the model of checkpoint ``path`` with its weights, to start a run from.
+
+    ``build()`` makes the config's architecture for an unpruned checkpoint; a
+    pruned one rebuilds the architecture it records
+    (:func:`mtkd.models.restore.model_from_checkpoint`). The checkpoint must
+    be of the config's task and have ``nc`` classes (ConfigErrors naming
+    ``model.init``); other class names only warn.
+    """
+    task = get_task(cfg["task"])
+    try:
+        ck = ckpt_io.load_checkpoint(path)
+        _checked_task(ck, path, task)
+    except MtkdError as exc:
+        raise ConfigError(f"model.init: {exc}") from None
+    own = ck.get("classes")
+    if not isinstance(own, (list, tuple)) or len(own) != nc:
+        n = len(own) if isinstance(own, (list, tuple)) else "no"
+        raise ConfigError(f"model.init: {path} has {n} classes but the data has {nc}")
+    if classes is not None and list(own) != list(classes):
+        warnings.warn(f"model.init: {path} was trained on classes {list(own)}, the data has {list(classes)}",
+                      stacklevel=2)
+    return model_from_checkpoint(
+        ck, path, build, num_classes=nc,
+        mismatch=lambda d: ConfigError(f"model.init: {path} does not fit the model of the config: {d}"))
+
+
 def load_model(cfg: Dict[str, Any], ckpt_path: str | Path,
                task: Optional[Task] = None) -> tuple[Task, nn.Module, List[str], torch.device]:
     """The model of ``cfg["model"]`` with a checkpoint's ``"model"`` weights, in eval mode.
 
     Returns ``(task, model, classes, device)``; ``classes`` are the checkpoint's.
     Weights that do not fit the config's model raise an MtkdError naming the file.
+    A pruned checkpoint brings its own architecture
+    (:func:`mtkd.models.restore.model_from_checkpoint`).
     """
     task = task if task is not None else get_task(cfg["task"])
     device = ddp.resolve_device(cfg["train"]["device"])
     ck = ckpt_io.load_checkpoint(ckpt_path, trust_pickle=False)
+    _checked_task(ck, ckpt_path, task)
     classes = ck.get("classes")
     if not classes:
         raise MtkdError(f"{ckpt_path}: checkpoint has no class list")
-    model = task.build_model(_without_pretrained(cfg), len(classes))
-    try:
-        model.load_state_dict(ck["model"])
-    except RuntimeError as exc:
-        raise MtkdError(f"{ckpt_path}: weights do not fit the model of the config: "
-                        f"{str(exc).strip().splitlines()[0]}") from None
+    model = model_from_checkpoint(
+        ck, ckpt_path, lambda: task.build_model(_without_pretrained(cfg), len(classes)),
+        mismatch=lambda d: MtkdError(f"{ckpt_path}: weights do not fit the model of the config: {d}"))
     return task, model.to(device).eval(), list(classes), device
 
 

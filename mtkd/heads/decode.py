@@ -26,8 +26,13 @@ from mtkd.structures import DetOutput
 def decode(det: DetOutput, conf: float = 0.001, iou: float = 0.6, max_det: int = 100,
            pre_nms_topk: int = 1000) -> List[Dict[str, torch.Tensor]]:
     """-> one ``{"boxes": (N,4) xyxy px, "scores": (N,), "labels": (N,) int64}`` per image."""
-    scores = det.scores()            # (B, A, nc)
-    boxes = det.boxes_xyxy()         # (B, A, 4)
+    return nms(det.boxes_xyxy(), det.scores(), conf, iou, max_det, pre_nms_topk)
+
+
+@torch.no_grad()
+def nms(boxes: torch.Tensor, scores: torch.Tensor, conf: float = 0.001, iou: float = 0.6, max_det: int = 100,
+        pre_nms_topk: int = 1000) -> List[Dict[str, torch.Tensor]]:
+    """:func:`decode` from boxes (B, A, 4) xyxy px and scores (B, A, nc), e.g. an exported model's outputs."""
     nc = scores.shape[-1]
     results = []
     for s, b in zip(scores, boxes):

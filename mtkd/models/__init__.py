@@ -94,7 +94,11 @@ def build_model(model_cfg: Mapping[str, Any], num_classes: int) -> MultiTaskMode
     det = DetHead(neck.channels, num_classes, cfg["head_channels"], cfg["reg_max"]) if cfg["det"] else None
     seg = (SegHead(neck.channels, num_classes, cfg["seg_channels"],
                    c2_channels=backbone.channels[0] if cfg["seg_c2"] else None) if cfg["seg"] else None)
-    return MultiTaskModel(backbone, neck, det, seg)
+    model = MultiTaskModel(backbone, neck, det, seg)
+    # every architecture key, resolved against the preset (plain types, no initial weights):
+    # build_model(model.arch, nc) builds the same network whatever the presets become
+    model.arch = {k: v for k, v in cfg.items() if k != "pretrained"}
+    return model
 
 
 __all__ = ["PRESETS", "Backbone", "DetHead", "MultiTaskModel", "PAN", "SegHead", "build_backbone",

@@ -44,6 +44,10 @@ class MultiTaskModel(nn.Module):
         self.num_classes: int = det_head.nc if det_head is not None else seg_head.num_classes
         names = ("c2", "c3", "c4", "c5", "p3", "p4", "p5")
         self.feat_channels: Dict[str, int] = dict(zip(names, tuple(backbone.channels) + tuple(neck.channels)))
+        #: the ``model:`` config it was built from, resolved (set by ``mtkd.models.build_model``)
+        self.arch: Optional[Dict[str, Any]] = None
+        #: how it was pruned, when it was (see ``mtkd.models.restore``)
+        self.pruning: Optional[Dict[str, Any]] = None
 
     def forward(self, images: torch.Tensor) -> Dict[str, Any]:
         c2, c3, c4, c5 = self.backbone(images)

@@ -11,7 +11,9 @@
     from the checkpoint's ``model`` entry (so a ``model.pretrained`` there is
     not fetched or read: the checkpoint replaces those weights), read with
     :func:`mtkd.engine.checkpoint.load_checkpoint` (``weights_only=True``
-    unless ``trust_pickle``).
+    unless ``trust_pickle``). A pruned checkpoint (``mtkd prune``) rebuilds
+    the architecture it records and ignores ``model``
+    (:mod:`mtkd.models.restore`).
 
 (b) a composite of an Ultralytics detector and an smp segmenter::
 
@@ -163,6 +165,7 @@ def _mtkd_model(cfg: Mapping[str, Any], num_classes: int,
                 trust: bool) -> Tuple[nn.Module, int, Tuple[int, ...]]:
     from mtkd.engine.checkpoint import load_checkpoint
     from mtkd.models import build_model
+    from mtkd.models.restore import architecture_keys, model_from_checkpoint
     from mtkd.pretrained import check_pretrained
 
     path = cfg["ckpt"]
@@ -178,13 +181,11 @@ def _mtkd_model(cfg: Mapping[str, Any], num_classes: int,
         raise ConfigError(f"teacher.model: expected a mapping, got {type(model_cfg).__name__}")
     if model_cfg.get("pretrained") is not None:
         check_pretrained(model_cfg["pretrained"], "teacher.model.pretrained")
-    # the checkpoint replaces every weight: no pretrained init to fetch or read first
-    model = build_model({**model_cfg, "pretrained": False}, nc)
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[1:2] or [str(exc)]
-        raise ConfigError(f"teacher.ckpt: {path} does not match teacher.model: {first[0].strip()[:200]}") from None
+    # the checkpoint replaces every weight: no pretrained init to fetch or read first; a pruned
+    # checkpoint rebuilds the architecture it records (teacher.model cannot describe it)
+    model = model_from_checkpoint(
+        ckpt, path, lambda: build_model({**architecture_keys(model_cfg), "pretrained": False}, nc),
+        mismatch=lambda d: ConfigError(f"teacher.ckpt: {path} does not match teacher.model: {d}"), num_classes=nc)
     return model, model.num_classes, tuple(int(s) for s in model.strides)
 
 

@@ -8,7 +8,7 @@ relaunch) names one of:
   Ultralytics gives any ``model=...pt``. Its conv+BN pairs are fused (the
   teacher only infers, so this is exact and cheaper); an end-to-end head keeps
   its one2many branch, the one distilled.
-* an **mtkd checkpoint** (``format: mtkd-ckpt-1``, read ``weights_only``):
+* an **mtkd checkpoint** (``format: mtkd-ckpt-*``, read ``weights_only``; pruned or not):
   built through :func:`mtkd.models.teacher.load_teacher`; its images are
   normalised with the mean/std recorded in the checkpoint's ``config.data``
   (ImageNet's where absent), since mtkd models train on normalised images
