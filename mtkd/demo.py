@@ -2,7 +2,7 @@
 
 1. writes the small synthetic testbed (``make_synthetic(**TESTBEDS["small"])``,
    VOC layout) unless it exists;
-2. trains the teacher (``mtkd/configs/small/teacher.yaml``, 6 epochs) and the plain student
+2. trains the teacher (``mtkd/configs/small/teacher.yaml``, 5 epochs) and the plain student
    (``mtkd/configs/small/student.yaml``) at the same time, in two processes of one
    torch thread each, printing their progress; a teacher that finished on an
    earlier run (its ``test_metrics.json`` exists) is reused;
@@ -184,8 +184,8 @@ def _demo_args(p: argparse.ArgumentParser):
     p.add_argument("--data", default="data/small", help="testbed folder, written when missing (default data/small)")
     p.add_argument("--seed", type=int, default=0, help="seed of the students (default 0)")
     p.add_argument("--epochs", type=int, default=None, help="epochs of both students (default: the config's 6)")
-    p.add_argument("--teacher-epochs", type=int, default=6,
-                   help="teacher epochs (default 6, so that the demo ends within 10 minutes on 2 cores; "
+    p.add_argument("--teacher-epochs", type=int, default=5,
+                   help="teacher epochs (default 5, so that the demo ends within 10 minutes on 2 cores; "
                         "benchmarks/kd_gain's teacher trains the config's 8)")
     p.add_argument("--n-train", type=int, default=None, help="training images (default: the testbed's)")
     p.add_argument("--n-val", type=int, default=None, help="validation images (default: the testbed's)")

@@ -203,3 +203,49 @@ def test_yolo_kd_summary_judges_mtkd_best_against_ultralytics_and_the_plain_base
     assert t["mtkd_best"] == "mtkd_out" and t["beats_median"] and t["beats_worst_seed"]
     assert t["vs_plain"] == {"beats_median": True, "worst_above_best": False}
     assert t["vs_plain_wall"] == {"beats_median": True, "worst_above_best": True}
+
+
+def test_best_val_metrics_reads_the_best_epochs_row(tmp_path: Path) -> None:
+    (tmp_path / "results.csv").write_text("epoch,step,val/map50_95,val/map50,val/miou\n"
+                                          "1,10,,,\n2,20,0.1,0.2,0.3\n3,30,0.4,0.5,0.6\n")
+    assert common.best_val_metrics(tmp_path, 2) == {"map50_95": 0.1, "map50": 0.2, "miou": 0.3}
+    assert common.best_val_metrics(tmp_path, 1) == {}  # a row without validation
+    assert common.best_val_metrics(tmp_path / "missing", 2) == {}
+    rec = common.make_record("kd", 0, {"best_epoch": 3, "map50": 0.9}, out=tmp_path)
+    assert rec["val_map50"] == 0.5 and rec["map50"] == 0.9  # test and val kept apart
+
+
+def test_sweep_ranks_settings_by_median_val_score_and_refuses_bad_files(tmp_path: Path) -> None:
+    spec = importlib.util.spec_from_file_location("bench_sweep", ROOT / "benchmarks" / "kd_gain" / "sweep.py")
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    runs = [{"role": "plain", "seed": 0, "val_map50_95": 0.1, "val_miou": 0.3},
+            {"role": "a", "seed": 0, "val_map50_95": 0.2, "val_miou": 0.4},
+            {"role": "a", "seed": 1, "val_map50_95": 0.0, "val_miou": 0.0},
+            {"role": "b", "seed": 0, "val_map50_95": 0.2, "val_miou": 0.3, "map50_95": 0.9, "miou": 0.9}]
+    lines, rows = sweep.ranking(runs)
+    # b: 0.25; a: median of 0.3 and 0.0 = 0.15; plain 0.2 -- test metrics never enter the score
+    assert [r["role"] for r in rows] == ["b", "plain", "a"]
+    assert "+0.0500 vs plain" in lines[0]
+    good = tmp_path / "s.yaml"
+    good.write_text("- {name: x, set: [loss.seg.alpha=0.7]}\n- {name: y}\n")
+    assert [s["name"] for s in sweep.load_settings(good)] == ["x", "y"]
+    for text in ("- {name: x}\n- {name: x}\n", "- {name: plain}\n", "{name: x}\n", "- {set: []}\n"):
+        good.write_text(text)
+        with pytest.raises(ConfigError, match="s.yaml"):
+            sweep.load_settings(good)
+
+
+def test_plateau_verdict_needs_a_rise_below_the_tolerance() -> None:
+    plateau = _load("plateau")
+    runs = []
+    for seed, (a, b, c, d) in enumerate([(0.40, 0.30, 0.41, 0.30), (0.42, 0.32, 0.43, 0.33), (0.38, 0.30, 0.45, 0.36)]):
+        runs.append({"role": "plain", "seed": seed, "steps": 100, "val_map50": a, "val_miou": b})
+        runs.append({"role": "plain@2x", "seed": seed, "steps": 200, "val_map50": c, "val_miou": d})
+    lines, summary = plateau.verdicts(runs, 0.01)
+    # fitness per seed: E 0.35, 0.37, 0.34 -> median 0.35; 2E 0.355, 0.38, 0.405 -> median 0.38
+    assert summary["plain"]["val_fitness"] == pytest.approx(0.35)
+    assert summary["plain"]["rise"] == pytest.approx(0.03)
+    assert summary["plain"]["plateau"] is False and "NOT at plateau" in lines[0]
+    lines, summary = plateau.verdicts(runs, 0.05)
+    assert summary["plain"]["plateau"] is True and "teacher" not in summary
