@@ -364,6 +364,7 @@ def test_signal_mid_epoch_saves_last_pt_and_resume_is_exact(tmp_path, monkeypatc
     import signal
 
     sig = getattr(signal, sig)
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     Trainer(toy_cfg(tmp_path / "full", epochs=2)).fit()
     train_step = Trainer.train_step
 
@@ -377,7 +378,7 @@ def test_signal_mid_epoch_saves_last_pt_and_resume_is_exact(tmp_path, monkeypatc
     part = toy_cfg(tmp_path / "part", epochs=2)
     code, _, err = _cli(part, tmp_path, capsys)
     monkeypatch.undo()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    assert {s: signal.getsignal(s) for s in before} == before  # handlers restored
     assert code == 128 + int(sig) and "Traceback" not in err
     lines = [line for line in err.splitlines() if line.startswith("interrupted")]
     assert len(lines) == 1

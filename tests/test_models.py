@@ -119,9 +119,9 @@ def test_plain_cnn_encoder_strides_widths_and_bad_width():
 def test_small_presets_are_plain_cnns_far_apart_in_size():
     student = build_model({"preset": "student_small"}, 8)
     teacher = build_model({"preset": "teacher_small"}, 8)
-    assert student.backbone.name == "cnn_w8" and teacher.backbone.name == "cnn_w32"
+    assert student.backbone.name == "cnn_w12" and teacher.backbone.name == "cnn_w32"
     n_s = sum(p.numel() for p in student.parameters())
     n_t = sum(p.numel() for p in teacher.parameters())
-    assert 5 <= n_t / n_s <= 20
+    assert 5 <= n_t / n_s <= 20  # 2.06 M vs 0.31 M
     out = student(torch.randn(2, 3, 64, 64))
     assert out["seg"].shape == (2, 9, 64, 64) and out["feats"]["p3"].shape[-2:] == (8, 8)
