@@ -149,7 +149,7 @@ def extra_overrides(args: argparse.Namespace) -> List[str]:
 
 
 #: The two testbeds: the configs of their roles, their default data and teacher checkpoint.
-#: ``small`` is the converged 64-px testbed; ``large`` the 128-px one of the ``legacy_128px``
+#: ``small`` is the 64-px testbed whose models train in minutes; ``large`` the 128-px one of the ``legacy_128px``
 #: results, whose students are far from their plateau on a CPU.
 TESTBEDS: Dict[str, Dict[str, str]] = {
     "small": {"data": "data/small", "teacher": "mtkd/configs/small/teacher.yaml",
@@ -181,6 +181,19 @@ def ensure_testbed_data(testbed: str, data: str | Path) -> None:
         return
     print(f"[benchmark] writing the {testbed} testbed's synthetic set to {data} ...", flush=True)
     make_synthetic(data, formats=("voc",), **SETS[testbed])
+
+
+def prepare(args: argparse.Namespace) -> Tuple[List[str], List[str]]:
+    """Start of a benchmark's ``main``: the offline switches, the testbed's synthetic set
+    (written when ``--data`` is the testbed's default and missing), and the overrides of
+    every run: ``(data overrides, --set/--device overrides)``."""
+    from mtkd.env import go_offline
+
+    go_offline()
+    testbed = getattr(args, "testbed", None)
+    if testbed is not None and args.data == TESTBEDS[testbed]["data"]:
+        ensure_testbed_data(testbed, args.data)
+    return data_overrides(args.data, args.format), extra_overrides(args)
 
 
 def progress(items: Iterable[Any], desc: str, total: Optional[int] = None) -> Iterable[Any]:

@@ -5,9 +5,9 @@ Two testbeds (``--testbed``):
 
 * ``small`` (default): the 64-px synthetic set of ``mtkd make-synthetic
   --testbed small`` (written to ``data/small`` when missing) with the
-  ``student_small`` / ``teacher_small`` presets (``mtkd/configs/small/``). Teacher
-  and plain student reach their plateau there in minutes on a CPU
-  (``benchmarks/plateau``), so a KD effect is not hidden by undertraining.
+  ``student_small`` / ``teacher_small`` presets (``mtkd/configs/small/``), which
+  train in minutes on a CPU; ``benchmarks/plateau`` measures how far from
+  their plateau the configs' budgets leave them.
   Defaults: seeds 0-4, the configs' epochs, two one-thread runs at a time.
 * ``large``: the 128-px set and presets of ``mtkd/configs/synthetic_*.yaml``;
   its CPU results are in ``benchmarks/kd_gain/legacy_128px/``.
@@ -71,8 +71,8 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import (TESTBEDS, Results, add_common_args, data_overrides, default_jobs,  # noqa: E402
-                               ensure_testbed_data, extra_overrides, gap_closed, make_record, median_of,
+from benchmarks.common import (TESTBEDS, Results, add_common_args, default_jobs, extra_overrides,  # noqa: E402
+                               gap_closed, make_record, median_of, prepare,
                                run_jobs, testbed_paths)
 
 ABLATIONS = ("seg_kl", "det_mse", "feat_gan", "cwd", "all")
@@ -90,7 +90,7 @@ def parse(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(p, default_out=None, default_data=None, seeds=None)
     p.add_argument("--testbed", choices=sorted(TESTBEDS), default="small",
-                   help="small: the converged 64-px testbed (default); large: the 128-px one")
+                   help="small: the 64-px testbed whose models train in minutes (default); large: the 128-px one")
     p.add_argument("--teacher-ckpt", default=None,
                    help="teacher checkpoint to reuse, trained with --teacher-config when missing "
                         "(default: the testbed's, runs/small/teacher/best.pt or runs/demo/teacher/best.pt)")
@@ -304,14 +304,7 @@ def plan_runs(args: argparse.Namespace, epochs: int, teacher_ov: List[str]) -> L
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     args = parse(argv)
-    from mtkd.env import go_offline
-
-    go_offline()  # offline switches first
-
-    if args.data == TESTBEDS[args.testbed]["data"]:
-        ensure_testbed_data(args.testbed, args.data)
-    data_ov = data_overrides(args.data, args.format)
-    extra = extra_overrides(args)
+    data_ov, extra = prepare(args)
     ckpt = ensure_teacher(args, data_ov)
     partial = partial_labels(args.student_config, data_ov, extra)
     epochs = args.epochs or config_epochs(args.student_config, data_ov + extra)

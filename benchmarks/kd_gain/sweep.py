@@ -27,8 +27,8 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import (TESTBEDS, Results, add_common_args, data_overrides, default_jobs,  # noqa: E402
-                               ensure_testbed_data, extra_overrides, make_record, run_jobs, testbed_paths)
+from benchmarks.common import (TESTBEDS, Results, add_common_args, default_jobs, make_record,  # noqa: E402
+                               prepare, run_jobs, testbed_paths)
 
 
 def parse(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -91,17 +91,10 @@ def ranking(runs: List[Dict[str, Any]]) -> Tuple[List[str], List[Dict[str, Any]]
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     args = parse(argv)
-    from mtkd.env import go_offline
-
-    go_offline()  # offline switches first
-
-    if args.data == TESTBEDS[args.testbed]["data"]:
-        ensure_testbed_data(args.testbed, args.data)
+    data_ov, extra = prepare(args)
     settings = load_settings(args.settings)
     if args.only:
         settings = [s for s in settings if s["name"] in args.only]
-    data_ov = data_overrides(args.data, args.format)
-    extra = extra_overrides(args)
     res = Results(args.out, "kd_sweep", data=args.data,
                   budget={"testbed": args.testbed, "seeds": args.seeds, "overrides": extra},
                   metrics=("map50_95", "map50", "miou", "val_map50_95", "val_miou"),

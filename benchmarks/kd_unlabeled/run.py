@@ -150,7 +150,7 @@ def parse(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(p, default_out=str(ROOT / "benchmarks" / NAME), default_data=None, seeds=(0, 1, 2))
     p.add_argument("--testbed", choices=sorted(TESTBEDS), default="small",
-                   help="small: the converged 64-px testbed (default); large: the 128-px one")
+                   help="small: the 64-px testbed whose models train in minutes (default); large: the 128-px one")
     p.add_argument("--teacher-data", default=None,
                    help="the teacher's labelled set, disjoint from --data; written (generator seed 1, the testbed's "
                         "sizes) when missing and the teacher must be trained (default <data>_teacher)")

@@ -27,8 +27,8 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import (TESTBEDS, Results, add_common_args, data_overrides, default_jobs,  # noqa: E402
-                               ensure_testbed_data, extra_overrides, make_record, run_jobs, testbed_paths)
+from benchmarks.common import (TESTBEDS, Results, add_common_args, default_jobs, make_record,  # noqa: E402
+                               prepare, run_jobs, testbed_paths)
 
 TOLERANCE = 0.01
 
@@ -82,15 +82,9 @@ def verdicts(runs: List[Dict[str, Any]], tolerance: float) -> Tuple[List[str], D
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     args = parse(argv)
-    from mtkd.env import go_offline
-
-    go_offline()  # offline switches first
+    data_ov, extra = prepare(args)
     from mtkd.engine.config import load_config
 
-    if args.data == TESTBEDS[args.testbed]["data"]:
-        ensure_testbed_data(args.testbed, args.data)
-    data_ov = data_overrides(args.data, args.format)
-    extra = extra_overrides(args)
     configs = {"teacher": args.teacher_config, "plain": args.student_config}
     epochs = {m: int(load_config(configs[m], data_ov + extra)["train"]["epochs"]) for m in args.models}
     res = Results(args.out, "plateau", data=args.data,

@@ -72,7 +72,7 @@ _SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
 #: training masks missing; the models of its presets are far from their plateau after
 #: 1500 CPU steps. ``small``: 64-px square images, 8 classes (4 shapes, solid or striped),
 #: 1-3 objects of 14-38 px, 30 % of the clutter, and 12x the images, so that the
-#: ``*_small`` presets come close to their plateau in minutes on a CPU
+#: ``*_small`` presets learn the task in minutes on a CPU
 #: (benchmarks/README.md has the measurements behind each choice).
 TESTBEDS: Dict[str, Dict] = {
     "large": {"n_train": 320, "n_val": 80, "n_test": 160, "imgsz": (96, 160), "seg_missing": 0.33},

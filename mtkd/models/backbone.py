@@ -13,8 +13,8 @@ the four levels a detector/segmenter pyramid needs).
 * ``cnn_w<N>`` (e.g. ``cnn_w8``) is mtkd's plain convolutional encoder
   (:class:`PlainCNN`) of base width ``N``: the small testbed's presets use it
   because plain 3x3 convolutions are the fastest layers per FLOP on a CPU
-  (depthwise convolutions are not), so such models train to their plateau
-  in minutes. It has no published weights: ``pretrained`` may only be a path.
+  (depthwise convolutions are not), so such models train in minutes. It has
+  no published weights: ``pretrained`` may only be a path.
 
 Initial weights follow ``pretrained`` (``model.pretrained``, see
 :mod:`mtkd.pretrained`): ``False`` random; ``True`` the library's own
