@@ -293,6 +293,27 @@ def run_jobs(jobs: Sequence[Tuple[Any, Mapping[str, Any]]], n_jobs: int, threads
     bar.close()
 
 
+def recorder(res: "Results", name: str, refresh: Any, enrich: Any = None) -> Any:
+    """The ``on_done`` of :func:`run_jobs` for jobs keyed ``(role, seed, out[, extra dict])``.
+
+    A finished run becomes :func:`make_record` (plus ``total_s``, the extra
+    dict and ``enrich(record)``'s keys) and is added to ``res``; then
+    ``refresh()`` rewrites the verdicts. A failed run (config or data error)
+    is printed as one line and not recorded.
+    """
+    def on_done(key: tuple, report: Optional[Dict[str, Any]], secs: float, error: Optional[Exception]) -> None:
+        role, seed, out = key[:3]
+        if error is not None:
+            print(f"[{name}] {role} seed {seed} failed: {error}")
+            return
+        rec = make_record(role, seed, report, out=out, total_s=secs, **(key[3] if len(key) > 3 else {}))
+        if enrich is not None:
+            rec.update(enrich(rec))
+        res.add(rec)
+        refresh()
+    return on_done
+
+
 def default_jobs() -> int:
     """Parallel runs by default: 2 on a machine with 2+ CPU cores (each run 1 thread there), else 1."""
     return 2 if (os.cpu_count() or 1) >= 2 else 1

@@ -249,3 +249,17 @@ def test_plateau_verdict_needs_a_rise_below_the_tolerance() -> None:
     assert summary["plain"]["plateau"] is False and "NOT at plateau" in lines[0]
     lines, summary = plateau.verdicts(runs, 0.05)
     assert summary["plain"]["plateau"] is True and "teacher" not in summary
+
+
+def test_recorder_adds_finished_runs_with_extras_and_skips_failed_ones(tmp_path: Path, capsys) -> None:
+    res = common.Results(tmp_path, "fake")
+    refreshed = []
+    on_done = common.recorder(res, "fake", lambda: refreshed.append(len(res.runs)),
+                              lambda rec: {"double_map50": 2 * rec["map50"]})
+    on_done(("kd", 1, tmp_path / "r", {"time_budget_s": 5.0}), {"map50": 0.25, "steps": 3}, 7.0, None)
+    on_done(("kd", 2, tmp_path / "r2"), None, 0.0, ConfigError("data.root: missing"))
+    assert [(r["role"], r["seed"]) for r in res.runs] == [("kd", 1)]
+    rec = res.runs[0]
+    assert rec["time_budget_s"] == 5.0 and rec["total_s"] == 7.0 and rec["double_map50"] == 0.5
+    assert refreshed == [1]
+    assert "[fake] kd seed 2 failed: data.root: missing" in capsys.readouterr().out

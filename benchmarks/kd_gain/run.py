@@ -72,7 +72,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import (TESTBEDS, Results, add_common_args, default_jobs, extra_overrides,  # noqa: E402
-                               gap_closed, make_record, median_of, prepare,
+                               gap_closed, make_record, median_of, prepare, recorder,
                                run_jobs, testbed_paths)
 
 ABLATIONS = ("seg_kl", "det_mse", "feat_gan", "cwd", "all")
@@ -330,15 +330,11 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         res.payload["runs"] = [r for r in res.runs if r["role"] != "teacher"]
         res.add(teacher_record(ckpt, data_ov, extra))
 
-    def record(key: Tuple[str, int, Path, Dict[str, Any]], report: Optional[Dict[str, Any]], secs: float,
-               error: Optional[Exception]) -> None:
-        role, seed, out, more = key
-        if error is not None:
-            print(f"[kd_gain] {role} seed {seed} failed: {error}")
-            return
-        res.add(make_record(role, seed, report, out=out, total_s=secs, **more))
+    def refresh() -> None:
         lines, summary = verdicts(res.runs, partial)
         res.write(derived=lines, summary=summary)
+
+    record = recorder(res, "kd_gain", refresh)
 
     teacher_ov = [f"teacher.ckpt={json.dumps(str(ckpt))}"]
     for phase in plan_runs(args, epochs, teacher_ov):

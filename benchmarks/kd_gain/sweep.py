@@ -27,8 +27,8 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import (TESTBEDS, Results, add_common_args, default_jobs, make_record,  # noqa: E402
-                               prepare, run_jobs, testbed_paths)
+from benchmarks.common import (TESTBEDS, Results, add_common_args, default_jobs, prepare,  # noqa: E402
+                               recorder, run_jobs, testbed_paths)
 
 
 def parse(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -101,16 +101,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                   settings={s["name"]: s.get("set", []) for s in settings}, teacher=args.teacher_ckpt)
     teacher_ov = [f"teacher.ckpt={json.dumps(str(args.teacher_ckpt))}"]
 
-    def record(key: Tuple[str, int, Path], report: Optional[Dict[str, Any]], secs: float,
-               error: Optional[Exception]) -> None:
-        role, seed, out = key
-        if error is not None:
-            print(f"[sweep] {role} seed {seed} failed: {error}")
-            return
-        rec = make_record(role, seed, report, out=out, total_s=secs)
-        rec["val_score"] = score(rec)
-        res.add(rec)
-        res.write(derived=ranking(res.runs)[0])
+    record = recorder(res, "sweep", lambda: res.write(derived=ranking(res.runs)[0]),
+                      lambda rec: {"val_score": score(rec)})
 
     jobs = []
     for seed in args.seeds:

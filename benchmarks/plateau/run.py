@@ -27,8 +27,8 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import (TESTBEDS, Results, add_common_args, default_jobs, make_record,  # noqa: E402
-                               prepare, run_jobs, testbed_paths)
+from benchmarks.common import (TESTBEDS, Results, add_common_args, default_jobs, prepare,  # noqa: E402
+                               recorder, run_jobs, testbed_paths)
 
 TOLERANCE = 0.01
 
@@ -91,17 +91,11 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                   budget={"testbed": args.testbed, "epochs": epochs, "seeds": args.seeds, "overrides": extra,
                           "tolerance": args.tolerance})
 
-    def record(key: Tuple[str, int, Path], report: Optional[Dict[str, Any]], secs: float,
-               error: Optional[Exception]) -> None:
-        role, seed, out = key
-        if error is not None:
-            print(f"[plateau] {role} seed {seed} failed: {error}")
-            return
-        rec = make_record(role, seed, report, out=out, total_s=secs)
-        rec["val_fitness"] = val_fitness(rec)
-        res.add(rec)
+    def refresh() -> None:
         lines, summary = verdicts(res.runs, args.tolerance)
         res.write(derived=lines, summary=summary)
+
+    record = recorder(res, "plateau", refresh, lambda rec: {"val_fitness": val_fitness(rec)})
 
     jobs = []
     for seed in args.seeds:
