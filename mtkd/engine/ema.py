@@ -34,11 +34,15 @@ class ModelEMA:
         self.updates += 1
         d = self.current_decay()
         src = model.state_dict()
+        ema_f, src_f = [], []
         for name, value in self.module.state_dict().items():
             if value.dtype.is_floating_point:
-                value.mul_(d).add_(src[name].detach(), alpha=1.0 - d)
+                ema_f.append(value)
+                src_f.append(src[name].detach())
             else:
                 value.copy_(src[name])
+        if ema_f:  # one batched lerp: ema + (1 - d) * (model - ema)
+            torch._foreach_lerp_(ema_f, src_f, 1.0 - d)
 
     def state_dict(self) -> Dict[str, Any]:
         return self.module.state_dict()

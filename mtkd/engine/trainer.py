@@ -230,10 +230,11 @@ def build_optimizer(params: List[nn.Parameter], tcfg: Dict[str, Any]) -> torch.o
     no_decay = [p for p in params if p.ndim <= 1]
     groups = [{"params": decay, "weight_decay": tcfg["weight_decay"]},
               {"params": no_decay, "weight_decay": 0.0}]
+    # foreach: one batched kernel per group; torch's CPU default is a per-parameter loop
     if tcfg["optimizer"] == "adamw":
-        return torch.optim.AdamW(groups, lr=tcfg["lr"], betas=(tcfg["momentum"], 0.999))
+        return torch.optim.AdamW(groups, lr=tcfg["lr"], betas=(tcfg["momentum"], 0.999), foreach=True)
     if tcfg["optimizer"] == "sgd":
-        return torch.optim.SGD(groups, lr=tcfg["lr"], momentum=tcfg["momentum"], nesterov=True)
+        return torch.optim.SGD(groups, lr=tcfg["lr"], momentum=tcfg["momentum"], nesterov=True, foreach=True)
     raise ConfigError(f"train.optimizer: expected adamw or sgd, got {tcfg['optimizer']!r}")
 
 
