@@ -263,3 +263,20 @@ def test_recorder_adds_finished_runs_with_extras_and_skips_failed_ones(tmp_path:
     assert rec["time_budget_s"] == 5.0 and rec["total_s"] == 7.0 and rec["double_map50"] == 0.5
     assert refreshed == [1]
     assert "[fake] kd seed 2 failed: data.root: missing" in capsys.readouterr().out
+
+
+def test_plateau_reuses_only_identically_trained_runs(tmp_path) -> None:
+    from mtkd.errors import MtkdError
+
+    plateau = _load("plateau")
+    src = tmp_path / "kd.json"
+    runs = [{"role": "plain", "seed": 0, "epochs": 6}, {"role": "plain", "seed": 1, "epochs": 3},
+            {"role": "kd", "seed": 0, "epochs": 6}, {"role": "plain", "seed": 7, "epochs": 6}]
+    src.write_text(json.dumps({"data": "d", "budget": {"overrides": ["a=1"]}, "runs": runs}))
+    got = plateau.reusable(str(src), "d", {"plain": 6}, ["a=1"], [0, 1, 2])
+    assert [(r["role"], r["seed"]) for r in got] == [("plain", 0)]
+    assert plateau.reusable(None, "d", {"plain": 6}, [], [0]) == []
+    with pytest.raises(MtkdError, match="overrides"):
+        plateau.reusable(str(src), "d", {"plain": 6}, [], [0])
+    with pytest.raises(MtkdError, match="data"):
+        plateau.reusable(str(src), "other", {"plain": 6}, ["a=1"], [0])

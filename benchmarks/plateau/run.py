@@ -44,6 +44,10 @@ def parse(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--tolerance", type=float, default=TOLERANCE,
                    help=f"largest median val-fitness rise from E to 2E that counts as a plateau ({TOLERANCE})")
     p.add_argument("--jobs", type=int, default=default_jobs(), help="runs at a time, one thread each")
+    p.add_argument("--reuse", default=None, metavar="RESULTS_JSON",
+                   help="take the E runs (roles teacher/plain) of these seeds from another benchmark's "
+                        "results.json (e.g. benchmarks/kd_gain/results.json) where they were trained with "
+                        "the same config, epochs and overrides, instead of training them again")
     args = p.parse_args(argv)
     tb = testbed_paths(args.testbed, ROOT)
     args.data = args.data or tb["data"]
@@ -80,6 +84,32 @@ def verdicts(runs: List[Dict[str, Any]], tolerance: float) -> Tuple[List[str], D
     return lines, summary
 
 
+def reusable(path: Optional[str], data: str, epochs: Dict[str, int], overrides: List[str],
+             seeds: Sequence[int]) -> List[Dict[str, Any]]:
+    """E-runs of ``path`` (another benchmark's results.json) that this sitting would train identically.
+
+    It must name the same data, its budget the same overrides, and its records the same epochs; the role names
+    ``plain`` and ``teacher`` mean the same configs in every benchmark of the testbed.
+    """
+    if not path:
+        return []
+    import json
+
+    from mtkd.errors import MtkdError
+
+    p = Path(path)
+    if not p.is_file():
+        raise MtkdError(f"--reuse {path}: not found")
+    payload = json.loads(p.read_text())
+    if str(payload.get("data")) != str(data):
+        raise MtkdError(f"--reuse {path}: its runs used data {payload.get('data')}, this sitting {data}")
+    if list(payload.get("budget", {}).get("overrides", [])) != list(overrides):
+        raise MtkdError(f"--reuse {path}: its runs used overrides {payload.get('budget', {}).get('overrides')}, "
+                        f"this sitting {overrides}")
+    return [r for r in payload.get("runs", []) if r.get("role") in epochs and int(r["seed"]) in set(seeds)
+            and r.get("epochs") == epochs[r["role"]]]
+
+
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     args = parse(argv)
     data_ov, extra = prepare(args)
@@ -96,6 +126,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         res.write(derived=lines, summary=summary)
 
     record = recorder(res, "plateau", refresh, lambda rec: {"val_fitness": val_fitness(rec)})
+    for rec in reusable(args.reuse, args.data, epochs, data_ov + extra, args.seeds):
+        if not res.has(rec["role"], rec["seed"]):
+            res.add(dict(rec, val_fitness=val_fitness(rec), reused_from=args.reuse))
 
     jobs = []
     for seed in args.seeds:
