@@ -74,8 +74,9 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import (METRICS, TESTBEDS, Results, add_common_args, default_jobs, interleaved_times,  # noqa: E402
-                               median_of, prepare, recorder, run_config, run_jobs, testbed_paths)
+from benchmarks.common import (METRICS, TESTBEDS, Results, add_common_args, default_jobs,  # noqa: E402
+                               interleaved_times, median_of, prepare, recorder, run_config, run_jobs,
+                               testbed_paths)
 from benchmarks.kd_gain.run import file_sha256, teacher_record  # noqa: E402
 from benchmarks.kd_unlabeled.run import loader_steps  # noqa: E402
 
