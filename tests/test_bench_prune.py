@@ -1,0 +1,148 @@
+"""benchmarks/prune: role names, step budgets, verdicts, onnxruntime timing and one --quick run."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import mtkd  # noqa: F401  (offline switches first)
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("bench_prune", ROOT / "benchmarks" / "prune" / "run.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+pb = _load()
+
+
+def test_roles_and_recovery_budget() -> None:
+    assert pb.role("kd", 0.5) == "kd" and pb.role("kd", 0.75) == "kd@0.75" and pb.role("pruned", 0.3) == "pruned@0.3"
+    assert pb.arch_name("student", 0.5) == "student_f0.50" and pb.arch_name("teacher", None) == "teacher"
+    assert pb.recovery_overrides(375, 250) == ["train.epochs=2", "train.max_steps=375"]
+    assert pb.recovery_overrides(2, 4) == ["train.epochs=1", "train.max_steps=2"]
+    args = pb.parse(["--quick", "--out", "/tmp/x", "--seeds", "3"])
+    assert args.seeds == [3] and args.sizes == [0.5] and args.steps == 2 and args.data == "/tmp/x/data"
+    assert args.set[:1] == ["train.batch=4"] and args.student == "/tmp/x/student/best.pt"
+    full = pb.parse([])
+    assert full.sizes == [0.75, 0.5, 0.3] and full.seeds == [0, 1, 2] and full.ort_runs == 50 and full.round_to == 1
+    with pytest.raises(SystemExit):
+        pb.parse(["--sizes", "0.5", "1.2"])
+
+
+def _rec(role: str, seed: int, m50: float, miou: float, **kw) -> dict:
+    return {"role": role, "seed": seed, "map50_95": m50 / 2, "map50": m50, "miou": miou, **kw}
+
+
+def _runs() -> list:
+    runs = [_rec("unpruned", 0, 0.40, 0.30, ort_ms=10.0, ort_ms_b1=1.0, gflops=0.013),
+            _rec("pruned", 0, 0.10, 0.10, ort_ms=6.0, ort_ms_b1=0.8, flops_frac=0.49, ratio=0.45, size=0.5)]
+    for s in range(3):
+        runs += [_rec("finetune", s, 0.35 + 0.01 * s, 0.27, size=0.5),
+                 _rec("kd", s, 0.39 + 0.001 * s, 0.29 + 0.001 * s, size=0.5),
+                 _rec("kd_teacher", s, 0.37, 0.28 + 0.01 * s, size=0.5),
+                 _rec("teacher_pruned", s, 0.45, 0.31, gflops=0.0128, ort_ms=12.0)]
+    runs += [_rec("pruned@0.75", 0, 0.3, 0.25, flops_frac=0.72, size=0.75, ort_ms=8.0)]
+    return runs
+
+
+def test_verdicts_judge_the_half_flops_targets() -> None:
+    lines, summary = pb.verdicts(_runs())
+    kd, kdt = summary["targets"]["kd"], summary["targets"]["kd_teacher"]
+    assert kd == {"keeps >= 95% of unpruned": True, "worst seed above best finetune seed": True,
+                  "onnxruntime batch 16 >= 1.4x lower": True}
+    # kd_teacher: median mAP50 0.37 < 0.95 x 0.40; worst mIoU 0.28 above best finetune 0.27, mAP50 0.37 = best finetune
+    assert kdt["keeps >= 95% of unpruned"] is False and kdt["worst seed above best finetune seed"] is False
+    assert summary["ort_speedup_b16"] == pytest.approx(10 / 6) and summary["ort_speedup_b1"] == pytest.approx(1.25)
+    assert summary["half_flops"]["in_window"] is True
+    assert summary["teacher_pruned_above_student"] == {"map50_95": True, "map50": True, "miou": True}
+    assert any(line.startswith("target (kd): median keeps") and line.endswith(": MET") for line in lines)
+    assert any(line.startswith("size 0.75 (0.720 of the FLOPs") for line in lines)
+    # out of the window, slower than the target, a missing role
+    runs = [dict(r, flops_frac=0.42, ort_ms=8.0) if r["role"] == "pruned" else r for r in _runs()
+            if r["role"] != "finetune"]
+    lines, summary = pb.verdicts(runs)
+    assert summary["half_flops"]["in_window"] is False and "OUT" in lines[0]
+    assert summary["targets"]["kd"]["onnxruntime batch 16 >= 1.4x lower"] is False
+    assert summary["targets"]["kd"]["worst seed above best finetune seed"] is None
+    # nothing pruned yet: nothing judged
+    lines, summary = pb.verdicts([r for r in _runs() if r["role"] == "unpruned"])
+    assert "not yet measurable" in lines[0] and summary["targets"]["kd"]["keeps >= 95% of unpruned"] is None
+
+
+def test_a_sitting_with_other_settings_is_refused(tmp_path: Path) -> None:
+    budget = {k: 1 for k in pb.CHECKED}
+    (tmp_path / "results.json").write_text(json.dumps({"budget": budget}))
+    pb.check_previous(tmp_path / "results.json", budget, force=False)
+    with pytest.raises(SystemExit, match="student_sha256"):
+        pb.check_previous(tmp_path / "results.json", dict(budget, student_sha256=2), force=False)
+    pb.check_previous(tmp_path / "results.json", dict(budget, student_sha256=2), force=True)
+
+
+def _onnx(path: Path, width: int) -> Path:
+    net = nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.ReLU(), nn.Conv2d(width, width, 3, padding=1)).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notices
+        torch.onnx.export(net, (torch.zeros(1, 3, 32, 32),), str(path), dynamo=False, input_names=["images"],
+                          dynamic_axes={"images": {0: "batch"}})
+    return path
+
+
+def test_ort_latency_times_each_model_at_each_batch(tmp_path: Path) -> None:
+    paths = {"small": _onnx(tmp_path / "s.onnx", 2), "big": _onnx(tmp_path / "b.onnx", 96)}
+    lat = pb.ort_latency(paths, 32, runs=7, warmup=1)
+    assert set(lat) == {"small", "big"} and all(set(v) == {"ort_ms_b16", "ort_ms_b1"} for v in lat.values())
+    assert all(math.isfinite(x) and x > 0 for v in lat.values() for x in v.values())
+    # ~1000x the FLOPs: slower at both batch sizes, and batch 16 slower than batch 1
+    assert lat["big"]["ort_ms_b16"] > lat["small"]["ort_ms_b16"] and lat["big"]["ort_ms_b1"] > lat["small"]["ort_ms_b1"]
+    assert lat["big"]["ort_ms_b16"] > lat["big"]["ort_ms_b1"]
+    assert pb.latency_fields(lat["big"]) == {"ort_ms": lat["big"]["ort_ms_b16"], "ort_ms_b1": lat["big"]["ort_ms_b1"]}
+
+
+@pytest.mark.slow
+def test_quick_run_end_to_end_and_resume(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    argv = ["--quick", "--out", str(out)]
+    payload = pb.main(argv)
+    saved = json.loads((out / "results.json").read_text())
+    assert saved == json.loads(json.dumps(payload, default=str))
+    runs = {r["role"]: r for r in saved["runs"]}
+    assert set(runs) == {"unpruned", "teacher", "pruned", "finetune", "kd", "kd_teacher", "teacher_pruned"}
+    for role, r in runs.items():
+        assert all(isinstance(r[m], float) and math.isfinite(r[m]) for m in ("map50_95", "map50", "miou")), role
+        assert r["ort_ms"] > 0 and r["ort_ms_b1"] > 0 and r["params"] > 0 and r["gflops"] > 0, role
+        for key in ("role", "seed", "epochs", "steps", "wall_s", "ratio"):
+            assert key in r, (role, key)
+    for role in ("finetune", "kd", "kd_teacher", "teacher_pruned"):
+        assert runs[role]["steps"] == runs[role]["budget_steps"] == 2, role
+    assert runs["unpruned"]["ratio"] == 0.0 and runs["pruned"]["ratio"] > 0
+    assert abs(runs["pruned"]["flops_frac"] - 0.5) <= 0.05
+    assert runs["kd"]["params"] == runs["pruned"]["params"] < runs["unpruned"]["params"]
+    assert runs["teacher_pruned"]["gflops"] <= runs["unpruned"]["gflops"] < runs["teacher"]["gflops"]
+    assert runs["kd"]["ort_ms"] == runs["pruned"]["ort_ms"] == saved["latency"]["student_f0.50"]["ort_ms_b16"]
+    md = (out / "results.md").read_text()
+    assert "| kd_teacher | 0 |" in md and "target (kd): median keeps" in md
+    assert (out / "runs" / "onnx" / "student_f0.50.onnx").is_file()
+
+    # a second sitting prunes, times and trains nothing again
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "runs" / "kd_s0" / "test_metrics.json",
+                                                 out / "runs" / "prune_student_f0.50" / "best.pt",
+                                                 out / "runs" / "onnx" / "student.onnx")}
+    again = pb.main(argv)
+    assert [(r["role"], r["seed"]) for r in again["runs"]] == [(r["role"], r["seed"]) for r in saved["runs"]]
+    assert again["latency"] == saved["latency"]
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
+    with pytest.raises(SystemExit, match="steps"):
+        pb.main(argv + ["--steps", "3"])
