@@ -271,7 +271,7 @@ def classify_data(args: argparse.Namespace) -> Path:
     if not (root / "test").is_dir():
         from mtkd.classification.cli import make_classify_data
 
-        log(f"writing the synthetic classification set to {root} ...")
+        print(f"[benchmark] writing the synthetic classification set to {root} ...", flush=True)
         make_classify_data(root, n_classes=args.classes, n_per_class=args.per_class,
                            n_test_per_class=args.test_per_class, imgsz=args.imgsz, seed=0)
     return root
