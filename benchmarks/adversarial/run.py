@@ -11,11 +11,11 @@ Classification (default)
   classes stay below the Nyquist limit of 16 px), 256 train / 64 val / 171
   test images per class, so the test split has 1026 images. Normalisation
   is computed once from the training images and given to every run.
-* **Teachers** (``cnn4w``, ``--teacher-arch``; seed 0, ``--teacher-epochs``,
-  trained once, side by side, and timed: ``wall_s``): ``teacher_nat`` (CE)
+* **Teachers** (``cnn4w``, ``--teacher-arch``; seed 0, ``--teacher-epochs``
+  (10), trained once, side by side, and timed: ``wall_s``): ``teacher_nat`` (CE)
   and ``teacher_at`` (``pgd_at``: Madry's PGD-AT).
 * **Students** (``mtkd/configs/classify/student_plain.yaml``: ``cnn4``, the
-  same ``--epochs``, batch, schedule and seeds for every role; the loss is
+  same ``--epochs`` (5), batch, schedule and seeds for every role; the loss is
   ``loss.extra``):
 
   - ``plain``: ``ce``;
@@ -135,8 +135,8 @@ def parse(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true",
                    help="a tiny setting that runs every code path in seconds (checks the plumbing, not robustness)")
     c = p.add_argument_group("classification")
-    c.add_argument("--epochs", type=int, default=None, help="student epochs, every role (default 10)")
-    c.add_argument("--teacher-epochs", type=int, default=None, help="epochs of both teachers (default 20)")
+    c.add_argument("--epochs", type=int, default=None, help="student epochs, every role (default 5)")
+    c.add_argument("--teacher-epochs", type=int, default=None, help="epochs of both teachers (default 10)")
     c.add_argument("--teacher-arch", default="cnn4w", help="teacher classifier (default cnn4w)")
     c.add_argument("--eps", default="8/255", help="L-inf eps of training and evaluation (default 8/255)")
     c.add_argument("--eval-steps", type=int, default=None, help="PGD steps of the robust score (default 20)")
@@ -166,8 +166,8 @@ def parse(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         if args.init is None:
             p.error("--multitask needs --init CKPT (the plain student's checkpoint to fine-tune)")
     else:
-        defaults = {"out": str(ROOT / "benchmarks" / NAME), "epochs": 1 if q else 10,
-                    "teacher_epochs": 1 if q else 20, "train_steps": 1 if q else 3, "eval_steps": 2 if q else 20,
+        defaults = {"out": str(ROOT / "benchmarks" / NAME), "epochs": 1 if q else 5,
+                    "teacher_epochs": 1 if q else 10, "train_steps": 1 if q else 3, "eval_steps": 2 if q else 20,
                     "checks": not q, "classes": 3 if q else 6, "per_class": 8 if q else 256,
                     "test_per_class": 4 if q else 171, "imgsz": 16, "roles": list(ROLES)}
     defaults["jobs"] = 1 if q else common.default_jobs()

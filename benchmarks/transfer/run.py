@@ -9,11 +9,11 @@ Protocol (classification):
 * **Target** (role ``target``, seed 0): the black-box model, ``--target
   CKPT`` (its run folder's ``config.yaml`` is its config, with its own
   normalisation, ``--target-arch`` its architecture), or trained here: ``cnn4w`` (``--target-arch``) with CE
-  for ``--target-epochs`` (20), as ``benchmarks/adversarial``'s natural
+  for ``--target-epochs`` (10), as ``benchmarks/adversarial``'s natural
   teacher (``--target benchmarks/adversarial/runs/teacher_nat_s0/best.pt``
   reuses that one).
 * **Surrogates** (``cnn4``, ``mtkd/configs/classify/student_plain.yaml``,
-  ``--epochs`` (10), seeds ``--seeds``):
+  ``--epochs`` (5), seeds ``--seeds``):
 
   - ``distilled``: trained on the target's output probabilities only, no
     labels: ``loss.extra = [st]`` at ``--distill-T`` (4; the target's
@@ -80,8 +80,8 @@ def parse(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     common.add_common_args(p, default_out=str(ROOT / "benchmarks" / NAME), default_data=None, seeds=(0, 1, 2))
     p.add_argument("--target", default=None, help="the target checkpoint (default: trained into <out>/runs/target_s0)")
     p.add_argument("--target-arch", default="cnn4w", help="the target's classifier (default cnn4w)")
-    p.add_argument("--target-epochs", type=int, default=None, help="epochs when the target is trained (default 20)")
-    p.add_argument("--epochs", type=int, default=None, help="surrogate epochs (default 10)")
+    p.add_argument("--target-epochs", type=int, default=None, help="epochs when the target is trained (default 10)")
+    p.add_argument("--epochs", type=int, default=None, help="surrogate epochs (default 5)")
     p.add_argument("--distill-T", type=float, default=4.0, help="temperature of the distilled surrogate (default 4)")
     p.add_argument("--attack", default="fgsm", choices=("fgsm", "pgd"), help="attack crafted on the surrogates")
     p.add_argument("--steps", type=int, default=None, help="PGD steps (default 10; FGSM takes one)")
@@ -97,7 +97,7 @@ def parse(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     g.add_argument("--imgsz", type=int, default=16, help="image side (default 16)")
     args = p.parse_args(argv)
     qk = args.quick
-    defaults = {"target_epochs": 1 if qk else 20, "epochs": 1 if qk else 10, "classes": 3 if qk else 6,
+    defaults = {"target_epochs": 1 if qk else 10, "epochs": 1 if qk else 5, "classes": 3 if qk else 6,
                 "per_class": 8 if qk else 256, "test_per_class": 4 if qk else 171, "jobs": 1 if qk else common.default_jobs()}
     for key, value in defaults.items():
         if getattr(args, key) is None:
