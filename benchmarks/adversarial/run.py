@@ -129,7 +129,8 @@ def parse(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     common.add_common_args(p, default_out=None, default_data=None, seeds=(0, 1, 2))
     p.add_argument("--roles", nargs="+", default=None,
                    help=f"student roles to run (default all: {' '.join(ROLES)}; multi-task: {' '.join(MT_ROLES)})")
-    p.add_argument("--jobs", type=int, default=None, help="runs at a time, one torch thread each (default 2 on 2+ cores)")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="runs at a time, one torch thread each (default 2 on 2+ cores)")
     p.add_argument("--train-steps", type=int, default=None, help="PGD steps of the training attack (default 3)")
     p.add_argument("--force", action="store_true", help="re-run (role, seed) pairs already in results.json")
     p.add_argument("--quick", action="store_true",
@@ -326,13 +327,16 @@ def classify_verdicts(runs: Sequence[Dict[str, Any]]) -> Tuple[List[str], Dict[s
         r, c = _values(runs, role, "robust"), _values(runs, role, "clean")
         if not r:
             continue
-        vs = f" ({statistics.median(r) - statistics.median(pgd_r):+.1f} vs pgd_at)" if pgd_r and role != "pgd_at" else ""
+        vs = ""
+        if pgd_r and role != "pgd_at":
+            vs = f" ({statistics.median(r) - statistics.median(pgd_r):+.1f} vs pgd_at)"
         lines.append(f"{role}: median clean {statistics.median(c):.1f}, median robust {statistics.median(r):.1f}{vs}")
     for p in NAT_PRESETS:
         at, nat = _values(runs, p, "robust"), _values(runs, f"{p}_nat", "robust")
         if at and nat:
-            lines.append(f"{p}: median robust with the AT teacher {statistics.median(at):.1f}, with the natural "
-                         f"teacher {statistics.median(nat):.1f} ({statistics.median(at) - statistics.median(nat):+.1f})")
+            m_at, m_nat = statistics.median(at), statistics.median(nat)
+            lines.append(f"{p}: median robust with the AT teacher {m_at:.1f}, with the natural teacher {m_nat:.1f} "
+                         f"({m_at - m_nat:+.1f})")
     medians = {p: statistics.median(_values(runs, p, "robust")) for p in PRESETS if _values(runs, p, "robust")}
     if not medians or not pgd_r:
         lines.append("target: not yet measurable (pgd_at or the presets missing)")

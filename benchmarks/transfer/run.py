@@ -87,7 +87,8 @@ def parse(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=None, help="PGD steps (default 10; FGSM takes one)")
     p.add_argument("--eps", default="0.03,8/255", help="comma-separated L-inf sizes (default 0.03,8/255)")
     p.add_argument("--roles", nargs="+", default=list(ROLES), choices=ROLES, help="surrogates to train")
-    p.add_argument("--jobs", type=int, default=None, help="runs at a time, one torch thread each (default 2 on 2+ cores)")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="runs at a time, one torch thread each (default 2 on 2+ cores)")
     p.add_argument("--force", action="store_true", help="re-run (role, seed) pairs already in results.json")
     p.add_argument("--quick", action="store_true", help="a tiny setting that runs every code path in seconds")
     g = p.add_argument_group("synthetic data (without --data)")
@@ -98,7 +99,8 @@ def parse(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     qk = args.quick
     defaults = {"target_epochs": 1 if qk else 10, "epochs": 1 if qk else 5, "classes": 3 if qk else 6,
-                "per_class": 8 if qk else 256, "test_per_class": 4 if qk else 171, "jobs": 1 if qk else common.default_jobs()}
+                "per_class": 8 if qk else 256, "test_per_class": 4 if qk else 171,
+                "jobs": 1 if qk else common.default_jobs()}
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
