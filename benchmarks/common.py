@@ -247,10 +247,14 @@ def train_job(config: str, overrides: Sequence[str], seed: int, out: str, epochs
 
 
 def run_jobs(jobs: Sequence[Tuple[Any, Mapping[str, Any]]], n_jobs: int, threads_per_job: Optional[int],
-             on_done: Any, desc: str) -> None:
+             on_done: Any, desc: str, job: Any = train_job) -> None:
     """Run independent training runs, ``n_jobs`` at a time, and report each as it finishes.
 
-    ``jobs`` is a list of ``(key, kwargs of train_job)``; ``on_done(key, report,
+    ``jobs`` is a list of ``(key, kwargs of train_job)``; ``job`` (default
+    :func:`train_job`) is called with them as ``train_job`` is, and returns
+    ``(report, seconds)`` likewise: a benchmark that does more after training
+    (e.g. attacks the checkpoint) passes a picklable wrapper around
+    ``train_job`` (a top-level function or a ``functools.partial`` of one). ``on_done(key, report,
     seconds, error)`` is called in the parent, in completion order, with
     ``error`` an :class:`mtkd.errors.MtkdError` (bad config or data: recorded,
     the others go on) or ``None``. Any other exception stops the benchmark.
@@ -268,8 +272,7 @@ def run_jobs(jobs: Sequence[Tuple[Any, Mapping[str, Any]]], n_jobs: int, threads
         for key, kw in jobs:
             t0 = time.perf_counter()
             try:
-                report, secs = train_job(kw["config"], kw["overrides"], kw["seed"], kw["out"], kw.get("epochs"),
-                                         None)
+                report, secs = job(kw["config"], kw["overrides"], kw["seed"], kw["out"], kw.get("epochs"), None)
                 on_done(key, report, secs, None)
             except MtkdError as exc:
                 on_done(key, None, time.perf_counter() - t0, exc)
@@ -280,7 +283,7 @@ def run_jobs(jobs: Sequence[Tuple[Any, Mapping[str, Any]]], n_jobs: int, threads
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
     with ProcessPoolExecutor(max_workers=n_jobs, mp_context=mp.get_context("spawn")) as pool:
-        futures = {pool.submit(train_job, kw["config"], list(kw["overrides"]), kw["seed"], kw["out"],
+        futures = {pool.submit(job, kw["config"], list(kw["overrides"]), kw["seed"], kw["out"],
                                kw.get("epochs"), threads_per_job): key for key, kw in jobs}
         for fut in as_completed(futures):
             key = futures[fut]

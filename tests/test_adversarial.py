@@ -665,3 +665,31 @@ def test_mtkd_attack_with_surrogate_reports_transfer(classify_run):
     assert row["surrogate_clean"]["top1"] == pytest.approx(report["clean"]["top1"])
     assert row["transfer_success"] == row["surrogate_whitebox_success"]
     assert row["target_transfer"]["top1"] == pytest.approx(row["surrogate_whitebox"]["top1"])
+
+
+def test_multitask_train_with_pgd_at_trains_on_hard_losses_of_adversarial_inputs(tmp_path):
+    """pgd_at with output multitask: x' crafted on the student's seg CE + yolo_det, the hard losses on x'
+    logged beside the clean ones; a bad output is a one-line error."""
+    import csv
+
+    from mtkd.datasets import make_synthetic
+    from mtkd.engine.config import load_config
+    from mtkd.engine.trainer import train
+    from mtkd.losses.base import build_loss
+
+    roots = make_synthetic(tmp_path / "d", n_train=4, n_val=2, n_test=2, imgsz=(48, 64), seed=3, seg_missing=0.25,
+                           formats=("voc",))
+    cfg = load_config("synthetic_student.yaml", [
+        f"data.root={roots['voc']}", "data.imgsz=64", f"out={tmp_path / 'run'}", "model.preset=student_small",
+        "train.batch=4", "train.workers=0", "train.ema=false", "train.plots=false", "train.tensorboard=false",
+        "train.epochs=1", "eval.max_batches=1",
+        "loss.extra=[{name: pgd_at, output: multitask, eps: 4/255, steps: 2, w_seg: 8.0}]"])
+    report = train(cfg)
+    assert report["steps"] == 1
+    row = list(csv.DictReader(open(tmp_path / "run" / "results.csv")))[-1]
+    assert float(row["train/extra/pgd_at/det"]) > 0 and float(row["train/extra/pgd_at/seg"]) > 0
+    assert float(row["train/extra/pgd_at/attack_passes"]) == 3.0  # 2 steps + 1 clean reference (targets)
+    with pytest.raises(ConfigError, match="pgd_at.output"):
+        build_loss("pgd_at", output="seg")
+    with pytest.raises(ConfigError, match="w_det/w_seg"):
+        build_loss("pgd_at", output="multitask", w_det=0, w_seg=0)

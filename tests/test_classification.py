@@ -248,3 +248,13 @@ def test_task_teacher_from_checkpoint(synth, tmp_path):
     cfg["teacher"].update(ckpt=str(tmp_path / "t.pt"), model={"name": "timm/resnet18"})
     loaded = task.build_teacher(cfg, 3)
     assert torch.equal(loaded.model.fc.weight, teacher.model.fc.weight)
+
+
+def test_cnn4w_is_the_student_layout_at_twice_the_width():
+    s, t = build_classifier("cnn4", 3), build_classifier("cnn4w", 3)
+    out_s, out_t = s(torch.randn(2, 3, 16, 16)), t(torch.randn(2, 3, 16, 16))
+    _check_output(out_t, 2, 3)
+    for k in ("f1", "f2", "f3", "f4"):
+        assert out_t["feats"][k].shape[-2:] == out_s["feats"][k].shape[-2:]
+        assert out_t["feats"][k].shape[1] == 2 * out_s["feats"][k].shape[1]
+    assert sum(isinstance(m, torch.nn.Conv2d) for m in t.modules()) == 4

@@ -12,6 +12,9 @@
   the zoo pairs maps of equal size without resizing. The zoo benchmark's
   default teacher (a torchvision ResNet-18 downsamples 4x in its stem and
   loses 32 px textures; measured: it did not beat the student there).
+* ``cnn4w`` - the student's layout (one conv per block) at doubled widths
+  (64/128/256/512, hidden 256): about 4x its FLOPs, a teacher cheap enough to
+  train adversarially on a CPU (``benchmarks/adversarial``).
 * :class:`TappedClassifier` - any torchvision or timm classifier, built with
   ``nc`` outputs (its classifier replaced), random init. Forward hooks read
   ``feats`` f1..f4 = the maps at strides 4, 8, 16, 32 and ``embed`` = the
@@ -21,7 +24,7 @@
   module found by a probe forward (see :func:`_probe_taps`). Models without
   such maps (e.g. ViTs) give fewer or no feats.
 
-Names: ``cnn4`` is the student, ``cnn8`` its bigger sibling; ``torchvision/<name>`` or ``timm/<name>``
+Names: ``cnn4`` is the student, ``cnn8`` and ``cnn4w`` its bigger siblings; ``torchvision/<name>`` or ``timm/<name>``
 pick a library; a bare name is torchvision's when torchvision has that
 classification model (so seed-style torchvision state dicts load), else timm's.
 
@@ -55,6 +58,7 @@ STUDENT = "cnn4"
 CNN_VARIANTS: Dict[str, Dict[str, Any]] = {
     "cnn4": {},
     "cnn8": {"widths": (64, 128, 256, 512), "hidden": 256, "depth": 2},
+    "cnn4w": {"widths": (64, 128, 256, 512), "hidden": 256},
 }
 TAP_STRIDES = (4, 8, 16, 32)
 PROBE_SIZES = (128, 224)

@@ -82,7 +82,13 @@ Baselines
 ---------
 * ``pgd_at`` (Madry et al., ICLR 2018): ``CE(S(x'), y)``, ``x'`` = PGD on
   the student's CE. Needs no teacher. (The clean half of the forward is
-  computed but unused, except by BatchNorm's batch statistics.)
+  computed but unused, except by BatchNorm's batch statistics.) With
+  ``output: multitask`` it trains a detection + segmentation model: ``x'``
+  maximises the student's multi-task objective (as ``adv_kd``'s, against the
+  labels where a sample has them, else the student's own clean predictions)
+  and the terms are the hard losses on ``x'``: ``w_det * yolo_det`` and
+  ``w_seg * seg_ce``. The clean hard losses stay in ``loss.det``/``loss.seg``,
+  so the run trains on clean and adversarial inputs together.
 * ``trades`` (Zhang et al., ICML 2019): ``CE(S(x), y) + beta KL(S(x') ||
   S(x))`` (beta 6), ``x'`` maximising that KL from a 0.001 Gaussian start;
   the gradient flows through both halves, as in TRADES. Needs no teacher.
@@ -141,6 +147,42 @@ def _adv_half(out: Dict[str, Any], who: str, loss: str) -> Dict[str, Any]:
         raise ConfigError(f"loss {loss!r}: the {who} output has no adversarial half ('adv'); it is made by the "
                           "trainer's split forward after pre_step")
     return adv
+
+
+def multitask_objective(images: torch.Tensor, batch: Dict[str, Any], source: nn.Module, reference: nn.Module,
+                        steps: int, loss: str) -> Tuple[Objective, int, int, Optional[torch.Tensor]]:
+    """The multi-task attack's objective on ``source``: seg CE (:func:`seg_objective`) + ``yolo_det``.
+
+    Targets: the labels where a sample has them, else ``reference``'s clean
+    predictions (:func:`multitask_targets`). Returns ``(objective, models per
+    step, reference forwards, valid pixels)`` as ``_Crafting._objective``.
+    """
+    from mtkd.adversarial.attacks import _content
+    from mtkd.losses.det_hard import YoloDetLoss
+
+    with torch.no_grad():
+        clean = source(images)
+        ref = clean if source is reference else reference(images)
+    targets = multitask_targets(ref, batch, use_labels=True)
+    use_seg = clean.get("seg") is not None and "seg" in targets
+    use_det = clean.get("det") is not None and "boxes" in targets
+    if not (use_seg or use_det):
+        raise ConfigError(f"loss {loss} (multitask): the models have no seg or det output to attack")
+    det_loss = YoloDetLoss() if use_det else None
+
+    def objective(x: torch.Tensor, step: int) -> torch.Tensor:
+        out = source(x)
+        total = x.new_zeros(())
+        if use_seg:
+            total = total + seg_objective(out["seg"], targets["seg"], step, steps)
+        if use_det:
+            b = {"boxes": targets["boxes"], "labels": targets["labels"], "images": x,
+                 "has_det": torch.ones(x.shape[0], dtype=torch.bool)}
+            total = total + sum(det_loss(out, None, b).values())
+        return total
+
+    refs = 1 if source is reference else 2
+    return objective, 1, refs, _content(batch, images.shape[-2:], images.device)
 
 
 class _Crafting(Loss):
@@ -276,34 +318,7 @@ class AdvKDLoss(_Crafting):
 
     def _multitask_objective(self, images: torch.Tensor, batch: Dict[str, Any], source: nn.Module,
                              teacher: nn.Module) -> Tuple[Objective, int, int, Optional[torch.Tensor]]:
-        from mtkd.adversarial.attacks import _content
-        from mtkd.losses.det_hard import YoloDetLoss
-
-        with torch.no_grad():
-            clean = source(images)
-            t_clean = clean if source is teacher else teacher(images)
-        # targets: labels where a sample has them, the teacher's predictions elsewhere
-        targets = multitask_targets(t_clean, batch, use_labels=True)
-        use_seg = clean.get("seg") is not None and "seg" in targets
-        use_det = clean.get("det") is not None and "boxes" in targets
-        if not (use_seg or use_det):
-            raise ConfigError("loss adv_kd (multitask): the models have no seg or det output to attack")
-        det_loss = YoloDetLoss() if use_det else None
-        steps = self.attack.steps
-
-        def objective(x: torch.Tensor, step: int) -> torch.Tensor:
-            out = source(x)
-            total = x.new_zeros(())
-            if use_seg:
-                total = total + seg_objective(out["seg"], targets["seg"], step, steps)
-            if use_det:
-                b = {"boxes": targets["boxes"], "labels": targets["labels"], "images": x,
-                     "has_det": torch.ones(x.shape[0], dtype=torch.bool)}
-                total = total + sum(det_loss(out, None, b).values())
-            return total
-
-        refs = 1 if source is teacher else 2
-        return objective, 1, refs, _content(batch, images.shape[-2:], images.device)
+        return multitask_objective(images, batch, source, teacher, self.attack.steps, "adv_kd")
 
     # -- the loss -----------------------------------------------------------------------------
     def forward(self, student_out: Dict[str, Any], teacher_out: Optional[Dict[str, Any]],
@@ -344,14 +359,26 @@ class AdvKDLoss(_Crafting):
 
 @register("pgd_at")
 class PGDATLoss(_Crafting):
-    """Madry's adversarial training: ``CE(S(x'), y)``, ``x'`` = PGD on the student's CE (module doc)."""
+    """Madry's adversarial training: ``CE(S(x'), y)``, ``x'`` = PGD on the student's CE; with
+    ``output: multitask`` the hard detection and segmentation losses on ``x'`` (module doc)."""
 
     def __init__(self, eps: Any = 8 / 255, steps: int = 10, step_size: Any = None, random_start: Any = "uniform",
-                 bn_eval: bool = True):
+                 bn_eval: bool = True, output: str = "logits", w_det: float = 1.0, w_seg: float = 1.0):
         super().__init__("pgd_at", eps, steps, step_size, random_start, bn_eval)
+        if output not in ("logits", "multitask"):
+            raise ConfigError(f"loss pgd_at.output: expected one of logits, multitask, got {output!r}")
+        self.output = output
+        self.w_det, self.w_seg = float(w_det), float(w_seg)
+        if output == "multitask":
+            if self.w_det < 0 or self.w_seg < 0 or self.w_det + self.w_seg <= 0:
+                raise ConfigError(f"loss pgd_at.w_det/w_seg: must be >= 0 and not both 0, got {w_det}, {w_seg}")
+            self.det_hard = build_loss("yolo_det", "loss pgd_at (yolo_det)")
+            self.seg_hard = build_loss("seg_ce", "loss pgd_at (seg_ce)")
 
     def _objective(self, images: torch.Tensor, batch: Dict[str, Any], student: nn.Module,
                    teacher: Optional[nn.Module]) -> Tuple[Objective, int, int, Optional[torch.Tensor]]:
+        if self.output == "multitask":
+            return multitask_objective(images, batch, student, student, self.attack.steps, "pgd_at")
         labels = _labels(batch, "pgd_at").to(images.device)
 
         def ce(x: torch.Tensor, step: int) -> torch.Tensor:
@@ -360,8 +387,18 @@ class PGDATLoss(_Crafting):
         return ce, 1, 0, None
 
     def forward(self, student_out: Dict[str, Any], teacher_out: Optional[Dict[str, Any]],
-                batch: Dict[str, Any]) -> torch.Tensor:
-        logits = logits_of(_adv_half(student_out, "student", "pgd_at"))
+                batch: Dict[str, Any]) -> Any:
+        adv = _adv_half(student_out, "student", "pgd_at")
+        if self.output == "multitask":
+            out: Dict[str, torch.Tensor] = {}
+            if self.w_det > 0 and adv.get("det") is not None:
+                out["det"] = self.w_det * sum(self.det_hard(adv, None, batch).values())
+            if self.w_seg > 0 and adv.get("seg") is not None:
+                out["seg"] = self.w_seg * sum(self.seg_hard(adv, None, batch).values())
+            if not out:
+                raise ConfigError("loss pgd_at (multitask): the student has no det or seg output")
+            return out
+        logits = logits_of(adv)
         return F.cross_entropy(logits.float(), _labels(batch, "pgd_at").to(logits.device))
 
 
