@@ -130,10 +130,10 @@ def spawn(args: Sequence[str], cwd: Path, env: Optional[Dict[str, str]] = None, 
           fsize: Optional[int] = None) -> subprocess.Popen:
     """Start ``mtkd ARGS``; stdout/stderr go to files in ``cwd`` (read by :func:`finish`)."""
     cwd.mkdir(parents=True, exist_ok=True)
-    preexec = None
-    if fsize is not None:
-        def preexec() -> None:  # a file size limit: writes beyond it fail with EFBIG, like a full disk
-            resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+    def limit_file_size() -> None:  # writes beyond the limit fail with EFBIG, like on a full disk
+        resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+    preexec = limit_file_size if fsize is not None else None
     out = open(cwd / "stdout.txt", "w")
     err = open(cwd / "stderr.txt", "w")
     try:
@@ -1138,7 +1138,7 @@ def run_case(ctx: Ctx, case: Case, timeout: float) -> Dict[str, Any]:
 
 # -- output -------------------------------------------------------------------------------------
 def markdown(payload: Dict[str, Any]) -> str:
-    k, i = payload["kills"], payload["inputs"]
+    i = payload["inputs"]
     lines = ["# faults: kill -9 and bad input", "",
              f"Data: `{payload['data']}`; training runs: `{payload['budget']['config']}` "
              f"{' '.join(payload['budget']['overrides'])}, {payload['budget']['epochs']} epochs.", ""]
