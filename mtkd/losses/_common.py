@@ -65,10 +65,11 @@ class FeatureAdapters(nn.Module):
         if name not in self.convs:
             return x
         conv = self.convs[name]
-        if not is_lazy(conv.weight) and (conv.in_channels, conv.out_channels) != (x.shape[1], teacher_channels):
-            raise ConfigError(f"loss {self.loss!r}: feats: {name!r} changed width "
-                              f"({conv.in_channels}->{conv.out_channels} expected, got "
-                              f"{x.shape[1]}->{teacher_channels})")
+        if not is_lazy(conv.weight):  # made (or loaded from a state dict) for these widths
+            c_out, c_in = conv.weight.shape[:2]
+            if (c_in, c_out) != (x.shape[1], teacher_channels):
+                raise ConfigError(f"loss {self.loss!r}: feats: {name!r} changed width ({c_in}->{c_out} expected, "
+                                  f"got {x.shape[1]}->{teacher_channels})")
         return conv(x)
 
     forward = to_teacher

@@ -17,16 +17,17 @@ def soft_kl(student: torch.Tensor, teacher: torch.Tensor, T: float = 1.0, dim: i
             reduction: str = "none") -> torch.Tensor:
     """``KL(softmax(teacher / T) || softmax(student / T))`` with the distributions along ``dim``.
 
-    Computed in float32 whatever the AMP dtype, from both log-probabilities
-    (``F.kl_div(..., log_target=True)``: ``p_t * (log p_t - log p_s)`` per
-    element). ``reduction`` is ``F.kl_div``'s: ``"none"`` (per element; sum
+    Computed in float32 (float64 for double inputs) whatever the AMP dtype,
+    from both log-probabilities (``F.kl_div(..., log_target=True)``:
+    ``p_t * (log p_t - log p_s)`` per element). ``reduction`` is ``F.kl_div``'s: ``"none"`` (per element; sum
     over ``dim`` for the KL of each distribution), ``"sum"``, ``"mean"`` or
     ``"batchmean"`` (the sum over the first dimension's size). Not multiplied
     by ``T**2`` (Hinton's gradient scale; the caller applies it after its own
     reduction) and nothing is detached.
     """
-    log_ps = F.log_softmax(student.float() / T, dim=dim)
-    log_pt = F.log_softmax(teacher.float() / T, dim=dim)
+    dtype = torch.promote_types(torch.promote_types(student.dtype, teacher.dtype), torch.float32)
+    log_ps = F.log_softmax(student.to(dtype) / T, dim=dim)
+    log_pt = F.log_softmax(teacher.to(dtype) / T, dim=dim)
     return F.kl_div(log_ps, log_pt, reduction=reduction, log_target=True)
 
 
