@@ -1,14 +1,15 @@
 """The ``mtkd`` command line.
 
-Subcommands live in one table, :data:`COMMANDS`; a module adds its own with::
+Subcommands live in one registry, :data:`mtkd.registry.COMMANDS`; a module
+adds its own with::
 
     @command("demo", help="...")
     def _demo_args(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
         p.add_argument(...)
         return run_demo            # called with the parsed namespace, returns an exit code
 
-and, if it lives outside this file, one line in :data:`COMMAND_MODULES`
-(imported before the parser is built). Any :class:`~mtkd.errors.MtkdError`
+and, if it lives outside this file, one entry in the registry's
+``locations`` (imported before the parser is built). Any :class:`~mtkd.errors.MtkdError`
 prints ``error: <message>`` on one line to stderr and exits with status 2; a
 training run stopped by SIGINT/SIGTERM (:class:`~mtkd.errors.Interrupted`)
 prints one line saying how to resume and exits with 128 + the signal number.
@@ -21,29 +22,33 @@ then make no network requests. Without it mtkd sets no environment variables
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import shlex
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from mtkd.errors import Interrupted, MtkdError, writing
+if __name__ == "__main__":
+    # python -m mtkd.cli: run the imported module, so that its commands register once
+    from mtkd.cli import main as _package_main
+
+    sys.exit(_package_main())
+
+from mtkd.errors import Interrupted, MtkdError, writing  # noqa: E402
+from mtkd.registry import COMMANDS, summary  # noqa: E402
 
 Runner = Callable[[argparse.Namespace], int]
 Setup = Callable[[argparse.ArgumentParser], Runner]
 
-#: name -> (help, setup). ``setup`` adds the arguments and returns the runner.
-COMMANDS: Dict[str, Tuple[str, Setup]] = {}
-
-#: Modules outside this file that register subcommands with :func:`command`.
-COMMAND_MODULES: List[str] = ["mtkd.demo", "mtkd.classification.cli", "mtkd.adversarial.cli", "mtkd.export.cli"]
-
 
 def command(name: str, help: str) -> Callable[[Setup], Setup]:
+    """Register ``setup`` (adds the arguments, returns the runner) as subcommand ``name``;
+    ``help`` is its one-line description (kept as the function's docstring)."""
+
     def deco(setup: Setup) -> Setup:
-        COMMANDS[name] = (help, setup)
-        return setup
+        setup.__doc__ = help
+        return COMMANDS.register(name)(setup)
 
     return deco
 
@@ -171,6 +176,55 @@ def _run_synthetic(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- list ----------------------------------------------------------------------------
+LISTS = ("losses", "tasks", "formats", "presets", "commands")
+
+
+def list_entries(what: str) -> List[Tuple[str, str]]:
+    """``(name, description)`` rows of one of :data:`LISTS`.
+
+    A registered loss or dataset format is described by the first sentence
+    of the docstring of its module when that module registers only it (the
+    loss modules open with the paper), else of its class, and a loss adds
+    what it needs (``requires``); a task by its class docstring, a command
+    by its help, a model preset by its settings.
+    """
+    from mtkd import registry
+
+    if what == "presets":
+        from mtkd.models import PRESETS
+
+        return [(n, ", ".join(f"{k}={v}" for k, v in p.items())) for n, p in PRESETS.items()]
+    table = {"losses": registry.LOSSES, "tasks": registry.TASKS, "formats": registry.FORMATS,
+             "commands": registry.COMMANDS}[what]
+    entries = list(table.items())
+    per_module = Counter(obj.__module__ for _, obj in entries)
+    rows = []
+    for name, obj in entries:
+        own_module = what in ("losses", "formats") and per_module[obj.__module__] == 1
+        text = summary(sys.modules[obj.__module__] if own_module else obj)
+        needs = sorted(getattr(obj, "requires", ()) or ()) if what == "losses" else []
+        rows.append((name, f"{text} (needs: {', '.join(needs)})" if needs else text))
+    return rows
+
+
+@command("list", help="list the registered losses, tasks, dataset formats, model presets or commands")
+def _list_args(p: argparse.ArgumentParser) -> Runner:
+    p.add_argument("what", nargs="?", choices=LISTS, default=None, help="one table (default: all of them)")
+    return _run_list
+
+
+def _run_list(args: argparse.Namespace) -> int:
+    for what in [args.what] if args.what else LISTS:
+        if not args.what:
+            print(f"{what}:")
+        rows = list_entries(what)
+        width = max((len(n) for n, _ in rows), default=0)
+        for name, text in rows:
+            print(f"{'  ' if not args.what else ''}{name.ljust(width)}  {text}".rstrip())
+    return 0
+
+
 # -- yolo ----------------------------------------------------------------------------
 @command("yolo", help="distil into an Ultralytics YOLO model: mtkd yolo train model=... teacher=... data=...")
 def _yolo_args(p: argparse.ArgumentParser) -> Runner:
@@ -190,12 +244,11 @@ OFFLINE_HELP = ("set the offline switches (YOLO_OFFLINE, YOLO_AUTOINSTALL, NO_AL
 
 
 def build_parser() -> argparse.ArgumentParser:
-    for module in COMMAND_MODULES:
-        importlib.import_module(module)
     parser = argparse.ArgumentParser(prog="mtkd", description="multi-task knowledge distillation")
     parser.add_argument("--offline", action="store_true", help=OFFLINE_HELP)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, (help_text, setup) in COMMANDS.items():
+    for name, setup in COMMANDS.items():
+        help_text = summary(setup)
         p = sub.add_parser(name, help=help_text, description=help_text)
         # also accepted after the command (tools/*.py put the command first); SUPPRESS keeps
         # the subparser from resetting a flag given before the command
@@ -220,9 +273,3 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
-
-if __name__ == "__main__":
-    # run through the imported module: commands defined in other modules register on it, not on __main__
-    from mtkd.cli import main as _package_main
-
-    sys.exit(_package_main())

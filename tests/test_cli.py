@@ -71,7 +71,7 @@ def test_resume_flag_continues_training(tmp_path, capsys):
 
 
 def test_subcommand_table_is_extensible(capsys):
-    assert {"train", "eval", "predict", "make-synthetic"} <= set(COMMANDS)
+    assert {"train", "eval", "predict", "make-synthetic", "list"} <= set(COMMANDS.names())
 
     @command("hello-test", help="a subcommand added from outside")
     def _setup(p):
@@ -82,7 +82,7 @@ def test_subcommand_table_is_extensible(capsys):
         assert main(["hello-test", "--name", "mtkd"]) == 0
         assert capsys.readouterr().out.strip() == "hello mtkd"
     finally:
-        del COMMANDS["hello-test"]
+        COMMANDS.unregister("hello-test")
 
 
 def test_make_synthetic_writes_only_the_formats_asked(tmp_path, capsys):

@@ -60,7 +60,7 @@ def _split_folder(data: Dict[str, Any], split: str) -> Path:
 
 @register_task("classify")
 class ClassifyTask:
-    """See the module doc."""
+    """ImageFolder classification for the generic trainer (see the module doc)."""
 
     name = "classify"
 

@@ -4,7 +4,7 @@ Every format yields the same :class:`mtkd.structures.Sample` and the same item
 dicts, so the rest of mtkd never knows which format it reads. The ``data``
 config section::
 
-    format: voc | coco | yolo
+    format: voc | coco | yolo    # a reader of mtkd.registry.FORMATS
     root: <tree root>            # yolo: the data yaml
     train: train                 # split names (yolo: the yaml's keys)
     val: val
@@ -34,6 +34,7 @@ from mtkd.datasets.unlabeled import UnlabeledDataset, build_unlabeled_dataset
 from mtkd.datasets.voc import VOCDataset
 from mtkd.datasets.yolo import YOLODataset
 from mtkd.errors import ConfigError
+from mtkd.registry import FORMATS
 
 __all__ = [
     "VOCDataset",
@@ -71,8 +72,7 @@ def build_dataset(data_cfg: Mapping[str, Any], split: str, train: bool, seed: Op
     if split not in ("train", "val", "test"):
         raise ConfigError(f"data.{split}: split must be train, val or test")
     fmt = data_cfg.get("format")
-    if fmt not in ("voc", "coco", "yolo"):
-        raise ConfigError(f"data.format: must be voc, coco or yolo, got {fmt!r}")
+    reader = FORMATS.get(fmt, "data.format")
     if not data_cfg.get("root"):
         raise ConfigError("data.root: missing")
     coco_only = sorted(k for k in _COCO_ONLY if data_cfg.get(k))
@@ -88,13 +88,8 @@ def build_dataset(data_cfg: Mapping[str, Any], split: str, train: bool, seed: Op
     cache = data_cfg.get("cache", False)
     if not isinstance(cache, bool):
         raise ConfigError(f"data.cache: expected true or false, got {cache!r}")
-    if fmt == "voc":
-        ds: RecordDataset = VOCDataset(data_cfg["root"], name, **common)
-    elif fmt == "coco":
-        extra = {k: data_cfg[k] for k in _COCO_ONLY if data_cfg.get(k)}
-        ds = COCODataset(data_cfg["root"], name, **common, **extra)
-    else:
-        ds = YOLODataset(data_cfg["root"], name, **common)
+    extra = {k: data_cfg[k] for k in _COCO_ONLY if data_cfg.get(k)}
+    ds: RecordDataset = reader(data_cfg["root"], name, **common, **extra)
     if cache:
         ds.enable_cache()
     return ds

@@ -40,6 +40,7 @@ from pycocotools import mask as mask_utils
 
 from mtkd.datasets.common import Record, RecordDataset, check_boxes
 from mtkd.errors import DataError
+from mtkd.registry import FORMATS
 from mtkd.structures import VOID, Sample
 
 
@@ -121,6 +122,7 @@ def load_coco_json(path: Path) -> Dict[str, Any]:
     return data
 
 
+@FORMATS.register("coco")
 class COCODataset(RecordDataset):
     """COCO instances split (see module docstring).
 

@@ -38,6 +38,7 @@ import numpy as np
 
 from mtkd.datasets.common import Record, RecordDataset, check_boxes, png_mask_fn, require_file
 from mtkd.errors import DataError
+from mtkd.registry import FORMATS
 from mtkd.structures import Sample
 
 
@@ -101,6 +102,7 @@ def voc_classes(root: Path) -> List[str]:
     return sorted(names)
 
 
+@FORMATS.register("voc")
 class VOCDataset(RecordDataset):
     """Pascal VOC detection + segmentation split (see module docstring).
 

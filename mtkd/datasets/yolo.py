@@ -37,6 +37,7 @@ import yaml
 
 from mtkd.datasets.common import IMAGE_SUFFIXES, Record, RecordDataset, check_labels, png_mask_fn
 from mtkd.errors import DataError
+from mtkd.registry import FORMATS
 from mtkd.structures import Sample
 
 
@@ -145,6 +146,7 @@ def parse_label_file(path: Path, nc: int) -> tuple[np.ndarray, np.ndarray]:
     return np.array(boxes, np.float32).reshape(-1, 4), labels_arr
 
 
+@FORMATS.register("yolo")
 class YOLODataset(RecordDataset):
     """One split of an Ultralytics data yaml (see module docstring).
 

@@ -4,17 +4,15 @@ The :class:`~mtkd.engine.trainer.Trainer` is generic; whatever depends on
 *what* is learnt (which dataset reader, which model, how to score it, how to
 draw a prediction) comes from a task object, looked up by the config's
 ``task`` name. A task implements :class:`Task`; it registers itself with
-``@register_task("name")`` in the module that defines it. A task that lives
-outside this module is listed once in :data:`TASK_MODULES` (name -> module
-path) so that :func:`get_task` can import it on first use; adding a task
-needs no change to the trainer.
+``@register_task("name")`` in :data:`mtkd.registry.TASKS`, whose
+``locations`` name the modules that define tasks (imported on the first
+lookup); adding a task needs no change to the trainer.
 
 Every task's batches are dicts with at least ``"images"`` (the model input);
 its models take that tensor and return a dict the task's losses understand.
 """
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Protocol, Type
 
@@ -22,6 +20,7 @@ import torch
 from torch import nn
 
 from mtkd.errors import ConfigError
+from mtkd.registry import TASKS
 
 
 class Task(Protocol):
@@ -69,17 +68,12 @@ class Task(Protocol):
         """Predict every image of folder ``source`` into folder ``out``."""
 
 
-_TASKS: Dict[str, Type] = {}
-
-#: Tasks defined outside this module: name -> module that registers it.
-TASK_MODULES: Dict[str, str] = {"classify": "mtkd.classification.task"}
-
-
 def register_task(name: str) -> Callable[[Type], Type]:
+    """Class decorator: ``@register_task("multitask")`` adds the task to :data:`mtkd.registry.TASKS`
+    (and sets its ``name``)."""
+
     def deco(cls: Type) -> Type:
-        if name in _TASKS and _TASKS[name] is not cls:
-            raise ValueError(f"task name {name!r} registered twice")
-        _TASKS[name] = cls
+        TASKS.register(name)(cls)
         cls.name = name
         return cls
 
@@ -87,16 +81,12 @@ def register_task(name: str) -> Callable[[Type], Type]:
 
 
 def available_tasks() -> List[str]:
-    return sorted(set(_TASKS) | set(TASK_MODULES))
+    return TASKS.names()
 
 
 def get_task(name: str) -> Task:
     """A new task object for the config's ``task`` name."""
-    if name not in _TASKS and name in TASK_MODULES:
-        importlib.import_module(TASK_MODULES[name])
-    if name not in _TASKS:
-        raise ConfigError(f"task: unknown task {name!r}; known: {', '.join(available_tasks())}")
-    return _TASKS[name]()
+    return TASKS.get(name, "task")()
 
 
 def model_kwargs(model_cfg: Dict[str, Any]) -> Dict[str, Any]:

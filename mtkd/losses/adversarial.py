@@ -105,6 +105,7 @@ from torch import nn
 from mtkd.adversarial.attacks import (AttackSpec, logits_of, make_attack, multitask_targets, perturb,
                                       seg_objective)
 from mtkd.errors import ConfigError
+from mtkd.losses._functional import soft_kl
 from mtkd.losses.base import Loss, build_loss, register
 
 Objective = Callable[[torch.Tensor, int], torch.Tensor]
@@ -128,9 +129,7 @@ DEFAULTS: Dict[str, Any] = {"source": "student", "objective": "kl", "target": "c
 
 def kl_to(student: torch.Tensor, target: torch.Tensor, T: float = 1.0, reduction: str = "batchmean") -> torch.Tensor:
     """``T^2 KL(softmax(target/T) || softmax(student/T))`` over dim 1 (``target`` is not detached here)."""
-    log_p = F.log_softmax(student.float() / T, dim=1)
-    q = F.softmax(target.float() / T, dim=1)
-    return F.kl_div(log_p, q, reduction=reduction) * (T * T)
+    return soft_kl(student, target, T, reduction=reduction) * (T * T)
 
 
 def _labels(batch: Dict[str, Any], loss: str) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""The loss interface and its registry.
+"""The loss interface and its registration.
 
 A loss is a small ``nn.Module`` whose ``forward(student_out, teacher_out,
 batch)`` returns a scalar tensor, or a dict of named scalar tensors whose sum
@@ -7,6 +7,8 @@ teacher is used.
 
 Trainable parts (adapters, VID's variances, AFD's attention) are submodules, so
 their parameters reach the student's optimizer through ``composer.parameters()``.
+
+A loss registers itself with ``@register("name")`` (:data:`mtkd.registry.LOSSES`).
 
 Everything else a loss needs it declares; the trainer reads these declarations
 and never names a loss:
@@ -49,12 +51,13 @@ and never names a loss:
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Iterable, Optional, Sequence, Type, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Type, Union
 
 import torch
 from torch import nn
 
 from mtkd.errors import ConfigError
+from mtkd.registry import LOSSES
 
 LossValue = Union[torch.Tensor, Dict[str, torch.Tensor]]
 
@@ -92,38 +95,26 @@ class Loss(nn.Module):
         return None
 
 
-_REGISTRY: Dict[str, Type[nn.Module]] = {}
-
-
 def register(name: str) -> Callable[[Type[nn.Module]], Type[nn.Module]]:
-    """Class decorator: ``@register("seg_kl")`` makes the loss buildable by name."""
+    """Class decorator: ``@register("seg_kl")`` adds the loss to :data:`mtkd.registry.LOSSES`
+    (and sets its ``registry_name``)."""
 
     def deco(cls: Type[nn.Module]) -> Type[nn.Module]:
-        if name in _REGISTRY and _REGISTRY[name] is not cls:
-            raise ValueError(f"loss name {name!r} registered twice")
-        _REGISTRY[name] = cls
+        LOSSES.register(name)(cls)
         cls.registry_name = name
         return cls
 
     return deco
 
 
-def available() -> list:
-    _import_all()
-    return sorted(_REGISTRY)
+def available() -> List[str]:
+    return LOSSES.names()
 
 
 def build_loss(name: str, key: str = "loss", /, **kwargs: Any) -> nn.Module:
     """Build a registered loss; ``key`` names the config entry for errors."""
-    _import_all()
-    if name not in _REGISTRY:
-        raise ConfigError(f"{key}: unknown loss {name!r}; known: {', '.join(sorted(_REGISTRY))}")
+    cls = LOSSES.get(name, key)
     try:
-        return _REGISTRY[name](**kwargs)
+        return cls(**kwargs)
     except TypeError as exc:
         raise ConfigError(f"{key}: bad arguments for loss {name!r}: {exc}") from None
-
-
-def _import_all() -> None:
-    # Importing the packages runs their @register lines.
-    import mtkd.losses  # noqa: F401

@@ -1,5 +1,6 @@
 """Helpers shared by the distillation losses: input checks, the seg validity
-mask, teacher-logit resizing and 1x1 width adapters.
+mask and feature pairing (the teacher check and the 1x1 width adapters are
+:mod:`mtkd.losses._common`'s, resizing is :mod:`mtkd.losses._functional`'s).
 
 Conventions (apply to every loss in this package):
 
@@ -18,14 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mtkd.errors import ConfigError
+from mtkd.losses._common import FeatureAdapters
 from mtkd.structures import VOID
-
-
-def need_teacher(loss: str, teacher_out: Optional[Dict[str, Any]]) -> Dict[str, Any]:
-    """Return ``teacher_out`` or fail clearly when a KD loss runs without one."""
-    if teacher_out is None:
-        raise ConfigError(f"loss {loss}: needs a teacher but none is configured (set 'teacher:')")
-    return teacher_out
 
 
 def output_entry(out: Dict[str, Any], key: str, who: str, loss: str) -> Any:
@@ -47,13 +42,6 @@ def feature(out: Dict[str, Any], name: str, who: str, loss: str) -> torch.Tensor
 def check_classes(loss: str, student: int, teacher: int) -> None:
     if student != teacher:
         raise ConfigError(f"loss {loss}: teacher has {teacher} classes but the student has {student}")
-
-
-def resize_to(x: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
-    """Bilinear resize of a (B,C,H,W) map to ``size`` (no-op when equal)."""
-    if tuple(x.shape[-2:]) == tuple(size):
-        return x
-    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
 
 
 def letterbox_content(batch: Mapping[str, Any], size: Tuple[int, int]) -> Optional[torch.Tensor]:
@@ -126,44 +114,6 @@ def widths(model: Any, who: str, loss: str) -> Dict[str, int]:
     return {str(k): int(v) for k, v in chans.items()}
 
 
-class FeatureAdapters(nn.Module):
-    """1x1 convolutions mapping student features to the teacher's width.
-
-    One ``nn.LazyConv2d(teacher_channels, 1)`` per feature name, made either
-    by :meth:`build` (from the models' ``feat_channels``, called by a loss's
-    ``bind``) or at the first call that needs it (the trainer's dry forward,
-    before the optimizer is built), on the student map's device. With
-    ``always`` every name gets one (a learned projection, as feat_gan
-    needs); otherwise only names whose widths differ. The adapters are
-    ordinary submodules, so they join the student's optimizer; lazy
-    parameters are materialised in place, so an optimizer built after
-    ``bind`` but before the first forward still updates them.
-    """
-
-    def __init__(self, loss: str, always: bool) -> None:
-        super().__init__()
-        self.loss, self.always = loss, always
-        self.convs = nn.ModuleDict()
-
-    def _make(self, name: str, student: int, teacher: int, device: Optional[torch.device]) -> None:
-        if name not in self.convs and (self.always or student != teacher):
-            self.convs[name] = nn.LazyConv2d(teacher, kernel_size=1, device=device)
-
-    def build(self, names: Iterable[str], student: Mapping[str, int], teacher: Mapping[str, int],
-              device: Optional[torch.device] = None) -> None:
-        """Create the adapters for ``names``; unknown names raise a ConfigError."""
-        for name in names:
-            for who, chans in (("student", student), ("teacher", teacher)):
-                if name not in chans:
-                    raise ConfigError(f"loss {self.loss}.feats: the {who} has no feature {name!r}; "
-                                      f"available: {sorted(chans)}")
-            self._make(name, student[name], teacher[name], device)
-
-    def forward(self, name: str, x: torch.Tensor, teacher_channels: int) -> torch.Tensor:
-        self._make(name, x.shape[1], teacher_channels, x.device)
-        return self.convs[name](x) if name in self.convs else x
-
-
 def pairs(student_out: Dict[str, Any], teacher_out: Dict[str, Any], names: Sequence[str],
           adapters: FeatureAdapters) -> Iterable[Tuple[str, torch.Tensor, torch.Tensor]]:
     """Yield ``(name, adapted student map, detached teacher map)`` per name,
@@ -173,7 +123,7 @@ def pairs(student_out: Dict[str, Any], teacher_out: Dict[str, Any], names: Seque
     loss = adapters.loss
     for name in names:
         t = feature(teacher_out, name, "teacher", loss).detach()
-        s = adapters(name, feature(student_out, name, "student", loss), t.shape[1])
+        s = adapters.to_teacher(name, feature(student_out, name, "student", loss), t.shape[1])
         if s.shape[1] != t.shape[1]:
             raise ConfigError(f"loss {loss}.feats: {name!r} has {s.shape[1]} adapted student channels "
                               f"vs {t.shape[1]} teacher channels (feat_channels disagree with the outputs)")
@@ -185,7 +135,8 @@ def dense_maps(loss: str, key: Optional[str], student_out: Dict[str, Any], teach
     """The ``(student map, detached teacher map)`` pairs a dense KD loss
     compares: with ``key == "seg"`` the segmentation logits (class counts
     checked), else each feature in ``names`` through ``adapters``
-    (:func:`pairs`). Spatial sizes may still differ (see :func:`resize_to`)."""
+    (:func:`pairs`). Spatial sizes may still differ (see
+    :func:`mtkd.losses._functional.resize_to`)."""
     if key == "seg":
         s = output_entry(student_out, "seg", "student", loss)
         t = output_entry(teacher_out, "seg", "teacher", loss).detach()

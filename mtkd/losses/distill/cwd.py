@@ -4,13 +4,13 @@ from __future__ import annotations
 from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mtkd.errors import ConfigError
+from mtkd.losses._common import FeatureAdapters, need_teacher
+from mtkd.losses._functional import resize_to, soft_kl
 from mtkd.losses.base import Loss, register
-from mtkd.losses.distill.common import (FeatureAdapters, dense_maps, model_device, need_teacher, resize_to,
-                                        widths)
+from mtkd.losses.distill.common import dense_maps, model_device, widths
 
 
 def channel_kl(s: torch.Tensor, t: torch.Tensor, tau: float) -> torch.Tensor:
@@ -19,9 +19,7 @@ def channel_kl(s: torch.Tensor, t: torch.Tensor, tau: float) -> torch.Tensor:
     ``tau``; ``tau^2 * sum_{b,c} KL(p_t || p_s) / (B * C)``, computed in
     float32 whatever the AMP dtype."""
     b, c = s.shape[:2]
-    log_ps = F.log_softmax(s.float().flatten(2) / tau, dim=-1)
-    log_pt = F.log_softmax(t.float().flatten(2) / tau, dim=-1)
-    return (log_pt.exp() * (log_pt - log_ps)).sum() * (tau * tau) / (b * c)
+    return soft_kl(s.flatten(2), t.flatten(2), tau, dim=-1, reduction="sum") * (tau * tau) / (b * c)
 
 
 @register("cwd")

@@ -6,8 +6,9 @@ from typing import Any, Dict, Optional
 import torch
 
 from mtkd.errors import ConfigError
+from mtkd.losses._common import need_teacher
 from mtkd.losses.base import Loss, register
-from mtkd.losses.distill.common import check_classes, need_teacher, output_entry
+from mtkd.losses.distill.common import check_classes, output_entry
 from mtkd.structures import DetOutput
 
 

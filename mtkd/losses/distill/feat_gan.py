@@ -10,8 +10,9 @@ from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm as _sn
 
 from mtkd.errors import ConfigError
+from mtkd.losses._common import FeatureAdapters, need_teacher
 from mtkd.losses.base import Loss, register
-from mtkd.losses.distill.common import FeatureAdapters, model_device, need_teacher, pairs, widths
+from mtkd.losses.distill.common import model_device, pairs, widths
 
 _LOSSES = ("lsgan", "hinge")
 

@@ -7,10 +7,10 @@ import torch
 from torch import nn
 
 from mtkd.errors import ConfigError
+from mtkd.losses._common import FeatureAdapters, need_teacher
+from mtkd.losses._functional import resize_to
 from mtkd.losses.base import Loss, register
-from mtkd.losses.distill.common import FeatureAdapters, model_device, need_teacher, pairs, resize_to, widths
-
-
+from mtkd.losses.distill.common import model_device, pairs, widths
 def generation_block(channels: int) -> nn.Sequential:
     """MGD's generator: 3x3 conv -> ReLU -> 3x3 conv, ``channels`` in and out."""
     return nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1), nn.ReLU(),

@@ -8,9 +8,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from mtkd.errors import ConfigError
+from mtkd.losses._common import FeatureAdapters, need_teacher
+from mtkd.losses._functional import resize_to
 from mtkd.losses.base import Loss, register
-from mtkd.losses.distill.common import (FeatureAdapters, dense_maps, model_device, need_teacher, resize_to,
-                                        widths)
+from mtkd.losses.distill.common import dense_maps, model_device, widths
 
 EPS = 1e-6
 

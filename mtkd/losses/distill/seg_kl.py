@@ -4,12 +4,12 @@ from __future__ import annotations
 from typing import Any, Dict, Optional
 
 import torch
-import torch.nn.functional as F
 
 from mtkd.errors import ConfigError
+from mtkd.losses._common import need_teacher
+from mtkd.losses._functional import resize_to, soft_kl
 from mtkd.losses.base import Loss, register
-from mtkd.losses.distill.common import (check_classes, need_teacher, output_entry, resize_to,
-                                        seg_valid_mask)
+from mtkd.losses.distill.common import check_classes, output_entry, seg_valid_mask
 
 
 @register("seg_kl")
@@ -48,9 +48,7 @@ class SegKL(Loss):
         t = output_entry(teacher_out, "seg", "teacher", "seg_kl").detach()
         check_classes("seg_kl", s.shape[1] - 1, t.shape[1] - 1)
         t = resize_to(t.float(), tuple(s.shape[-2:]))
-        log_ps = F.log_softmax(s.float() / self.T, dim=1)  # float32 under any AMP dtype
-        log_pt = F.log_softmax(t / self.T, dim=1)
-        kl = (log_pt.exp() * (log_pt - log_ps)).sum(1)  # (B, H, W)
+        kl = soft_kl(s, t, self.T, dim=1).sum(1)  # (B, H, W), float32 under any AMP dtype
         valid = seg_valid_mask(batch, tuple(s.shape[-2:]), s.device)
         scale = self.T * self.T
         if valid is None:

@@ -15,6 +15,7 @@ Conventions, shared by every zoo loss:
 * Feature lists default to ``p3, p4, p5`` when the student's output has all of
   them, otherwise to every student feature in output order (``f1..f4`` for
   classifiers); see :func:`resolve_feats`.
+* Teacher check: :func:`mtkd.losses._common.need_teacher`.
 * Width mismatch: :class:`FeaturePairs` maps the student map to the teacher's
   width with a per-feature 1x1 convolution (no bias), made on the first call
   (the trainer's dry forward, before the optimizer is built), so no widths are
@@ -37,22 +38,16 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from mtkd.errors import ConfigError
+from mtkd.losses._common import FeatureAdapters
+from mtkd.losses._functional import resize_to
 from mtkd.structures import VOID
 
 #: Neck levels of the dense multi-task models, the default feature list.
 DENSE_FEATS: Tuple[str, ...] = ("p3", "p4", "p5")
 
 Output = Dict[str, Any]
-
-
-def require_teacher(teacher_out: Optional[Output], loss: str) -> Output:
-    """``teacher_out`` or a :class:`ConfigError` naming the loss."""
-    if teacher_out is None:
-        raise ConfigError(f"loss {loss!r}: needs a teacher (set a teacher model in the config)")
-    return teacher_out
 
 
 def get_output(out: Output, key: str, loss: str) -> torch.Tensor:
@@ -100,52 +95,28 @@ def mean_of(values: Sequence[torch.Tensor]) -> torch.Tensor:
     return total / len(values)
 
 
-def resize_to(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """Bilinear resize of (B,C,H,W) to ``size`` (no-op when equal)."""
-    if tuple(x.shape[-2:]) == tuple(size):
-        return x
-    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
-
-
-class FeaturePairs(nn.Module):
+class FeaturePairs(FeatureAdapters):
     """Picks (student, teacher) feature-map pairs and makes them comparable.
 
     ``forward(student_out, teacher_out) -> [(fs, ft), ...]`` in ``feats``
     order; ``ft`` is detached; ``fs`` is mapped to the teacher's width by a
-    1x1 conv (``adapt=True`` and widths differ) and resized to the teacher's
-    spatial size (``resize=True``). The convs are created on first use, one
-    per feature name, on the student map's device, and live in
-    ``self.convs`` so they are parameters of the owning loss.
+    bias-free 1x1 conv (``adapt=True`` and widths differ; the adapters of
+    :class:`~mtkd.losses._common.FeatureAdapters`, made on first use, one per
+    feature name, in ``self.convs``, so they are parameters of the owning
+    loss) and resized to the teacher's spatial size (``resize=True``).
     """
 
     def __init__(self, loss: str, feats: Optional[Sequence[str]] = None, adapt: bool = True,
                  resize: bool = True):
-        super().__init__()
-        self.loss = loss
+        super().__init__(loss, always=False, bias=False)
         self.feats = check_feats(feats, loss)
         self.adapt = adapt
         self.resize = resize
-        self.convs = nn.ModuleDict()
-
-    def adapter(self, name: str, fs: torch.Tensor, ft: torch.Tensor) -> Optional[nn.Module]:
-        """The 1x1 conv for ``name`` (made now if needed), or None when widths agree."""
-        if not self.adapt or fs.shape[1] == ft.shape[1]:
-            return None
-        if name not in self.convs:
-            conv = nn.Conv2d(fs.shape[1], ft.shape[1], kernel_size=1, bias=False)
-            self.convs[name] = conv.to(device=fs.device)
-        conv = self.convs[name]
-        if conv.in_channels != fs.shape[1] or conv.out_channels != ft.shape[1]:
-            raise ConfigError(f"loss {self.loss!r}: feats: {name!r} changed width "
-                              f"({conv.in_channels}->{conv.out_channels} expected, got "
-                              f"{fs.shape[1]}->{ft.shape[1]})")
-        return conv
 
     def match(self, name: str, fs: torch.Tensor, ft: torch.Tensor) -> torch.Tensor:
         """``fs`` mapped to ``ft``'s width and spatial size."""
-        conv = self.adapter(name, fs, ft)
-        if conv is not None:
-            fs = conv(fs)
+        if self.adapt:
+            fs = self.to_teacher(name, fs, ft.shape[1])
         if self.resize and fs.dim() == 4:
             fs = resize_to(fs, ft.shape[-2:])
         return fs

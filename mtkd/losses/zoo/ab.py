@@ -26,8 +26,9 @@ from typing import Any, Dict, Optional, Sequence
 import torch
 from torch import nn
 
+from mtkd.losses._common import need_teacher
 from mtkd.losses.base import Loss, register
-from mtkd.losses.zoo._adapt import FeaturePairs, mean_of, require_teacher
+from mtkd.losses.zoo._adapt import FeaturePairs, mean_of
 
 
 class AB(nn.Module):
@@ -61,5 +62,5 @@ class ABLoss(Loss):
 
     def forward(self, student_out: Dict[str, Any], teacher_out: Optional[Dict[str, Any]],
                 batch: Dict[str, Any]) -> torch.Tensor:
-        pairs = self.pairs(student_out, require_teacher(teacher_out, "ab"))
+        pairs = self.pairs(student_out, need_teacher("ab", teacher_out))
         return mean_of([self.core(fs, ft) for fs, ft in pairs])

@@ -32,8 +32,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from mtkd.errors import ConfigError
+from mtkd.losses._common import need_teacher
 from mtkd.losses.base import Loss, register
-from mtkd.losses.zoo._adapt import FeaturePairs, mean_of, require_teacher
+from mtkd.losses.zoo._adapt import FeaturePairs, mean_of
 
 
 class AFD(nn.Module):
@@ -88,7 +89,7 @@ class AFDLoss(Loss):
 
     def forward(self, student_out: Dict[str, Any], teacher_out: Optional[Dict[str, Any]],
                 batch: Dict[str, Any]) -> torch.Tensor:
-        teacher_out = require_teacher(teacher_out, "afd")
+        teacher_out = need_teacher("afd", teacher_out)
         names = self.pairs.names(student_out)
         pairs = self.pairs(student_out, teacher_out)
         return mean_of([self._core(n, ft)(fs, ft) for n, (fs, ft) in zip(names, pairs)])

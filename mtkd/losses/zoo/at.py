@@ -23,8 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mtkd.losses._common import need_teacher
 from mtkd.losses.base import Loss, register
-from mtkd.losses.zoo._adapt import FeaturePairs, mean_of, require_teacher
+from mtkd.losses.zoo._adapt import FeaturePairs, mean_of
 
 
 class AT(nn.Module):
@@ -62,5 +63,5 @@ class ATLoss(Loss):
 
     def forward(self, student_out: Dict[str, Any], teacher_out: Optional[Dict[str, Any]],
                 batch: Dict[str, Any]) -> torch.Tensor:
-        pairs = self.pairs(student_out, require_teacher(teacher_out, "at"))
+        pairs = self.pairs(student_out, need_teacher("at", teacher_out))
         return mean_of([self.core(fs, ft) for fs, ft in pairs])

@@ -48,8 +48,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from mtkd.errors import ConfigError
+from mtkd.losses._common import need_teacher
+from mtkd.losses._functional import soft_kl
 from mtkd.losses.base import Loss, register
-from mtkd.losses.zoo._adapt import require_teacher, zero_like_graph
+from mtkd.losses.zoo._adapt import zero_like_graph
 from mtkd.losses.zoo.sobolev import classification_inputs
 
 
@@ -61,8 +63,7 @@ class BSS(nn.Module):
         self.T = float(T)
 
     def forward(self, attacked_out_s: torch.Tensor, attacked_out_t: torch.Tensor) -> torch.Tensor:
-        return F.kl_div(F.log_softmax(attacked_out_s / self.T, dim=1),
-                        F.softmax(attacked_out_t / self.T, dim=1), reduction="batchmean")
+        return soft_kl(attacked_out_s, attacked_out_t, self.T, reduction="batchmean")
 
 
 class BSSAttacker:
@@ -144,7 +145,7 @@ class BSSLoss(Loss):
 
     def forward(self, student_out: Dict[str, Any], teacher_out: Optional[Dict[str, Any]],
                 batch: Dict[str, Any]) -> torch.Tensor:
-        teacher_out = require_teacher(teacher_out, "bss")
+        teacher_out = need_teacher("bss", teacher_out)
         out_s, out_t, target = classification_inputs(student_out, teacher_out, batch, "bss")
         if not self._models:
             raise ConfigError("loss 'bss': not bound to a student and a teacher (the trainer calls bind)")

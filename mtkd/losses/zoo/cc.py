@@ -24,8 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mtkd.losses._common import need_teacher
 from mtkd.losses.base import Loss, register
-from mtkd.losses.zoo._adapt import get_embedding, require_teacher
+from mtkd.losses.zoo._adapt import get_embedding
 
 
 class CC(nn.Module):
@@ -73,7 +74,7 @@ class CCLoss(Loss):
 
     def forward(self, student_out: Dict[str, Any], teacher_out: Optional[Dict[str, Any]],
                 batch: Dict[str, Any]) -> torch.Tensor:
-        teacher_out = require_teacher(teacher_out, "cc")
+        teacher_out = need_teacher("cc", teacher_out)
         name = embedding_feat(student_out, self.feat)
         emb_s = get_embedding(student_out, name, "cc")
         emb_t = get_embedding(teacher_out, name, "cc").detach()

@@ -49,8 +49,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from mtkd.errors import ConfigError
+from mtkd.losses._common import need_teacher
 from mtkd.losses.base import Loss, register
-from mtkd.losses.zoo._adapt import get_embedding, require_teacher
+from mtkd.losses.zoo._adapt import get_embedding
 from mtkd.losses.zoo.cc import embedding_feat
 
 
@@ -176,7 +177,7 @@ class CRDLoss(Loss):
 
     def forward(self, student_out: Dict[str, Any], teacher_out: Optional[Dict[str, Any]],
                 batch: Dict[str, Any]) -> torch.Tensor:
-        teacher_out = require_teacher(teacher_out, "crd")
+        teacher_out = need_teacher("crd", teacher_out)
         if batch.get("index") is None:
             raise ConfigError("loss 'crd': the batch has no 'index' (dataset indices of the samples)")
         device = self.core.contrast.memory_s.device

@@ -43,10 +43,10 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from mtkd.errors import ConfigError
+from mtkd.losses._functional import soft_kl
 from mtkd.losses.base import Loss, build_loss, register
 from mtkd.losses.zoo._adapt import get_output, logit_pair, zero_like_graph
 
@@ -56,7 +56,7 @@ class DML(nn.Module):
     learns from ``out2``."""
 
     def forward(self, out1: torch.Tensor, out2: torch.Tensor) -> torch.Tensor:
-        return F.kl_div(F.log_softmax(out1, dim=1), F.softmax(out2, dim=1), reduction="batchmean")
+        return soft_kl(out1, out2, reduction="batchmean")
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

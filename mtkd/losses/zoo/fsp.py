@@ -28,8 +28,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from mtkd.errors import ConfigError
+from mtkd.losses._common import need_teacher
 from mtkd.losses.base import Loss, register
-from mtkd.losses.zoo._adapt import FeaturePairs, mean_of, require_teacher
+from mtkd.losses.zoo._adapt import FeaturePairs, mean_of
 
 
 class FSP(nn.Module):
@@ -69,7 +70,7 @@ class FSPLoss(Loss):
 
     def forward(self, student_out: Dict[str, Any], teacher_out: Optional[Dict[str, Any]],
                 batch: Dict[str, Any]) -> torch.Tensor:
-        pairs = self.pairs(student_out, require_teacher(teacher_out, "fsp"))
+        pairs = self.pairs(student_out, need_teacher("fsp", teacher_out))
         if len(pairs) < 2:
             raise ConfigError("loss 'fsp': feats: needs at least two feature maps")
         terms = [self.core(s1, s2, t1, t2) for (s1, t1), (s2, t2) in zip(pairs[:-1], pairs[1:])]

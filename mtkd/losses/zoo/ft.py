@@ -40,9 +40,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mtkd.losses._common import need_teacher
 from mtkd.losses.base import Loss, register
-from mtkd.losses.zoo._adapt import (FeaturePairs, get_feature, mean_of, require_teacher,
-                                    zero_like_graph)
+from mtkd.losses.zoo._adapt import FeaturePairs, get_feature, mean_of, zero_like_graph
 
 
 class FT(nn.Module):
@@ -180,7 +180,7 @@ class FTLoss(Loss):
     # -- the KD term -----------------------------------------------------------------
     def forward(self, student_out: Dict[str, Any], teacher_out: Optional[Dict[str, Any]],
                 batch: Dict[str, Any]) -> torch.Tensor:
-        teacher_out = require_teacher(teacher_out, "ft")
+        teacher_out = need_teacher("ft", teacher_out)
         names = self.pairs.names(student_out)
         pairs = self.pairs(student_out, teacher_out)
         terms = []

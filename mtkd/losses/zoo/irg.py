@@ -42,8 +42,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from mtkd.errors import ConfigError
+from mtkd.losses._common import need_teacher
 from mtkd.losses.base import Loss, register
-from mtkd.losses.zoo._adapt import get_embedding, get_feature, get_output, require_teacher, resolve_feats
+from mtkd.losses.zoo._adapt import get_embedding, get_feature, get_output, resolve_feats
 from mtkd.losses.zoo.cc import embedding_feat
 
 IRGInputs = Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
@@ -131,7 +132,7 @@ class IRGLoss(Loss):
 
     def forward(self, student_out: Dict[str, Any], teacher_out: Optional[Dict[str, Any]],
                 batch: Dict[str, Any]) -> torch.Tensor:
-        teacher_out = require_teacher(teacher_out, "irg")
+        teacher_out = need_teacher("irg", teacher_out)
         fms = self.fms if self.fms is not None else resolve_feats(None, student_out)[-2:]
         if len(fms) != 2:
             raise ConfigError("loss 'irg': fms: the model output has fewer than two feature maps")

@@ -15,8 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mtkd.losses._common import need_teacher
 from mtkd.losses.base import Loss, register
-from mtkd.losses.zoo._adapt import logit_pair, require_teacher, zero_like_graph
+from mtkd.losses.zoo._adapt import logit_pair, zero_like_graph
 
 
 class Logits(nn.Module):
@@ -49,7 +50,7 @@ class LogitsLoss(Loss):
 
     def forward(self, student_out: Dict[str, Any], teacher_out: Optional[Dict[str, Any]],
                 batch: Dict[str, Any]) -> torch.Tensor:
-        teacher_out = require_teacher(teacher_out, "logits")
+        teacher_out = need_teacher("logits", teacher_out)
         ls, lt = logit_pair(student_out, teacher_out, batch, self.output, self.ignore_void, "logits")
         if ls.numel() == 0:
             return zero_like_graph(student_out[self.output])

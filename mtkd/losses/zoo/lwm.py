@@ -37,8 +37,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from mtkd.errors import ConfigError
+from mtkd.losses._common import need_teacher
 from mtkd.losses.base import Loss, register
-from mtkd.losses.zoo._adapt import get_feature, require_teacher
+from mtkd.losses.zoo._adapt import get_feature
 from mtkd.losses.zoo.sobolev import check_graph, classification_inputs, target_logit_grad
 
 
@@ -76,7 +77,7 @@ class LwMLoss(Loss):
 
     def forward(self, student_out: Dict[str, Any], teacher_out: Optional[Dict[str, Any]],
                 batch: Dict[str, Any]) -> torch.Tensor:
-        teacher_out = require_teacher(teacher_out, "lwm")
+        teacher_out = need_teacher("lwm", teacher_out)
         out_s, out_t, target = classification_inputs(student_out, teacher_out, batch, "lwm")
         fm_s = get_feature(student_out, self.feat, "lwm")
         fm_t = get_feature(teacher_out, self.teacher_feat, "lwm")

@@ -22,8 +22,9 @@ from typing import Any, Dict, Optional, Sequence
 import torch
 from torch import nn
 
+from mtkd.losses._common import need_teacher
 from mtkd.losses.base import Loss, register
-from mtkd.losses.zoo._adapt import check_feats, embedding_pairs, mean_of, require_teacher
+from mtkd.losses.zoo._adapt import check_feats, embedding_pairs, mean_of
 
 
 class PKTCosSim(nn.Module):
@@ -61,5 +62,5 @@ class PKTLoss(Loss):
 
     def forward(self, student_out: Dict[str, Any], teacher_out: Optional[Dict[str, Any]],
                 batch: Dict[str, Any]) -> torch.Tensor:
-        pairs = embedding_pairs(student_out, require_teacher(teacher_out, "pkt"), self.feats, "pkt")
+        pairs = embedding_pairs(student_out, need_teacher("pkt", teacher_out), self.feats, "pkt")
         return mean_of([self.core(es, et) for es, et in pairs])

@@ -27,8 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mtkd.losses._common import need_teacher
 from mtkd.losses.base import Loss, register
-from mtkd.losses.zoo._adapt import check_feats, embedding_pairs, mean_of, require_teacher
+from mtkd.losses.zoo._adapt import check_feats, embedding_pairs, mean_of
 
 
 class RKD(nn.Module):
@@ -89,5 +90,5 @@ class RKDLoss(Loss):
 
     def forward(self, student_out: Dict[str, Any], teacher_out: Optional[Dict[str, Any]],
                 batch: Dict[str, Any]) -> torch.Tensor:
-        pairs = embedding_pairs(student_out, require_teacher(teacher_out, "rkd"), self.feats, "rkd")
+        pairs = embedding_pairs(student_out, need_teacher("rkd", teacher_out), self.feats, "rkd")
         return mean_of([self.core(es, et) for es, et in pairs])

@@ -27,8 +27,8 @@ from torch import nn
 from torch.autograd import grad
 
 from mtkd.errors import ConfigError
+from mtkd.losses._common import need_teacher
 from mtkd.losses.base import Loss, register
-from mtkd.losses.zoo._adapt import require_teacher
 
 
 def target_logit_grad(out: torch.Tensor, inputs: torch.Tensor, target: torch.Tensor,
@@ -83,7 +83,7 @@ class SobolevLoss(Loss):
 
     def forward(self, student_out: Dict[str, Any], teacher_out: Optional[Dict[str, Any]],
                 batch: Dict[str, Any]) -> torch.Tensor:
-        teacher_out = require_teacher(teacher_out, "sobolev")
+        teacher_out = need_teacher("sobolev", teacher_out)
         out_s, out_t, target = classification_inputs(student_out, teacher_out, batch, "sobolev")
         img = batch["images"]
         check_graph(img, "batch['images']", "sobolev")

@@ -17,11 +17,12 @@ from __future__ import annotations
 from typing import Any, Dict, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from mtkd.losses._common import need_teacher
+from mtkd.losses._functional import soft_kl
 from mtkd.losses.base import Loss, register
-from mtkd.losses.zoo._adapt import logit_pair, require_teacher, zero_like_graph
+from mtkd.losses.zoo._adapt import logit_pair, zero_like_graph
 
 
 class SoftTarget(nn.Module):
@@ -35,9 +36,7 @@ class SoftTarget(nn.Module):
         self.T = float(T)
 
     def forward(self, out_s: torch.Tensor, out_t: torch.Tensor) -> torch.Tensor:
-        log_p_s = F.log_softmax(out_s / self.T, dim=1)
-        p_t = F.softmax(out_t / self.T, dim=1)
-        return F.kl_div(log_p_s, p_t, reduction="batchmean") * self.T * self.T
+        return soft_kl(out_s, out_t, self.T, reduction="batchmean") * self.T * self.T
 
 
 ST = SoftTarget
@@ -66,7 +65,7 @@ class STLoss(Loss):
 
     def forward(self, student_out: Dict[str, Any], teacher_out: Optional[Dict[str, Any]],
                 batch: Dict[str, Any]) -> torch.Tensor:
-        teacher_out = require_teacher(teacher_out, "st")
+        teacher_out = need_teacher("st", teacher_out)
         ls, lt = logit_pair(student_out, teacher_out, batch, self.output, self.ignore_void, "st")
         if ls.shape[0] == 0:
             return zero_like_graph(student_out[self.output])

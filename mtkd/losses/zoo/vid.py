@@ -30,8 +30,9 @@ import torch
 from torch import nn
 
 from mtkd.errors import ConfigError
+from mtkd.losses._common import need_teacher
 from mtkd.losses.base import Loss, register
-from mtkd.losses.zoo._adapt import FeaturePairs, mean_of, require_teacher
+from mtkd.losses.zoo._adapt import FeaturePairs, mean_of
 
 
 def _conv1x1(cin: int, cout: int) -> nn.Conv2d:
@@ -100,7 +101,7 @@ class VIDLoss(Loss):
 
     def forward(self, student_out: Dict[str, Any], teacher_out: Optional[Dict[str, Any]],
                 batch: Dict[str, Any]) -> torch.Tensor:
-        teacher_out = require_teacher(teacher_out, "vid")
+        teacher_out = need_teacher("vid", teacher_out)
         names = self.pairs.names(student_out)
         pairs = self.pairs(student_out, teacher_out)
         return mean_of([self._core(n, fs, ft)(fs, ft) for n, (fs, ft) in zip(names, pairs)])
