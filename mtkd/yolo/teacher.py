@@ -171,7 +171,8 @@ def _from_ultralytics(path: Path) -> YoloTeacher:
     except Exception as exc:  # Ultralytics raises many types for foreign files
         reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise ConfigError(f"kd_teacher: cannot load {path}: {reason}") from None
-    task = guess_model_task(model) if isinstance(model, nn.Module) else None
+    # from the layers: the checkpoint's args say task=detect for any model saved without them
+    task = guess_model_task(model.model) if isinstance(getattr(model, "model", None), nn.Module) else None
     if task != "detect" or not isinstance(model, DetectionModel):
         what = f"a {task} model" if task else f"a {type(model).__name__}"
         raise ConfigError(f"kd_teacher: {path} is {what}; distillation needs an Ultralytics detection model")
