@@ -39,12 +39,13 @@ def _write_tree(root: Path, seed: int = 0) -> Path:
     return data
 
 
-def _save_random_teacher(path: Path, nc: int) -> Path:
-    """A randomly initialised yolov8n saved the way Ultralytics reads checkpoints."""
+def _save_random_teacher(path: Path, nc: int, names=None) -> Path:
+    """A randomly initialised yolov8n saved the way Ultralytics reads checkpoints (the data's names for 3 classes)."""
     from ultralytics.nn.tasks import DetectionModel
 
     model = DetectionModel("yolov8n.yaml", nc=nc, verbose=False)
-    model.names = {i: f"c{i}" for i in range(nc)}
+    names = names or (NAMES if nc == len(NAMES) else [f"c{i}" for i in range(nc)])
+    model.names = dict(enumerate(names))
     torch.save({"model": model, "train_args": {}}, path)
     return path
 
@@ -112,7 +113,8 @@ CHECK = textwrap.dedent("""
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
     model = ckpt["ema"] or ckpt["model"]
     assert getattr(model, "criterion", None) is None
-    assert not any(k.startswith("kd_") for k in ckpt["train_args"])
+    assert not any(k.startswith("kd_") for k in ckpt["train_args"]) and not ckpt["train_args"]["distill_model"]
+    assert ckpt["mtkd"]["distilled"] is True
     print("PARAMS", sum(p.numel() for p in model.parameters()))
     yolo = YOLO(path)
     res = yolo.predict(np.zeros((64, 64, 3), np.uint8), imgsz=64, verbose=False)
@@ -140,6 +142,59 @@ def test_checkpoint_is_plain_ultralytics(run, tmp_path, monkeypatch):
     params = int(proc.stdout.split("PARAMS")[1].split()[0])
     assert params == sum(p.numel() for p in DetectionModel("yolov8n.yaml", nc=3, verbose=False).parameters())
     assert "ONNX (1, 7, 84)" in proc.stdout  # 4 box + 3 classes, 84 anchors at 64 px
+
+
+def test_checkpoints_record_the_distillation(run, tree):
+    """best.pt and last.pt carry a top-level ``mtkd`` entry of plain types; train_args stay Ultralytics' own."""
+    import io
+
+    from ultralytics import YOLO
+
+    from mtkd.yolo.trainer import KD_DEFAULTS
+
+    for path in (run["trainer"].best, run["trainer"].last):
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        entry = ckpt["mtkd"]
+        assert entry["distilled"] is True
+        assert entry["teacher"] == {"path": str(Path(tree["teacher"]).resolve()), "kind": "ultralytics",
+                                    "names": NAMES}
+        assert entry["kd"] == {**{k: v for k, v in KD_DEFAULTS.items() if k != "kd_teacher"}, "kd_feat": 1.0}
+        buf = io.BytesIO()
+        torch.save(entry, buf)
+        buf.seek(0)
+        assert torch.load(buf, weights_only=True) == entry  # plain types only
+        assert not any(k.startswith("kd_") for k in ckpt["train_args"]) and not ckpt["train_args"]["distill_model"]
+        assert YOLO(str(path)).task == "detect"
+
+
+def test_bad_calls_create_nothing(tmp_path, monkeypatch, capsys):
+    """kd values, unknown keys, a missing student or data yaml are rejected before the teacher is loaded,
+    the data scanned or a run folder written; a teacher with other class names right after loading."""
+    import mtkd.yolo.trainer
+    from mtkd.yolo.cli import main
+
+    tree = {"root": tmp_path, "data": _write_tree(tmp_path / "data"),
+            "teacher": _save_random_teacher(tmp_path / "teacher.pt", 3)}
+    renamed = _save_random_teacher(tmp_path / "renamed.pt", 3, ["r", "g", "b"])
+
+    def no_teacher(*_a, **_k):
+        raise AssertionError("the teacher was loaded")
+
+    calls = [_args(tree, "bad", kd_t=0), _args(tree, "bad", kd_feat_t=-1), _args(tree, "bad", kd_cls=-0.5),
+             _args(tree, "bad", kd_obj="nan"), _args(tree, "bad", kd_names_ok=3), _args(tree, "bad", kd_bogus=1),
+             _args(tree, "bad", epoch=3), [a for a in _args(tree, "bad") if not a.startswith("data=")],
+             ["model=missing.pt"] + _args(tree, "bad")[1:]]
+    with monkeypatch.context() as m:
+        m.setattr(mtkd.yolo.trainer, "build_teacher", no_teacher)
+        assert [main(argv) for argv in calls] == [2] * len(calls)
+    assert main([a if not a.startswith("teacher=") else f"teacher={renamed}" for a in _args(tree, "bad")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert [line.split(":")[1].strip() for line in err] == [
+        "kd_t", "kd_feat_t", "kd_cls", "kd_obj", "kd_names_ok", "kd_bogus", "epoch", "data", "model", "kd_teacher"]
+    assert "class 0 is 'r' but the data's is 'red'; set kd_names_ok=true" in err[-1]
+    assert "model: missing.pt not found" in err[-2]
+    assert not (tmp_path / "runs").exists()
+    assert not list((tmp_path / "data").rglob("*.cache"))  # the labels were never scanned
 
 
 def test_class_count_mismatch_is_a_config_error(tree):

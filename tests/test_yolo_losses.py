@@ -125,3 +125,34 @@ def test_kd_criterion_appends_named_terms_and_copies_as_plain():
     blob = pickle.dumps(student)
     assert b"mtkd" not in blob
     assert isinstance(pickle.loads(blob).criterion, E2ELoss)
+
+
+@pytest.mark.parametrize("kind", ["yolo", "mtkd"])
+def test_no_kd_term_exceeds_twice_the_hard_loss_at_step_1(kind):
+    """Default weights, a fresh yolov8n student: every KD term stays below twice Ultralytics' hard loss,
+    for a fresh YOLO teacher and for an mtkd teacher sure of objectness everywhere (bias +4, the case
+    where a dense objectness KL against a joint-score mass ran away)."""
+    from mtkd.datasets.transforms import IMAGENET_MEAN, IMAGENET_STD
+    from mtkd.models import build_model
+    from mtkd.yolo.teacher import MtkdTeacher, YoloTeacher
+    from mtkd.yolo.trainer import KD_DEFAULTS, KDCriterion
+
+    if kind == "yolo":
+        teacher = YoloTeacher(_model("yolov8n.yaml"), "test")
+    else:
+        t_model = build_model({"preset": "student"}, 3).eval().requires_grad_(False)
+        for conv in t_model.det_head.obj_pred:
+            torch.nn.init.constant_(conv.bias, 4.0)
+        teacher = MtkdTeacher(t_model, IMAGENET_MEAN, IMAGENET_STD, "test")
+    student = _model("yolov8n.yaml").train()
+    kd = YoloKD(cls=KD_DEFAULTS["kd_cls"], dfl=KD_DEFAULTS["kd_dfl"], obj=KD_DEFAULTS["kd_obj"],
+                feat=KD_DEFAULTS["kd_feat"], t=KD_DEFAULTS["kd_t"])
+    base = student.init_criterion()
+    student.criterion = KDCriterion(base, student.model[-1], teacher, kd)
+    batch = {"img": torch.rand(2, 3, 64, 64), "batch_idx": torch.tensor([0.0, 1.0]),
+             "cls": torch.tensor([[0.0], [2.0]]), "bboxes": torch.tensor([[0.5, 0.5, 0.3, 0.3], [0.3, 0.3, 0.2, 0.4]])}
+    loss, items = student(batch)
+    hard = float(loss[:3].detach().sum())
+    terms = {k: float(v) for k, v in zip(list(items)[3:], loss[3:].detach())}
+    assert set(terms) == {"kd_cls", "kd_dfl", "kd_obj"} and hard > 0 and terms["kd_obj"] > 0
+    assert all(v < 2 * hard for v in terms.values()), (terms, hard)

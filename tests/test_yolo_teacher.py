@@ -1,4 +1,4 @@
-"""mtkd.yolo.teacher: an mtkd multi-task teacher (checkpoint or YAML) distilling into a YOLO student."""
+"""mtkd.yolo.teacher: YOLO and mtkd teachers for a YOLO student; what is refused, and how."""
 import pytest
 import torch
 import yaml
@@ -7,6 +7,8 @@ from mtkd.errors import ConfigError
 from mtkd.yolo.adapter import forward_detoutput, neck_channels
 from mtkd.yolo.losses import YoloKD
 from mtkd.yolo.teacher import MtkdTeacher, build_teacher
+
+ABC = ["a", "b", "c"]
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +26,7 @@ def mtkd_ckpt(tmp_path_factory):
 def test_mtkd_checkpoint_teacher_feeds_yolo_kd(mtkd_ckpt):
     from ultralytics.nn.tasks import DetectionModel
 
-    teacher = build_teacher(str(mtkd_ckpt), 3, torch.device("cpu"))
+    teacher = build_teacher(str(mtkd_ckpt), ABC, torch.device("cpu"))
     assert isinstance(teacher, MtkdTeacher)
     assert teacher.nc == 3 and teacher.strides == (8, 16, 32) and sorted(teacher.channels) == ["p3", "p4", "p5"]
     torch.testing.assert_close(teacher.mean.flatten(), torch.tensor([0.5, 0.5, 0.5]))  # the checkpoint's own
@@ -40,20 +42,32 @@ def test_mtkd_checkpoint_teacher_feeds_yolo_kd(mtkd_ckpt):
 
 
 def test_mtkd_teacher_class_mismatch(mtkd_ckpt):
-    with pytest.raises(ConfigError, match="3 classes but the student has 5"):
-        build_teacher(str(mtkd_ckpt), 5, torch.device("cpu"))
+    with pytest.raises(ConfigError, match="has 3 classes but the student .* has 5"):
+        build_teacher(str(mtkd_ckpt), ABC + ["d", "e"], torch.device("cpu"))
+    with pytest.raises(ConfigError, match="class 1 is 'b' but the data's is 'B'; set kd_names_ok=true"):
+        build_teacher(str(mtkd_ckpt), ["a", "B", "c"])
+    assert build_teacher(str(mtkd_ckpt), ["a", "B", "c"], names_ok=True).names == ABC
 
 
-def test_teacher_yaml_section(tmp_path, mtkd_ckpt):
-    cfg = tmp_path / "teacher.yaml"
-    cfg.write_text(yaml.safe_dump({"teacher": {"ckpt": str(mtkd_ckpt)}}))
-    teacher = build_teacher(str(cfg), 3, torch.device("cpu"))
-    det, feats = teacher(torch.rand(1, 3, 64, 64))
-    assert det.cls.shape == (1, 84, 3) and feats["p5"].shape[-2:] == (2, 2)
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("- just\n- a list\n")
-    with pytest.raises(ConfigError, match="kd_teacher"):
-        build_teacher(str(bad), 3, torch.device("cpu"))
+def test_directory_and_yaml_teachers_are_refused_by_what_they_are(tmp_path, mtkd_ckpt):
+    with pytest.raises(ConfigError, match=f"kd_teacher: {tmp_path} is a directory; give the teacher's checkpoint"):
+        build_teacher(str(tmp_path), ABC)
+    for text in (yaml.safe_dump({"teacher": {"ckpt": str(mtkd_ckpt)}}), "nc: 3\nbackbone: []\nhead: []\n"):
+        cfg = tmp_path / "teacher.yaml"
+        cfg.write_text(text)
+        with pytest.raises(ConfigError, match=r"kd_teacher: .*teacher.yaml is a YAML file; the teacher must be "
+                                              r"trained weights"):
+            build_teacher(str(cfg), ABC)
+
+
+def test_segmentation_teacher_is_refused(tmp_path):
+    from ultralytics.nn.tasks import SegmentationModel
+
+    path = tmp_path / "seg.pt"
+    torch.save({"model": SegmentationModel("yolov8n-seg.yaml", nc=3, verbose=False), "train_args": {}}, path)
+    with pytest.raises(ConfigError, match=r"kd_teacher: .*seg.pt is a segment model; distillation needs an "
+                                          r"Ultralytics detection model"):
+        build_teacher(str(path), ABC)
 
 
 def test_yolo_teacher_keeps_one2many_of_an_end2end_model(tmp_path):
@@ -63,7 +77,7 @@ def test_yolo_teacher_keeps_one2many_of_an_end2end_model(tmp_path):
     model.end2end = True  # as YOLO26 checkpoints ship
     path = tmp_path / "y26.pt"
     torch.save({"model": model, "train_args": {}}, path)
-    teacher = build_teacher(str(path), 3, torch.device("cpu"))
+    teacher = build_teacher(str(path), ["0", "1", "2"], torch.device("cpu"))
     x = torch.rand(1, 3, 64, 64)
     det, _ = teacher(x)
     model.eval()
@@ -72,4 +86,4 @@ def test_yolo_teacher_keeps_one2many_of_an_end2end_model(tmp_path):
     torch.testing.assert_close(det.cls, ref.cls, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(det.box, ref.box, atol=1e-4, rtol=1e-4)
     with pytest.raises(ConfigError, match="not found"):
-        build_teacher(str(tmp_path / "missing.pt"), 3, torch.device("cpu"))
+        build_teacher(str(tmp_path / "missing.pt"), ABC, torch.device("cpu"))

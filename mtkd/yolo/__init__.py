@@ -2,7 +2,7 @@
 
 * :mod:`mtkd.yolo.adapter`: Ultralytics ``Detect`` output -> :class:`mtkd.structures.DetOutput`.
 * :mod:`mtkd.yolo.losses`: the distillation terms.
-* :mod:`mtkd.yolo.teacher`: ``kd_teacher`` -> a frozen teacher (YOLO ``.pt``, mtkd checkpoint, teacher YAML).
+* :mod:`mtkd.yolo.teacher`: ``kd_teacher`` -> a frozen teacher (YOLO detection ``.pt`` or mtkd checkpoint).
 * :mod:`mtkd.yolo.trainer`: ``KDDetectionTrainer``, a ``DetectionTrainer`` subclass.
 * :mod:`mtkd.yolo.cli`: ``main(argv)`` for ``mtkd yolo train key=value ...``.
 

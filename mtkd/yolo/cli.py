@@ -3,9 +3,10 @@
 Every Ultralytics train argument works as in ``yolo train`` (``model data epochs
 imgsz batch device workers project name ...``), plus:
 
-* ``teacher=PATH`` (alias of ``kd_teacher``): an Ultralytics ``.pt``, an mtkd
-  checkpoint, or a YAML with an mtkd ``teacher:`` section;
-* ``kd_cls kd_dfl kd_obj kd_feat kd_t kd_feat_t``: see
+* ``teacher=PATH`` (alias of ``kd_teacher``): an Ultralytics detection ``.pt``
+  or an mtkd checkpoint, with the data's classes (names too, unless
+  ``kd_names_ok=true``);
+* ``kd_cls kd_dfl kd_obj kd_feat kd_t kd_feat_t kd_names_ok``: see
   :data:`mtkd.yolo.trainer.KD_DEFAULTS`.
 
 Examples::
@@ -13,18 +14,22 @@ Examples::
     mtkd yolo train model=yolo11n.yaml teacher=runs/detect/t/weights/best.pt data=data.yaml epochs=50 imgsz=640
     python tools/distill_yolo.py model=yolov8n.pt teacher=t.pt data=data.yaml kd_feat=1.0 device=0,1
 
-``device=cpu`` (or ``mps``) defaults ``amp=False``. Bad input prints one line
-and exits with status 2.
+``model=`` and ``data=`` are required (``data`` comes from the checkpoint with
+``resume=True``). ``device=cpu`` (or ``mps``) defaults ``amp=False``. Bad input
+(arguments, a student, data or teacher that cannot be read) prints one line
+and exits with status 2, before the run folder is created.
 """
 from __future__ import annotations
 
+import os
 import sys
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from mtkd.errors import ConfigError, MtkdError
 
 USAGE = ("usage: mtkd yolo train model=STUDENT(.yaml|.pt) teacher=TEACHER data=DATA.yaml "
-         "[epochs= imgsz= batch= device= workers= ...] [kd_cls= kd_dfl= kd_obj= kd_feat= kd_t= kd_feat_t=]")
+         "[epochs= imgsz= batch= device= workers= ...] [kd_cls= kd_dfl= kd_obj= kd_feat= kd_t= kd_feat_t= kd_names_ok=]")
 
 
 def parse_args(argv: Sequence[str]) -> Dict[str, Any]:
@@ -44,7 +49,6 @@ def parse_args(argv: Sequence[str]) -> Dict[str, Any]:
 def train(args: Dict[str, Any]) -> Any:
     """Run one distillation from parsed args; returns the finished ``KDDetectionTrainer``
     (``.save_dir``, ``.best``, ``.metrics``)."""
-    from ultralytics import YOLO
     from ultralytics.utils import DEFAULT_CFG_DICT
 
     from mtkd.yolo.trainer import KDDetectionTrainer, split_kd_args
@@ -55,14 +59,31 @@ def train(args: Dict[str, Any]) -> Any:
         raise ConfigError(f"{unknown[0]}: not an Ultralytics or mtkd argument")
     if not ultra.get("model"):
         raise ConfigError("model: required (a YOLO model .yaml or .pt, the student)")
+    if not ultra.get("data") and not ultra.get("resume"):
+        raise ConfigError("data: required (an Ultralytics data .yaml)")
     if str(ultra.get("device", "")).lower() in ("cpu", "mps"):
         ultra.setdefault("amp", False)
     ultra.pop("mode", None)
-    model = YOLO(str(ultra.pop("model")))
+    model = _student(str(ultra.pop("model")))
     if model.task != "detect":
         raise ConfigError(f"model: {model.model_name} is a {model.task} model; distillation needs a detect model")
     model.train(trainer=KDDetectionTrainer, **ultra, **kd)
     return model.trainer
+
+
+def _student(spec: str) -> Any:
+    """``YOLO(spec)``, its failures (a missing or foreign file) as one ConfigError naming ``model``."""
+    from ultralytics import YOLO
+
+    offline = os.environ.get("YOLO_OFFLINE", "").lower() in ("1", "true")
+    if offline and Path(spec).suffix.lower() not in (".yaml", ".yml") and not Path(spec).is_file():
+        raise ConfigError(f"model: {spec} not found (offline: nothing is downloaded)")
+    try:
+        return YOLO(spec)
+    except Exception as exc:  # Ultralytics raises many types for a missing or foreign file
+        if isinstance(exc, FileNotFoundError) or not str(exc).strip():
+            raise ConfigError(f"model: {spec} not found") from None
+        raise ConfigError(f"model: cannot load {spec}: {str(exc).strip().splitlines()[0][:200]}") from None
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -17,12 +17,15 @@ Terms (``s`` = student, ``t`` = teacher, ``T`` = temperature, ``w_a`` = gate):
   Where either head has no distribution (``reg_max == 1``, YOLO26) or the two
   ``reg_max`` differ, the box term is the L1 distance of the ltrb distances in
   stride units instead, and its column is named ``kd_box``.
-* ``kd_obj``: binary KL on the objectness proxy (the max class logit; a real
-  objectness logit where a teacher has one), dense and ungated, so background
-  anchors the teacher is sure about are distilled too. Summed over anchors and
-  divided by the teacher's total score mass ``sum_a w_a`` (at least 1), the
-  way Ultralytics divides its dense classification BCE by the assigned target
-  mass, so the term keeps its scale relative to Ultralytics' own losses.
+* ``kd_obj``: binary KL on the objectness proxy, the best class logit on both
+  sides (for a teacher with a real objectness, the logit of its best joint
+  score, see below), dense and ungated, so background anchors the teacher is
+  sure about are distilled too. Summed over anchors and divided by the
+  teacher's total score mass ``sum_a w_a`` (at least 1), the way Ultralytics
+  divides its dense classification BCE by the assigned target mass, so the
+  term keeps its scale relative to Ultralytics' own losses. Numerator and
+  denominator are sums of the same per-anchor probability, so the ratio is
+  bounded per unit of teacher score mass whatever kind of teacher it is.
 * ``kd_feat``: channel-wise distillation (CWD) of the neck maps p3/p4/p5 -
   Shu et al., "Channel-wise Knowledge Distillation for Dense Prediction" (ICCV
   2021): per channel, KL between spatial softmaxes (temperature ``feat_t``),
@@ -43,6 +46,7 @@ Every term is zero when the student's outputs equal the teacher's.
 """
 from __future__ import annotations
 
+import math
 from typing import Dict, Mapping, Optional, Tuple
 
 import torch
@@ -51,6 +55,23 @@ from torch import nn
 
 from mtkd.errors import ConfigError
 from mtkd.structures import DetOutput
+
+
+#: The temperatures among the ``kd_*`` numbers; the others are weights.
+TEMPERATURES = ("kd_t", "kd_feat_t")
+
+
+def check_value(key: str, value: float) -> float:
+    """``value`` of the ``kd_*`` weight or temperature ``key`` if it is valid, else a one-line ConfigError.
+
+    Weights must be finite and >= 0 (0 switches a term off); temperatures finite and > 0.
+    """
+    if key in TEMPERATURES:
+        if not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"{key}: temperature must be a finite number > 0, got {value}")
+    elif not (math.isfinite(value) and value >= 0):
+        raise ConfigError(f"{key}: weight must be a finite number >= 0, got {value}")
+    return value
 
 
 def binary_kl(student_logit: torch.Tensor, teacher_logit: torch.Tensor, t: float) -> torch.Tensor:
@@ -110,12 +131,9 @@ class YoloKD(nn.Module):
                  student_channels: Optional[Mapping[str, int]] = None,
                  teacher_channels: Optional[Mapping[str, int]] = None):
         super().__init__()
-        for key, value in (("kd_cls", cls), ("kd_dfl", dfl), ("kd_obj", obj), ("kd_feat", feat)):
-            if value < 0:
-                raise ConfigError(f"{key}: weight must be >= 0, got {value}")
-        for key, value in (("kd_t", t), ("kd_feat_t", feat_t)):
-            if value <= 0:
-                raise ConfigError(f"{key}: temperature must be > 0, got {value}")
+        for key, value in (("kd_cls", cls), ("kd_dfl", dfl), ("kd_obj", obj), ("kd_feat", feat), ("kd_t", t),
+                           ("kd_feat_t", feat_t)):
+            check_value(key, value)
         self.w_cls, self.w_box, self.w_obj, self.w_feat = float(cls), float(dfl), float(obj), float(feat)
         self.t, self.feat_t = float(t), float(feat_t)
         self.adapters = nn.ModuleDict()
@@ -145,8 +163,7 @@ class YoloKD(nn.Module):
             name, value = self._box_term(student, teacher, gate)
             out[name] = self.w_box * value
         if self.w_obj:
-            t_obj = (t_logit.amax(-1) if teacher.obj_is_proxy else teacher.obj).detach().float()
-            dense = binary_kl(student.obj.float(), t_obj, self.t).sum()
+            dense = binary_kl(student.obj.float(), t_logit.amax(-1), self.t).sum()
             out["kd_obj"] = self.w_obj * dense / gate.sum().clamp_min(1.0)
         if self.w_feat:
             if student_feats is None or teacher_feats is None:

@@ -10,8 +10,14 @@ validation, run folder and checkpoints are all its own. The subclass only
    in memory across the relaunch). They are recorded in ``kd.yaml`` beside
    ``args.yaml``, and kept out of everything Ultralytics re-validates or saves
    (the validator's args, the checkpoint's ``train_args`` and model ``args``),
-   so ``args.yaml`` and the checkpoints stay plain Ultralytics ones;
-2. loads the teacher (:mod:`mtkd.yolo.teacher`) when training is set up;
+   so ``args.yaml`` stays a plain Ultralytics one and a resumed run is not
+   taken for another kind of run;
+2. checks everything before Ultralytics creates the run folder: the ``kd_*``
+   values, Ultralytics' own args, the data yaml, and the teacher
+   (:mod:`mtkd.yolo.teacher`), loaded on the CPU and compared with the data's
+   classes. A bad call exits with one line and leaves no run folder. (A
+   ``resume`` reads its data from the checkpoint, so its teacher is loaded and
+   checked when training is set up.);
 3. adds the feature adapters' parameters to Ultralytics' optimiser through
    ``build_optimizer`` (same param-group rules as the student's);
 4. wraps the student's criterion with :class:`KDCriterion`, which appends the
@@ -23,10 +29,13 @@ What is saved: Ultralytics saves its EMA, a deep copy of the student made
 before the criterion is wrapped; :class:`KDCriterion` also reduces to the plain
 criterion whenever it is copied or pickled, and Ultralytics strips criteria
 from checkpoints. So ``best.pt`` holds only Ultralytics classes - no teacher,
-no adapters, no mtkd class - and loads where mtkd is not installed. The
-optimizer state in ``last.pt`` includes the adapters' moments (tensors only).
-``resume`` needs the ``kd_*`` arguments again (they are not in the
-checkpoint); the adapters then restart from their init.
+no adapters, no mtkd class - and loads where mtkd is not installed. Beside
+Ultralytics' entries it holds a top-level ``mtkd`` entry of plain types
+(:meth:`KDDetectionTrainer.kd_record`: that the model was distilled, the
+teacher's path, kind and class names, and the ``kd_*`` values). The optimizer
+state in ``last.pt`` includes the adapters' moments (tensors only).
+``resume`` needs the ``kd_*`` arguments again (Ultralytics resumes from
+``train_args``, which holds none); the adapters then restart from their init.
 
 DDP (multi-GPU, Ultralytics' own relaunch): adapters live outside the
 ``DistributedDataParallel`` wrapper, so their gradients are all-reduced here
@@ -50,12 +59,14 @@ from typing import Any, Dict, Iterator, Mapping, Optional, Tuple
 import torch
 from torch import nn
 
+import mtkd
 from mtkd.errors import ConfigError
 from mtkd.yolo.adapter import detect_to_detoutput, neck_channels, neck_feats
-from mtkd.yolo.losses import YoloKD
-from mtkd.yolo.teacher import build_teacher
+from mtkd.yolo.losses import YoloKD, check_value
+from mtkd.yolo.teacher import build_teacher, check_path, name_list
 
 from ultralytics.models.yolo.detect import DetectionTrainer  # noqa: E402  (after mtkd's offline switches)
+from ultralytics.cfg import get_cfg
 from ultralytics.utils import DEFAULT_CFG, RANK, YAML
 from ultralytics.utils.torch_utils import unwrap_model
 
@@ -72,6 +83,7 @@ KD_DEFAULTS: Dict[str, Any] = {
     "kd_feat": 0.0,  # neck CWD through 1x1 adapters
     "kd_t": 2.0,  # temperature of the output terms
     "kd_feat_t": 1.0,  # CWD temperature
+    "kd_names_ok": False,  # true: accept a teacher whose class names differ from the data's (same count)
 }
 
 
@@ -86,12 +98,64 @@ def split_kd_args(args: Optional[Mapping[str, Any]]) -> Tuple[Dict[str, Any], Di
             raise ConfigError(f"{key}: unknown distillation argument; known: {', '.join(KD_DEFAULTS)}")
         if key == "kd_teacher":
             kd[key] = None if value in (None, "") else str(value)
-            continue
-        try:
-            kd[key] = float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+        elif key == "kd_names_ok":
+            if not isinstance(value, bool):
+                raise ConfigError(f"{key}: expected true or false, got {value!r}")
+            kd[key] = value
+        else:
+            try:
+                number = float(value)
+            except (TypeError, ValueError):
+                raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+            kd[key] = check_value(key, number)
     return rest, kd
+
+
+def _checked_args(cfg: Any, overrides: Mapping[str, Any]) -> Any:
+    """Ultralytics' merged args (``get_cfg``), its complaints as one-line ConfigErrors."""
+    try:
+        return get_cfg(cfg, dict(overrides))
+    except (SyntaxError, TypeError, ValueError, KeyError) as exc:
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        raise ConfigError(lines[0] if lines else type(exc).__name__) from None
+
+
+def data_names(args: Any) -> list:
+    """The class names of the data yaml ``args.data`` (Ultralytics' ``check_det_dataset``; ``single_cls``: one).
+
+    Ultralytics' failures (a missing yaml, missing images) become one ConfigError naming ``data``.
+    """
+    from ultralytics.data.utils import check_det_dataset
+
+    if not args.data:
+        raise ConfigError("data: required (an Ultralytics data .yaml)")
+    try:
+        data = check_det_dataset(args.data)
+    except Exception as exc:  # Ultralytics raises many types for a bad data yaml
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        raise ConfigError(f"data: {args.data}: {lines[0] if lines else type(exc).__name__}") from None
+    return ["item"] if args.single_cls else name_list(data["names"])
+
+
+@contextlib.contextmanager
+def _checkpoint_entry(key: str, value: Any) -> Iterator[None]:
+    """Add ``{key: value}`` to the checkpoint dicts (those with ``train_args``) ``torch.save``d in the block.
+
+    Ultralytics builds its checkpoint dict inside ``save_model`` and passes it straight
+    to ``torch.save``; this is the one place an entry can join it.
+    """
+    real_save = torch.save
+
+    def save(obj: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(obj, dict) and "train_args" in obj:
+            obj = {**obj, key: value}
+        return real_save(obj, *args, **kwargs)
+
+    torch.save = save
+    try:
+        yield
+    finally:
+        torch.save = real_save
 
 
 @contextlib.contextmanager
@@ -174,18 +238,20 @@ class KDDetectionTrainer(DetectionTrainer):
             cfg, kd_cfg = split_kd_args(cfg)
             kd = {**kd_cfg, **kd}
         kd = {**KD_DEFAULTS, **kd}
-        if not kd["kd_teacher"]:  # checked before Ultralytics creates the run folder
-            raise ConfigError("kd_teacher: required (an Ultralytics .pt, an mtkd checkpoint or a teacher YAML)")
-        if not Path(kd["kd_teacher"]).is_file():
-            raise ConfigError(f"kd_teacher: {kd['kd_teacher']} not found")
-        if overrides.get("distill_model"):
+        # everything is checked before Ultralytics creates the run folder
+        check_path(kd["kd_teacher"])
+        args = _checked_args(cfg, overrides)
+        if args.distill_model:
             raise ConfigError("kd_teacher: use kd_teacher or Ultralytics' distill_model, not both")
+        teacher = None
+        if not args.resume:
+            teacher = build_teacher(kd["kd_teacher"], data_names(args), "cpu", kd["kd_names_ok"])
         super().__init__(cfg, overrides, _callbacks)
         for key, value in kd.items():
             setattr(self.args, key, value)
         if RANK in {-1, 0}:
             YAML.save(self.save_dir / "kd.yaml", {k: getattr(self.args, k) for k in KD_DEFAULTS})
-        self.kd_teacher: Any = None
+        self.kd_teacher: Any = teacher
         self.kd_loss: Optional[YoloKD] = None
 
     # -- set-up ----------------------------------------------------------------------------
@@ -194,7 +260,10 @@ class KDDetectionTrainer(DetectionTrainer):
 
         The wrap comes last, after Ultralytics has made its EMA copy.
         """
-        self.kd_teacher = build_teacher(self.args.kd_teacher, int(self.data["nc"]), self.device)
+        if self.kd_teacher is None:  # a resumed run: its data is known only now
+            self.kd_teacher = build_teacher(self.args.kd_teacher, name_list(self.data["names"]), self.device,
+                                            self.args.kd_names_ok)
+        self.kd_teacher.to(self.device)
         super()._setup_train()
         student = unwrap_model(self.model)
         base = student.criterion if getattr(student, "criterion", None) is not None else student.init_criterion()
@@ -220,10 +289,26 @@ class KDDetectionTrainer(DetectionTrainer):
         with _without_kd_args(self.args):
             return super().get_validator()
 
+    def kd_record(self) -> Dict[str, Any]:
+        """The checkpoints' top-level ``mtkd`` entry (plain types only): what this distillation was."""
+        teacher = self.kd_teacher
+        return {
+            "distilled": True,
+            "teacher": {
+                "path": str(Path(self.args.kd_teacher).resolve()),
+                "kind": getattr(teacher, "kind", None),
+                "names": list(teacher.names) if getattr(teacher, "names", None) else None,
+            },
+            "kd": {k: getattr(self.args, k) for k in KD_DEFAULTS if k != "kd_teacher"},
+            "mtkd_version": mtkd.__version__,
+        }
+
     def save_model(self) -> bool:
-        """Ultralytics' save, with the ``kd_*`` keys out of ``train_args`` and the model's ``args``."""
+        """Ultralytics' save, plus the ``mtkd`` entry, with the ``kd_*`` keys out of ``train_args`` and the
+        model's ``args``."""
         ema_args = getattr(getattr(self.ema, "ema", None), "args", None)
-        with _without_kd_args(self.args, ema_args):
+        record = self.kd_record()
+        with _without_kd_args(self.args, ema_args), _checkpoint_entry("mtkd", record):
             return super().save_model()
 
     # -- the step ----------------------------------------------------------------------------
