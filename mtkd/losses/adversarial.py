@@ -230,7 +230,9 @@ class _Crafting(Loss):
 
 @register("adv_kd")
 class AdvKDLoss(_Crafting):
-    """Adversarial distillation (module doc); ``options`` holds the resolved settings."""
+    """Adversarial distillation: KL to the teacher on clean and attacked inputs (ARD, RSLAD, AdaAD, kd_adv presets).
+
+    The module doc gives the options; ``options`` holds the resolved settings."""
 
     def __init__(self, preset: Optional[str] = None, source: Optional[str] = None, objective: Optional[str] = None,
                  target: Optional[str] = None, T: Optional[float] = None, w_adv: Optional[float] = None,
