@@ -537,6 +537,45 @@ def test_predict_onnx_errors_are_one_line(exported, synthetic, tmp_path, capsys)
     assert "predict --ckpt: give the run config" in one_line_error(capsys)
 
 
+def test_int8_export_is_smaller_keeps_shapes_and_reports_the_metric_drop(exported, tmp_path, capsys):
+    import numpy as np
+    import onnxruntime as ort
+
+    out = tmp_path / "m.onnx"
+    assert main(["export", str(exported["cfg"]), "eval.conf=0.25", "--ckpt", str(exported["ckpt"]),
+                 "--out", str(out), "--int8", "--calib", "4", "--parity-images", "2"]) == 0
+    text = capsys.readouterr().out
+    int8, report_path = tmp_path / "m.int8.onnx", tmp_path / "m.int8.json"
+    assert "INT8 parity on 2 val images" in text and str(report_path) in text
+    assert int8.stat().st_size < out.stat().st_size
+    x = np.random.default_rng(0).standard_normal((2, 3, SIZE, SIZE)).astype(np.float32)
+    fp = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    q = ort.InferenceSession(str(int8), providers=["CPUExecutionProvider"])
+    assert any(n.op_type == "QuantizeLinear" for n in __import__("onnx").load(str(int8)).graph.node)
+    assert [o.name for o in q.get_outputs()] == ["boxes", "scores", "seg"]
+    assert [a.shape for a in q.run(None, {"images": x})] == [a.shape for a in fp.run(None, {"images": x})]
+    report = json.loads(report_path.read_text())
+    par = report["parity"]
+    assert par["images"] == 2 and report["quantization"]["calib_images"] == 4
+    assert set(par["drop"]) == {"map50_95", "map50", "miou"}
+    for k, v in par["drop"].items():
+        assert v == pytest.approx(par["fp32"][k] - par["int8"][k]) and 0.0 <= par["int8"][k] <= 1.0
+    # the INT8 file carries the metadata, so it predicts from the file alone too
+    from mtkd.export.runtime import OnnxModel
+
+    model = OnnxModel(int8)
+    assert model.classes == CLASSES and model.imgsz == SIZE and json.loads(model.quantization)["format"] == "QDQ"
+
+
+def test_int8_argument_errors(exported, tmp_path, capsys):
+    base = ["export", str(exported["cfg"]), "--ckpt", str(exported["ckpt"]), "--out", str(tmp_path / "m.onnx")]
+    assert main(base + ["--int8", "--calib", "0"]) == 2
+    assert "--calib: expected a whole number >= 1, got 0" in one_line_error(capsys)
+    assert main(base + ["--parity-images", "3"]) == 2
+    assert "--calib and --parity-images apply to --int8 only" in one_line_error(capsys)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_missing_onnxruntime_names_the_extra(exported, synthetic, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
     assert main(["predict", "--onnx", str(exported["onnx"]), "--source", str(synthetic / "JPEGImages"),
