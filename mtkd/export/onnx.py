@@ -16,7 +16,9 @@ A model without one head lacks its outputs. NMS is left to the runtime:
 :func:`mtkd.heads.decode.nms` on ``boxes`` / ``scores`` is what mtkd's own
 evaluation does. The model metadata (``metadata_props``) records
 ``mtkd_format``, ``classes``, ``imgsz``, ``mean``, ``std`` and ``outputs`` as
-JSON strings.
+JSON strings: :class:`mtkd.export.runtime.OnnxModel` (``mtkd predict --onnx``)
+runs the file from them alone, and ``mtkd export --int8`` quantises it
+(:mod:`mtkd.export.quantize`).
 
 Choices, as Ultralytics 8.4 exports: the TorchScript exporter
 (``dynamo=False``; torch 2.14's default dynamo exporter writes external
