@@ -35,7 +35,7 @@ if __name__ == "__main__":
 
     sys.exit(_package_main())
 
-from mtkd.errors import Interrupted, MtkdError, writing  # noqa: E402
+from mtkd.errors import ConfigError, Interrupted, MtkdError, writing  # noqa: E402
 from mtkd.registry import COMMANDS, summary  # noqa: E402
 
 Runner = Callable[[argparse.Namespace], int]
@@ -129,19 +129,34 @@ def _run_eval(args: argparse.Namespace) -> int:
 
 
 # -- predict -------------------------------------------------------------------------
-@command("predict", help="predict every image of a folder")
+@command("predict", help="predict every image of a folder, with a checkpoint or an exported ONNX file")
 def _predict_args(p: argparse.ArgumentParser) -> Runner:
-    _overrides(p)
-    p.add_argument("--ckpt", required=True)
+    p.add_argument("config", nargs="?", default=None,
+                   help="run config YAML (as for train); optional with --onnx, where only eval.predict_conf and "
+                        "eval.iou are read from it")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+    model = p.add_mutually_exclusive_group(required=True)
+    model.add_argument("--ckpt", help="checkpoint (best.pt / last.pt); needs the config")
+    model.add_argument("--onnx", metavar="FILE", help="a file written by mtkd export, run in onnxruntime: class "
+                                                      "names, input size and normalisation come from the file")
     p.add_argument("--source", required=True, help="folder of images")
     p.add_argument("--out", required=True, help="output folder")
     return _run_predict
 
 
 def _run_predict(args: argparse.Namespace) -> int:
-    from mtkd.engine.trainer import predict_checkpoint
+    if args.onnx is not None:
+        from mtkd.engine.config import build_config
+        from mtkd.export.runtime import predict_onnx
 
-    predict_checkpoint(_load(args), args.ckpt, args.source, args.out)
+        e = (_load(args) if args.config is not None else build_config({}))["eval"]
+        predict_onnx(args.onnx, args.source, args.out, conf=float(e["predict_conf"]), iou=float(e["iou"]))
+    else:
+        from mtkd.engine.trainer import predict_checkpoint
+
+        if args.config is None:
+            raise ConfigError("predict --ckpt: give the run config the checkpoint was trained with")
+        predict_checkpoint(_load(args), args.ckpt, args.source, args.out)
     print(f"predictions written to {args.out}")
     return 0
 

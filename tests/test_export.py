@@ -408,3 +408,177 @@ def test_prune_export_eval_from_the_command_line(synthetic, tmp_path, capsys):
     assert params == json.loads((tmp_path / "p" / "prune.json").read_text())["params_after"]
     assert main(["export", str(cfg), "--ckpt", str(source), "--out", str(tmp_path)]) == 2
     assert "cannot write: is a directory" in one_line_error(capsys)
+
+
+# -- ONNX inference and INT8 ---------------------------------------------------------------------
+def lively(seed: int = 0) -> nn.Module:
+    """A student_small whose scores vary from anchor to anchor, as a trained model's do.
+
+    The preset's own init makes the neck's features nearly constant over the image, so an untrained
+    model scores many anchors exactly alike and NMS may keep either of two tied boxes; Kaiming-normal
+    convolutions (BatchNorm statistics from normalised noise) and zero score biases avoid that.
+    """
+    torch.manual_seed(seed)
+    model = build_model(SMALL, NC)
+    fixed = set(model.det_head.dfl.modules())  # DFL's conv holds the bin positions 0..reg_max-1
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d) and m not in fixed:
+            nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model((torch.rand(4, 3, SIZE, SIZE) - 0.45) / 0.225)
+        for conv in list(model.det_head.obj_pred) + [b[-1] for b in model.det_head.cls_branch]:
+            conv.weight.mul_(3.0)
+            conv.bias.zero_()
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def exported(synthetic, tmp_path_factory):
+    """A :func:`lively` student_small exported from the command line, with its config and checkpoint."""
+    pytest.importorskip("onnxruntime")
+    root = tmp_path_factory.mktemp("onnx")
+    cfg = root / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"model": SMALL, "data": {"root": str(synthetic), "imgsz": SIZE},
+                                   "train": {"device": "cpu", "workers": 0, "batch": 4}, "eval": {"max_det": 20}}))
+    model = lively()
+    ckpt = save_ckpt(root / "best.pt", model)
+    onnx_path = root / "m.onnx"
+    assert main(["export", str(cfg), "eval.conf=0.25", "--ckpt", str(ckpt), "--out", str(onnx_path)]) == 0
+    return {"cfg": cfg, "ckpt": ckpt, "onnx": onnx_path, "model": model}
+
+
+def _as_tensors(entry: dict) -> dict:
+    return {"boxes": torch.tensor(entry["boxes"]).reshape(-1, 4), "scores": torch.tensor(entry["scores"]),
+            "labels": torch.tensor(entry["labels"], dtype=torch.long)}
+
+
+def _near_ties(model: nn.Module, path: Path):
+    """Pixels of ``path`` whose two best seg logits (PyTorch, original pixels) differ by less than the
+    export's tolerance."""
+    import numpy as np
+
+    from mtkd.datasets.common import read_image
+    from mtkd.datasets.transforms import build_transforms
+    from mtkd.engine.evaluator import seg_logits_to_original
+    from mtkd.export.onnx import TOL
+    from mtkd.structures import Sample
+
+    image = read_image(path)
+    data = small_cfg()["data"]  # the exported metadata: imgsz 64, the default normalisation
+    transform = build_transforms({k: data[k] for k in ("imgsz", "mean", "std")}, train=False)
+    item = transform(Sample(image, np.zeros((0, 4), np.float32), np.zeros(0), None, has_det=False, has_seg=False,
+                            id=path.name, index=0))
+    with torch.no_grad():
+        logits = seg_logits_to_original(model(item["image"][None])["seg"][0], item["letterbox"], image.shape[:2])
+    top2 = logits.topk(2, dim=0).values
+    return (top2[0] - top2[1] < TOL).numpy()
+
+
+def test_predict_from_the_onnx_file_alone_matches_the_checkpoint(exported, synthetic, tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    from mtkd.export.onnx import compare_detections
+
+    # noise images of several sizes (letterboxed both ways): an untrained model scores the anchors
+    # of uniform regions exactly alike, and NMS may then keep either of two tied boxes
+    source, rng = tmp_path / "images", np.random.default_rng(0)
+    source.mkdir()
+    for i, (h, w) in enumerate([(64, 64), (80, 96), (72, 50), (40, 120), (100, 100), (64, 90)]):
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(source / f"{i}.png")
+    assert main(["predict", str(exported["cfg"]), "--ckpt", str(exported["ckpt"]), "--source", str(source),
+                 "--out", str(tmp_path / "torch")]) == 0
+    # no config, no checkpoint: classes, size and normalisation come from the file's metadata
+    assert main(["predict", "--onnx", str(exported["onnx"]), "--source", str(source),
+                 "--out", str(tmp_path / "onnx")]) == 0
+    capsys.readouterr()
+    ref = json.loads((tmp_path / "torch" / "detections.json").read_text())
+    got = json.loads((tmp_path / "onnx" / "detections.json").read_text())
+    assert [r["file"] for r in got] == [r["file"] for r in ref] and len(ref) == 6
+    assert [(r["width"], r["height"], r["vis"], r["mask"]) for r in got] == \
+           [(r["width"], r["height"], r["vis"], r["mask"]) for r in ref]
+    assert sum(len(r["boxes"]) for r in ref) > 20  # the check below compares real detections
+    # every box above the threshold (plus the parity margin) has a same-class twin at IoU >= 0.99
+    cut = 0.25 + 1e-3
+    assert compare_detections([_as_tensors(r) for r in ref], [_as_tensors(r) for r in got],
+                              [cut] * len(ref)) is None
+    for a, b in zip(ref, got):
+        strong_a = sorted(s for s in a["scores"] if s >= cut)
+        strong_b = sorted(s for s in b["scores"] if s >= cut)
+        assert len(strong_a) == len(strong_b) and np.allclose(strong_a, strong_b, atol=2e-4)
+        assert {c for c, s in zip(a["classes"], a["scores"]) if s >= cut} == \
+               {c for c, s in zip(b["classes"], b["scores"]) if s >= cut}
+        mask_a = np.array(Image.open(tmp_path / "torch" / a["mask"]))
+        mask_b = np.array(Image.open(tmp_path / "onnx" / b["mask"]))
+        # equal wherever PyTorch's two best classes are more than the export tolerance apart
+        # (onnxruntime's float noise may flip an exact tie, about one pixel in 10^4 here)
+        tie = _near_ties(exported["model"], source / a["file"])
+        assert mask_a.shape == tie.shape == (a["height"], a["width"]) and tie.mean() < 1e-3
+        assert np.array_equal(mask_a[~tie], mask_b[~tie])
+
+
+def test_predict_onnx_errors_are_one_line(exported, synthetic, tmp_path, capsys):
+    source = str(synthetic / "JPEGImages")
+    assert main(["predict", "--onnx", str(tmp_path / "nope.onnx"), "--source", source, "--out", str(tmp_path)]) == 2
+    assert "nope.onnx: ONNX file not found" in one_line_error(capsys)
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"\x00not a protobuf" * 10)
+    assert main(["predict", "--onnx", str(garbage), "--source", source, "--out", str(tmp_path)]) == 2
+    assert "garbage.onnx: not a valid ONNX model" in one_line_error(capsys)
+    from mtkd.export.onnx import to_onnx  # a valid graph, but not written by mtkd export (no metadata)
+
+    plain = tmp_path / "plain.onnx"
+    plain.write_bytes(to_onnx(small_model(), SIZE, simplify=False)[0])
+    assert main(["predict", "--onnx", str(plain), "--source", source, "--out", str(tmp_path)]) == 2
+    assert "plain.onnx: not an mtkd ONNX export" in one_line_error(capsys)
+    assert main(["predict", "--ckpt", str(exported["ckpt"]), "--source", source, "--out", str(tmp_path)]) == 2
+    assert "predict --ckpt: give the run config" in one_line_error(capsys)
+
+
+def test_int8_export_is_smaller_keeps_shapes_and_reports_the_metric_drop(exported, tmp_path, capsys):
+    import numpy as np
+    import onnxruntime as ort
+
+    out = tmp_path / "m.onnx"
+    assert main(["export", str(exported["cfg"]), "eval.conf=0.25", "--ckpt", str(exported["ckpt"]),
+                 "--out", str(out), "--int8", "--calib", "4", "--parity-images", "2"]) == 0
+    text = capsys.readouterr().out
+    int8, report_path = tmp_path / "m.int8.onnx", tmp_path / "m.int8.json"
+    assert "INT8 parity on 2 val images" in text and str(report_path) in text
+    assert int8.stat().st_size < out.stat().st_size
+    x = np.random.default_rng(0).standard_normal((2, 3, SIZE, SIZE)).astype(np.float32)
+    fp = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    q = ort.InferenceSession(str(int8), providers=["CPUExecutionProvider"])
+    assert any(n.op_type == "QuantizeLinear" for n in __import__("onnx").load(str(int8)).graph.node)
+    assert [o.name for o in q.get_outputs()] == ["boxes", "scores", "seg"]
+    assert [a.shape for a in q.run(None, {"images": x})] == [a.shape for a in fp.run(None, {"images": x})]
+    report = json.loads(report_path.read_text())
+    par = report["parity"]
+    assert par["images"] == 2 and report["quantization"]["calib_images"] == 4
+    assert set(par["drop"]) == {"map50_95", "map50", "miou"}
+    for k, v in par["drop"].items():
+        assert v == pytest.approx(par["fp32"][k] - par["int8"][k]) and 0.0 <= par["int8"][k] <= 1.0
+    # the INT8 file carries the metadata, so it predicts from the file alone too
+    from mtkd.export.runtime import OnnxModel
+
+    model = OnnxModel(int8)
+    assert model.classes == CLASSES and model.imgsz == SIZE and json.loads(model.quantization)["format"] == "QDQ"
+
+
+def test_int8_argument_errors(exported, tmp_path, capsys):
+    base = ["export", str(exported["cfg"]), "--ckpt", str(exported["ckpt"]), "--out", str(tmp_path / "m.onnx")]
+    assert main(base + ["--int8", "--calib", "0"]) == 2
+    assert "--calib: expected a whole number >= 1, got 0" in one_line_error(capsys)
+    assert main(base + ["--parity-images", "3"]) == 2
+    assert "--calib and --parity-images apply to --int8 only" in one_line_error(capsys)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_onnxruntime_names_the_extra(exported, synthetic, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    assert main(["predict", "--onnx", str(exported["onnx"]), "--source", str(synthetic / "JPEGImages"),
+                 "--out", str(tmp_path)]) == 2
+    assert 'onnxruntime is not installed; install the export extras: pip install "mtkd[export]"' \
+        in one_line_error(capsys)

@@ -4,7 +4,7 @@
 dataset's own labels at the original image size, so numbers do not depend on
 the input size or letterbox padding:
 
-* detection: decoded boxes (:func:`mtkd.heads.decode.decode`) are mapped back
+* detection: decoded boxes (:func:`mtkd.heads.decode.detections`) are mapped back
   with the batch's ``letterbox`` (``orig = (input - pad) / scale``), clipped
   to the image, and scored with COCO mAP (:func:`~mtkd.engine.metrics.coco_map`
   against ``dataset.coco_gt()``) and VOC mAP@0.5
@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from mtkd.engine.metrics import SegConfusion, coco_map, voc_map50
-from mtkd.heads.decode import decode
+from mtkd.heads.decode import detections
 from mtkd.structures import Sample
 
 
@@ -139,8 +139,10 @@ def evaluate(
 
     The model runs in eval mode under ``torch.inference_mode`` (and autocast
     when ``amp``: float16 on CUDA, bfloat16 elsewhere); its previous
-    train/eval mode is restored afterwards. Its output dict may lack ``"det"``
-    or ``"seg"``; the keys of that task are then absent from the result.
+    train/eval mode is restored afterwards. Its output dict holds ``"det"``
+    (or the exported ``"boxes"`` / ``"scores"``, see
+    :func:`~mtkd.heads.decode.detections`) and ``"seg"``; a model lacking one
+    task's output has that task's keys absent from the result.
 
     Returns ``{"map50_95", "map50", "voc_map50", "miou", "pixel_acc",
     "n_images"}``. Detection metrics cover samples with ``has_det`` (those in
@@ -163,9 +165,9 @@ def evaluate(
                     break
                 with _autocast(device, amp):
                     out = model(batch["images"].to(device, non_blocking=True))
-                det, seg = out.get("det"), out.get("seg")
-                acc.has_det_head |= det is not None
-                decoded = decode(det, conf, iou, max_det) if det is not None else None
+                seg = out.get("seg")
+                decoded = detections(out, conf, iou, max_det)
+                acc.has_det_head |= decoded is not None
                 for j, index in enumerate(torch.as_tensor(batch["index"]).tolist()):
                     if index in acc.seen:  # a skip_bad dataset may hand out a sample twice
                         continue

@@ -35,7 +35,7 @@ from mtkd.datasets.transforms import build_transforms
 from mtkd.engine.evaluator import boxes_to_original, seg_to_original
 from mtkd.engine.plots import draw_predictions, mask_palette
 from mtkd.errors import ConfigError, DataError, writing
-from mtkd.heads.decode import decode
+from mtkd.heads.decode import detections, num_det_classes
 from mtkd.structures import Sample
 
 #: Image suffixes :func:`predict_folder` reads (lower case).
@@ -61,10 +61,10 @@ def _output_name(rel: Path, used: set) -> Path:
 
 
 def _check_classes(out: Dict[str, Any], classes: Sequence[str]) -> None:
-    det, seg = out.get("det"), out.get("seg")
-    if det is not None and det.num_classes != len(classes):
+    nc, seg = num_det_classes(out), out.get("seg")
+    if nc is not None and nc != len(classes):
         raise ConfigError(
-            f"classes: the model predicts {det.num_classes} detection classes but {len(classes)} names were given"
+            f"classes: the model predicts {nc} detection classes but {len(classes)} names were given"
         )
     if seg is not None and seg.shape[1] != len(classes) + 1:
         raise ConfigError(
@@ -87,6 +87,10 @@ def predict_folder(
     skip_bad: bool = False,
 ) -> List[Dict[str, Any]]:
     """Predict every image under ``image_dir``; write drawings, masks and ``detections.json``.
+
+    ``model`` is an mtkd model or any module with the same output dict, such
+    as an exported file run in onnxruntime (:class:`mtkd.export.runtime.OnnxModel`,
+    ``"boxes"`` / ``"scores"`` in place of ``"det"``).
 
     ``imgsz``, ``mean`` and ``std`` are the training data config's (``mean``/
     ``std`` on 0..1 pixels). Images are processed one at a time (their sizes
@@ -127,8 +131,9 @@ def predict_folder(
                 out = model(item["image"][None].to(device))
             _check_classes(out, classes)
             boxes, scores, labels = torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, dtype=torch.long)
-            if out.get("det") is not None:
-                d = decode(out["det"], conf, iou, max_det)[0]
+            decoded = detections(out, conf, iou, max_det)
+            if decoded is not None:
+                d = decoded[0]
                 boxes = boxes_to_original(d["boxes"].float().cpu(), item["letterbox"], (h, w))
                 scores, labels = d["scores"].float().cpu(), d["labels"].long().cpu()
             mask = None

@@ -56,14 +56,25 @@ def _export_args(p: argparse.ArgumentParser):
     p.add_argument("--out", required=True, metavar="FILE", help="the .onnx file to write")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18, as Ultralytics)")
     p.add_argument("--no-simplify", dest="simplify", action="store_false", help="skip onnxslim")
+    p.add_argument("--int8", action="store_true",
+                   help="also write <out stem>.int8.onnx: static INT8 (onnxruntime, QDQ, per-channel) and "
+                        "<out stem>.int8.json, its metric drop against the fp32 file on the val split")
+    p.add_argument("--calib", type=int, default=None, metavar="N",
+                   help="training images to calibrate the INT8 ranges on (default 64)")
+    p.add_argument("--parity-images", type=int, default=None, metavar="N",
+                   help="val images the INT8 metric drop is measured on (default 100)")
     return _run_export
 
 
 def _run_export(args: argparse.Namespace) -> int:
+    from mtkd.errors import ConfigError
     from mtkd.export.onnx import export_checkpoint
 
+    if not args.int8 and (args.calib is not None or args.parity_images is not None):
+        raise ConfigError("--calib and --parity-images apply to --int8 only")
     report = export_checkpoint(_load(args), args.ckpt, args.out, fmt=args.fmt, opset=args.opset,
-                               simplify=args.simplify)
+                               simplify=args.simplify, int8=args.int8, calib=args.calib,
+                               parity_images=args.parity_images)
     par = report["parity"]
     diffs = ", ".join(f"{k} {v:.2g}" for k, v in par["max_abs_diff"].items())
     print(f"wrote {report['path']} ({report['bytes'] / 1e6:.2f} MB, opset {report['opset']}, {report['nodes']} nodes"
@@ -71,4 +82,8 @@ def _run_export(args: argparse.Namespace) -> int:
           f"outputs {', '.join(report['outputs'])})")
     print(f"parity with PyTorch on {par['images']} val images: max abs diff {diffs}; "
           f"{par['boxes_checked']} boxes matched after NMS")
+    if "int8" in report:
+        from mtkd.export.quantize import summary
+
+        print(summary(report["int8"]))
     return 0

@@ -16,7 +16,9 @@ A model without one head lacks its outputs. NMS is left to the runtime:
 :func:`mtkd.heads.decode.nms` on ``boxes`` / ``scores`` is what mtkd's own
 evaluation does. The model metadata (``metadata_props``) records
 ``mtkd_format``, ``classes``, ``imgsz``, ``mean``, ``std`` and ``outputs`` as
-JSON strings.
+JSON strings: :class:`mtkd.export.runtime.OnnxModel` (``mtkd predict --onnx``)
+runs the file from them alone, and ``mtkd export --int8`` quantises it
+(:mod:`mtkd.export.quantize`).
 
 Choices, as Ultralytics 8.4 exports: the TorchScript exporter
 (``dynamo=False``; torch 2.14's default dynamo exporter writes external
@@ -257,12 +259,24 @@ def val_images(cfg: Dict[str, Any], task: Any, n: int = CHECK_IMAGES) -> torch.T
 
 
 def export_checkpoint(cfg: Dict[str, Any], ckpt: str | Path, out: str | Path, *, fmt: str = "onnx",
-                      opset: int = DEFAULT_OPSET, simplify: bool = True) -> Dict[str, Any]:
-    """``mtkd export``: the checkpoint's model (pruned or not) as one ONNX file at ``out``, parity-checked."""
+                      opset: int = DEFAULT_OPSET, simplify: bool = True, int8: bool = False,
+                      calib: Optional[int] = None, parity_images: Optional[int] = None) -> Dict[str, Any]:
+    """``mtkd export``: the checkpoint's model (pruned or not) as one ONNX file at ``out``, parity-checked.
+
+    With ``int8`` the file is then quantised (:func:`mtkd.export.quantize.quantize_int8`, calibrated on
+    ``calib`` train images, its metric drop measured on ``parity_images`` val images); its report is
+    the result's ``"int8"``.
+    """
     from mtkd.engine.trainer import load_model
+    from mtkd.export import quantize
 
     if fmt != "onnx":
         raise MtkdError(f"--format: only onnx is supported, got {fmt!r}")
+    calib = quantize.DEFAULT_CALIB if calib is None else calib
+    parity_images = quantize.DEFAULT_PARITY_IMAGES if parity_images is None else parity_images
+    if int8:  # before the slow part
+        quantize.check_count(calib, "--calib")
+        quantize.check_count(parity_images, "--parity-images")
     for module in ("onnx", "onnxruntime") + (("onnxslim",) if simplify else ()):
         _require(module)
     if Path(out).is_dir():
@@ -277,8 +291,11 @@ def export_checkpoint(cfg: Dict[str, Any], ckpt: str | Path, out: str | Path, *,
         raise MtkdError(f"data.imgsz: val images come out {tuple(images.shape[-2:])}, expected {imgsz}")
     meta = {"classes": list(classes), "imgsz": imgsz, "mean": list(d["mean"]), "std": list(d["std"])}
     meta["outputs"] = OnnxWrapper(model).output_names
-    return export_onnx(model, out, imgsz, images, opset=opset, simplify=simplify, conf=float(cfg["eval"]["conf"]),
-                       iou=float(cfg["eval"]["iou"]), metadata=meta)
+    report = export_onnx(model, out, imgsz, images, opset=opset, simplify=simplify, conf=float(cfg["eval"]["conf"]),
+                         iou=float(cfg["eval"]["iou"]), metadata=meta)
+    if int8:
+        report["int8"] = quantize.quantize_int8(cfg, task, out, calib=calib, parity_images=parity_images)
+    return report
 
 
 __all__ = ["OnnxWrapper", "check_parity", "compare_detections", "export_checkpoint", "export_onnx", "to_onnx",

@@ -11,10 +11,15 @@ Conventions and choices:
   the ``max_det`` best;
 * boxes and scores are float32; boxes are xyxy in input (letterboxed)
   pixels, not clipped.
+
+A model's output dict carries its detections either as ``"det"`` (a
+``DetOutput``, mtkd's models) or as ``"boxes"`` (B, A, 4) and ``"scores"``
+(B, A, nc), the exported form (:class:`mtkd.export.onnx.OnnxWrapper`);
+:func:`detections` decodes either, so evaluation and prediction treat both alike.
 """
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Any, Dict, List, Mapping, Optional
 
 import torch
 from torchvision.ops import batched_nms
@@ -46,3 +51,24 @@ def nms(boxes: torch.Tensor, scores: torch.Tensor, conf: float = 0.001, iou: flo
         kept = batched_nms(cand_boxes, cand_scores, label, iou)[:max_det]
         results.append({"boxes": cand_boxes[kept], "scores": cand_scores[kept], "labels": label[kept]})
     return results
+
+
+def num_det_classes(out: Mapping[str, Any]) -> Optional[int]:
+    """Detection classes of a model output dict (``"det"`` or ``"scores"``); ``None`` without detections."""
+    if out.get("det") is not None:
+        return out["det"].num_classes
+    if out.get("scores") is not None:
+        return int(out["scores"].shape[-1])
+    return None
+
+
+@torch.no_grad()
+def detections(out: Mapping[str, Any], conf: float = 0.001, iou: float = 0.6, max_det: int = 100,
+               pre_nms_topk: int = 1000) -> Optional[List[Dict[str, torch.Tensor]]]:
+    """:func:`decode` of a model output dict's ``"det"``, or :func:`nms` of its ``"boxes"`` / ``"scores"``;
+    ``None`` when it has neither."""
+    if out.get("det") is not None:
+        return decode(out["det"], conf, iou, max_det, pre_nms_topk)
+    if out.get("boxes") is not None:
+        return nms(out["boxes"], out["scores"], conf, iou, max_det, pre_nms_topk)
+    return None
