@@ -504,15 +504,33 @@ def test_checkpoint_errors_name_the_file(tmp_path):
         ckpt_io.load_checkpoint(tmp_path / "missing.pt")
     bad = tmp_path / "torn.pt"
     bad.write_bytes(b"\x80\x04not a zip")
-    with pytest.raises(MtkdError, match=r"torn\.pt: cannot read checkpoint") as err:
+    with pytest.raises(MtkdError, match=r"torn\.pt: checkpoint file is corrupt or not a checkpoint") as err:
         ckpt_io.load_checkpoint(bad)
-    assert "\n" not in str(err.value)
-    # pickled objects outside the allow-list are refused unless trusted
+    assert "\n" not in str(err.value) and "trust_pickle" not in str(err.value)
+    # pickled objects outside the allow-list are refused unless trusted, naming the object
     evil = tmp_path / "pickled.pt"
     torch.save({"model": {}, "obj": ToyData(1, 0)}, evil)
-    with pytest.raises(MtkdError, match="pickled.pt"):
+    with pytest.raises(MtkdError, match=r"pickled\.pt: holds pickled objects .*ToyData.*set trust_pickle$"):
         ckpt_io.load_checkpoint(evil)
     assert isinstance(ckpt_io.load_checkpoint(evil, trust_pickle=True)["obj"], ToyData)
+
+
+def test_truncated_checkpoint_is_reported_as_truncated(tmp_path):
+    run = tmp_path / "run"
+    Trainer(toy_cfg(run, epochs=1)).fit()
+    data = (run / "best.pt").read_bytes()
+    for keep in (0, 100, len(data) // 2, len(data) - 1):
+        cut = tmp_path / f"cut{keep}.pt"
+        cut.write_bytes(data[:keep])
+        for trust in (False, True):
+            with pytest.raises(MtkdError) as err:
+                ckpt_io.load_checkpoint(cut, trust_pickle=trust)
+            message = str(err.value)
+            assert message.startswith(f"{cut}: checkpoint file is truncated ({keep} bytes"), message
+            assert "trust_pickle" not in message and "\n" not in message
+    cut = tmp_path / f"cut{len(data) // 2}.pt"
+    with pytest.raises(MtkdError, match="truncated"):
+        evaluate_checkpoint(toy_cfg(run, epochs=1), cut, "val")
 
 
 def test_atomic_save_leaves_no_temp_and_rng_roundtrip(tmp_path):
