@@ -533,6 +533,40 @@ def test_truncated_checkpoint_is_reported_as_truncated(tmp_path):
         evaluate_checkpoint(toy_cfg(run, epochs=1), cut, "val")
 
 
+def test_state_dict_mismatch_names_presets_and_first_keys(tmp_path):
+    from mtkd.engine.trainer import load_model
+    from mtkd.models import build_model
+
+    classes = ["a", "b"]
+    teacher_cfg = build_config({"model": {"preset": "teacher_small"}, "train": {"device": "cpu"}})
+    teacher = build_model({"preset": "teacher_small"}, len(classes))
+    path = tmp_path / "teacher.pt"
+    ckpt_io.save_atomic({"format": ckpt_io.FORMAT, "task": "multitask", "classes": classes,
+                         "config": teacher_cfg, "model": teacher.state_dict()}, path)
+    student_cfg = build_config({"model": {"preset": "student_small"}, "train": {"device": "cpu"}})
+    with pytest.raises(MtkdError) as err:
+        load_model(student_cfg, path)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"{path}: weights do not fit the model of the config: ")
+    assert ("the checkpoint's model has preset=teacher_small backbone=null, "
+            "the config's preset=student_small backbone=null") in message
+    # cnn_w32 and cnn_w12 share their layer names: the first mismatch is a shape
+    first = next(k for k, v in build_model({"preset": "student_small"}, 2).state_dict().items()
+                 if v.shape != teacher.state_dict()[k].shape)
+    assert f"shape mismatches (first {first}: " in message
+    # a state dict with a renamed key: the first missing and the first unexpected key are named
+    state = teacher.state_dict()
+    key = next(iter(state))
+    state["extra." + key] = state.pop(key)
+    ckpt_io.save_atomic({"format": ckpt_io.FORMAT, "task": "multitask", "classes": classes,
+                         "config": teacher_cfg, "model": state}, path)
+    with pytest.raises(MtkdError) as err:
+        load_model(teacher_cfg, path)
+    message = str(err.value)
+    assert (f"preset=teacher_small backbone=null, the config's preset=teacher_small backbone=null; "
+            f"1 missing keys (first {key}), 1 unexpected keys (first extra.{key})") in message
+
+
 def test_atomic_save_leaves_no_temp_and_rng_roundtrip(tmp_path):
     import random
 

@@ -121,7 +121,8 @@ from mtkd.engine.logger import RunLogger
 from mtkd.engine.tasks import Task, get_task
 from mtkd.errors import ConfigError, Interrupted, MtkdError, writing
 from mtkd.losses.composer import LossComposer
-from mtkd.models.restore import build_pruned, checkpoint_entries, model_from_checkpoint
+from mtkd.models.restore import (architecture_difference, build_pruned, checkpoint_entries, load_weights,
+                                  model_from_checkpoint, state_dict_mismatch)
 from mtkd.structures import DetOutput
 
 
@@ -616,12 +617,16 @@ class Trainer:
         st = ck.get("train_state")
         if st is None:
             raise MtkdError(f"{path}: has no training state to resume from (use last.pt)")
+        recorded = (ck.get("config") or {}).get("model")
+        load_weights(self.model, st["model"], path,
+                     lambda d: MtkdError(f"{path}: does not match this run's model: {d}"),
+                     "" if ck.get("pruning") else architecture_difference(recorded, self.cfg["model"]))
+        problem = state_dict_mismatch(self.composer.state_dict(), st["composer"])
         try:
-            self.model.load_state_dict(st["model"])
             self.composer.load_state_dict(st["composer"])
         except RuntimeError as exc:
-            raise MtkdError(f"{path}: does not match this run's model/losses: "
-                            f"{str(exc).strip().splitlines()[0]}") from None
+            detail = problem or str(exc).strip().splitlines()[0]
+            raise MtkdError(f"{path}: does not match this run's losses: {detail}") from None
         self.optimizer.load_state_dict(st["optimizer"])
         # LambdaLR.load_state_dict writes the saved schedule's attributes into our lambda
         # object; keep a fresh copy so a changed train.epochs/max_steps extends the run
@@ -867,7 +872,7 @@ def init_model(cfg: Dict[str, Any], path: str | Path, nc: int, build: Any,
         warnings.warn(f"model.init: {path} was trained on classes {list(own)}, the data has {list(classes)}",
                       stacklevel=2)
     return model_from_checkpoint(
-        ck, path, build, num_classes=nc,
+        ck, path, build, num_classes=nc, model_cfg=cfg.get("model"),
         mismatch=lambda d: ConfigError(f"model.init: {path} does not fit the model of the config: {d}"))
 
 
@@ -888,7 +893,7 @@ def load_model(cfg: Dict[str, Any], ckpt_path: str | Path,
     if not classes:
         raise MtkdError(f"{ckpt_path}: checkpoint has no class list")
     model = model_from_checkpoint(
-        ck, ckpt_path, lambda: task.build_model(_without_pretrained(cfg), len(classes)),
+        ck, ckpt_path, lambda: task.build_model(_without_pretrained(cfg), len(classes)), model_cfg=cfg.get("model"),
         mismatch=lambda d: MtkdError(f"{ckpt_path}: weights do not fit the model of the config: {d}"))
     return task, model.to(device).eval(), list(classes), device
 
