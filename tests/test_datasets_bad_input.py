@@ -55,6 +55,28 @@ def test_corrupt_image_raises_then_skips_with_count(voc):
     assert skipping.skipped == [str(bad)]
 
 
+def test_non_image_file_is_not_a_readable_image(voc, tmp_path):
+    import sys
+
+    import ultralytics.utils.patches  # noqa: F401  (what mtkd's models import: it replaces PIL.Image.open)
+
+    from mtkd.datasets.common import image_size, read_image
+    from mtkd.imageio import open_image
+
+    text = voc / "JPEGImages" / "b.jpg"
+    text.write_text("hello, I am a text file\n")
+    hostname = tmp_path / "hostname"  # like /etc/hostname given as an image: no suffix, one line of text
+    hostname.write_text("buildhost\n")
+    heif_before = "pi_heif" in sys.modules
+    for path, read in ((text, read_image), (hostname, read_image), (hostname, image_size)):
+        message = raises_naming(path, lambda: read(path))
+        assert message == f"{path}: not a readable image (not a file format PIL reads)"
+    message = raises_naming(text, lambda: VOCDataset(voc, "train")[1])
+    assert "not a readable image" in message and "pi_heif" not in message
+    assert ("pi_heif" in sys.modules) == heif_before  # no plugin was looked for
+    assert "not a readable mask" in raises_naming(hostname, lambda: open_image(hostname, "mask"))
+
+
 def test_malformed_xml_and_skip_at_construction(voc):
     xml = voc / "Annotations" / "b.xml"
     xml.write_text("<annotation><object>")

@@ -37,12 +37,12 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import v2
 
 from mtkd.errors import ConfigError, DataError
-from mtkd.imageio import to_rgb
+from mtkd.imageio import open_image, to_rgb
 
 PathLike = Union[str, Path]
 
@@ -71,17 +71,13 @@ def list_images(folder: PathLike) -> List[Path]:
 
 
 def load_rgb(path: PathLike) -> Image.Image:
-    """The image at ``path`` as RGB, or a DataError naming the file.
-
-    ``ImportError`` is caught too: once Ultralytics is imported it patches
-    ``PIL.Image.open`` to retry unidentified files through the optional
-    ``pi_heif`` plugin, which raises ModuleNotFoundError when absent.
-    """
-    try:
-        with Image.open(path) as im:
+    """The image at ``path`` as RGB, or a DataError naming the file
+    (:func:`mtkd.imageio.open_image`: missing, not an image, corrupt)."""
+    with open_image(path) as im:
+        try:
             return to_rgb(im, path)
-    except (OSError, UnidentifiedImageError, ValueError, ImportError) as exc:
-        raise DataError(f"{path}: cannot read image ({type(exc).__name__}: {str(exc)[:120]})") from None
+        except (OSError, ValueError) as exc:
+            raise DataError(f"{path}: corrupt or unreadable image ({type(exc).__name__}: {str(exc)[:120]})") from None
 
 
 def parse_labels_file(path: PathLike) -> List[str]:

@@ -33,10 +33,9 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
 from mtkd.errors import DataError
-from mtkd.imageio import oriented_size, to_rgb
+from mtkd.imageio import open_image, oriented_size, to_rgb
 from mtkd.structures import VOID, Sample
 
 #: Pixels a box may overshoot the image border before it is an error.
@@ -109,26 +108,23 @@ def check_labels(labels: np.ndarray, nc: int, source: Path | str) -> None:
 
 def read_image(path: Path) -> np.ndarray:
     """Decode an image file to upright HxWx3 uint8 RGB (:func:`mtkd.imageio.to_rgb`: EXIF
-    orientation applied, 16-bit scaled); DataError naming it on failure."""
-    try:
-        with Image.open(path) as im:
+    orientation applied, 16-bit scaled); DataError naming it on failure
+    (:func:`mtkd.imageio.open_image`: missing, not an image, corrupt)."""
+    with open_image(path) as im:
+        try:
             im.load()
             return np.asarray(to_rgb(im, path))
-    except FileNotFoundError:
-        raise DataError(f"{path}: image file not found") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, ImportError) as exc:
-        raise DataError(f"{path}: corrupt or unreadable image ({exc})") from None
+        except (OSError, ValueError, SyntaxError) as exc:
+            raise DataError(f"{path}: corrupt or unreadable image ({exc})") from None
 
 
 def image_size(path: Path) -> Tuple[int, int]:
     """(h, w) from the image header only (no decoding), EXIF orientation applied as :func:`read_image` does."""
-    try:
-        with Image.open(path) as im:
+    with open_image(path) as im:
+        try:
             return oriented_size(im)
-    except FileNotFoundError:
-        raise DataError(f"{path}: image file not found") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, ImportError) as exc:
-        raise DataError(f"{path}: corrupt or unreadable image ({exc})") from None
+        except (OSError, ValueError, SyntaxError) as exc:
+            raise DataError(f"{path}: corrupt or unreadable image ({exc})") from None
 
 
 def read_index_mask(path: Path, h: int, w: int, nc: int) -> np.ndarray:
@@ -139,15 +135,13 @@ def read_index_mask(path: Path, h: int, w: int, nc: int) -> np.ndarray:
     converted to RGB. Raises DataError naming the file for a missing/corrupt
     file, an RGB mask, a size different from the image, or an index ``> nc``.
     """
-    try:
-        with Image.open(path) as im:
-            if im.mode not in ("P", "L"):
-                raise DataError(f"{path}: mask must be a palette ('P') or 'L' PNG of class indices, got mode {im.mode}")
+    with open_image(path, "mask") as im:
+        if im.mode not in ("P", "L"):
+            raise DataError(f"{path}: mask must be a palette ('P') or 'L' PNG of class indices, got mode {im.mode}")
+        try:
             mask = np.array(im, dtype=np.uint8)
-    except FileNotFoundError:
-        raise DataError(f"{path}: mask file not found") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, ImportError) as exc:
-        raise DataError(f"{path}: corrupt or unreadable mask ({exc})") from None
+        except (OSError, ValueError, SyntaxError) as exc:
+            raise DataError(f"{path}: corrupt or unreadable mask ({exc})") from None
     if mask.shape != (h, w):
         raise DataError(f"{path}: mask is {mask.shape[1]}x{mask.shape[0]} but the image is {w}x{h}")
     check_mask_values(mask, nc, path)
