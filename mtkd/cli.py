@@ -124,11 +124,11 @@ def _run_eval(args: argparse.Namespace) -> int:
 
 
 # -- predict -------------------------------------------------------------------------
-@command("predict", help="predict every image of a folder")
+@command("predict", help="predict an image, or every image of a folder")
 def _predict_args(p: argparse.ArgumentParser) -> Runner:
     _overrides(p)
     p.add_argument("--ckpt", required=True)
-    p.add_argument("--source", required=True, help="folder of images")
+    p.add_argument("--source", required=True, help="an image file, or a folder of images (searched recursively)")
     p.add_argument("--out", required=True, help="output folder")
     return _run_predict
 

@@ -1,8 +1,10 @@
-"""Classify every image of a folder: one ``file class prob`` line per image.
+"""Classify one image or every image of a folder: one ``file class prob`` line per image.
 
-* Images are found recursively (sorted; image extensions only) and go
-  through the evaluation transform (resize, centre-crop ``imgsz``, normalise).
-* ``file`` is the path relative to the folder (POSIX separators), ``class``
+* Images are found recursively (sorted; image extensions only; a file given
+  instead of a folder is read whatever its suffix) and go through the
+  evaluation transform (resize, centre-crop ``imgsz``, normalise).
+* ``file`` is the path relative to the folder (POSIX separators; the file's
+  name when one file is given), ``class``
   the arg-max class name and ``prob`` its softmax probability with 4 decimals.
 * Class names come from a list (the dataset's or checkpoint's classes) or a
   labels file (``index name`` per line, see
@@ -35,10 +37,11 @@ def predict_folder(model: nn.Module, folder: Union[str, Path],
                    classes_or_labels_file: Union[Sequence[str], str, Path], imgsz: int,
                    mean: Sequence[float], std: Sequence[float], device: Optional[torch.device] = None,
                    batch_size: int = 16) -> List[str]:
-    """``["<file> <class> <prob>", ...]`` for every image under ``folder``."""
+    """``["<file> <class> <prob>", ...]`` for every image under ``folder`` (or the image file it names)."""
     folder = Path(folder)
     names = _class_names(classes_or_labels_file)
-    paths = list_images(folder)
+    paths = [folder] if folder.is_file() else list_images(folder)
+    root = folder if folder.is_dir() else folder.parent
     if not paths:
         raise DataError(f"{folder}: no images found")
     device = device if device is not None else next(model.parameters()).device
@@ -56,7 +59,7 @@ def predict_folder(model: nn.Module, folder: Union[str, Path],
                                 "class names were given")
             prob, idx = logits.softmax(dim=1).max(dim=1)
             for path, p, i in zip(chunk, prob.tolist(), idx.tolist()):
-                lines.append(f"{path.relative_to(folder).as_posix()} {names[i]} {p:.4f}")
+                lines.append(f"{path.relative_to(root).as_posix()} {names[i]} {p:.4f}")
     finally:
         model.train(was_training)
     return lines

@@ -66,7 +66,7 @@ class Task(Protocol):
 
     def predict(self, model: nn.Module, source: Path, out: Path, classes: List[str],
                 cfg: Dict[str, Any], device: torch.device) -> Any:
-        """Predict every image of folder ``source`` into folder ``out``."""
+        """Predict image file ``source``, or every image of folder ``source``, into folder ``out``."""
 
 
 _TASKS: Dict[str, Type] = {}

@@ -915,10 +915,10 @@ def evaluate_checkpoint(cfg: Dict[str, Any], ckpt_path: str | Path, split: str =
 
 def predict_checkpoint(cfg: Dict[str, Any], ckpt_path: str | Path, source: str | Path, out: str | Path,
                        task: Optional[Task] = None) -> Any:
-    """Predict every image of folder ``source`` into folder ``out`` with a checkpoint."""
+    """Predict image file ``source``, or every image of folder ``source``, into folder ``out`` with a checkpoint."""
     source = Path(source)
-    if not source.is_dir():
-        raise MtkdError(f"{source}: source folder not found")
+    if not source.exists():
+        raise MtkdError(f"{source}: source not found (give an image file or a folder of images)")
     task, model, classes, device = load_model(cfg, ckpt_path, task)
     with writing(out):
         Path(out).mkdir(parents=True, exist_ok=True)
