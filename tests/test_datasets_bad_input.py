@@ -86,6 +86,37 @@ def test_malformed_xml_and_skip_at_construction(voc):
     assert [r.id for r in ds.records] == ["a", "c"] and len(ds.skipped) == 1
 
 
+def test_truncated_xml_while_reading_the_class_list(voc):
+    xml = voc / "Annotations" / "b.xml"
+    xml.write_text(xml.read_text()[:40])  # cut short mid-element
+    message = raises_naming(xml, lambda: VOCDataset(voc, "train"))  # no class list: read from the XMLs
+    assert "malformed XML" in message
+    with pytest.warns(UserWarning, match="b.xml") as caught:
+        ds = VOCDataset(voc, "train", skip_bad=True)
+    assert any("class list" in str(w.message) for w in caught)
+    assert ds.classes == ["cat", "dog"] and [r.id for r in ds.records] == ["a", "c"]
+    assert ds.skipped_files() == [str(voc / "JPEGImages" / "b.jpg")]
+
+
+def test_skipped_files_are_counted_across_dataloader_workers(voc):
+    import torch
+
+    from mtkd.datasets.collate import collate
+    from mtkd.datasets.transforms import build_transforms
+
+    bad = voc / "JPEGImages" / "c.jpg"
+    bad.write_bytes(b"not a jpeg")
+    (voc / "Annotations" / "b.xml").write_text("<annotation><object>")  # skipped at construction
+    with pytest.warns(UserWarning):
+        ds = VOCDataset(voc, "train", classes=["cat", "dog"], skip_bad=True,
+                        transform=build_transforms({"imgsz": 64}, train=False))
+    assert ds.skipped_files() == [str(voc / "JPEGImages" / "b.jpg")]
+    loader = torch.utils.data.DataLoader(ds, batch_size=1, num_workers=1, collate_fn=collate)
+    assert [b["ids"] for b in loader] == [["a"], ["a"]]  # c is bad: the next good sample stands in
+    assert ds.skipped == [str(voc / "JPEGImages" / "b.jpg")]  # the worker's list stayed in the worker
+    assert ds.skipped_files() == [str(voc / "JPEGImages" / "b.jpg"), str(bad)]
+
+
 def test_unknown_class_name_names_file_and_class(voc):
     message = raises_naming(voc / "Annotations" / "a.xml", lambda: VOCDataset(voc, "train", classes=["cat", "bird"]))
     assert "'dog'" in message
