@@ -59,7 +59,8 @@ class ToyTask:
     name = "toy"
 
     def build_dataset(self, cfg: Dict[str, Any], split: str, train: bool) -> ToyData:
-        return ToyData({"train": 24, "val": 8, "test": 8}[split], seed={"train": 1, "val": 2, "test": 3}[split])
+        name = cfg["data"][split]  # the split the config key names, as mtkd's datasets read it
+        return ToyData({"train": 24, "val": 8, "test": 8}[name], seed={"train": 1, "val": 2, "test": 3}[name])
 
     def collate(self, items: List[Dict[str, Any]]) -> Dict[str, Any]:
         return {"images": torch.stack([x["image"] for x in items]),
@@ -497,6 +498,48 @@ def test_evaluate_checkpoint_and_class_check(tmp_path):
     torch.save(ck, tmp_path / "other.pt")
     with pytest.raises(MtkdError, match="other.pt"):
         evaluate_checkpoint(cfg, tmp_path / "other.pt", "val")
+
+
+def test_metrics_json_records_the_split_key_and_the_split_read(tmp_path, capsys):
+    cfg = toy_cfg(tmp_path / "run", epochs=1)
+    cfg["data"]["test"] = "val"
+    report = Trainer(cfg).fit()
+    saved = json.loads((tmp_path / "run" / "test_metrics.json").read_text())
+    assert saved == report and (saved["split"], saved["split_read"]) == ("test", "val")
+    best = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
+    assert saved["pixel_acc"] == pytest.approx(best["metrics"]["pixel_acc"])  # it did read val
+    assert "skipped_samples" not in saved  # the toy dataset does not count bad samples
+    code, errors, _ = _cli(cfg, tmp_path, capsys, "--ckpt", str(tmp_path / "run" / "best.pt"), "--split", "test",
+                           "--json", str(tmp_path / "m.json"), command="eval")
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert code == 0 and not errors and (metrics["split"], metrics["split_read"]) == ("test", "val")
+    assert metrics["pixel_acc"] == pytest.approx(saved["pixel_acc"])
+
+
+@pytest.mark.filterwarnings("ignore:skipping bad sample")
+def test_skip_bad_counts_in_results_csv_test_metrics_and_eval_json(tmp_path, capsys):
+    from test_datasets_formats import write_voc
+
+    voc = write_voc(tmp_path / "voc")  # ids a, b, c in the one split "train"
+    bad = voc / "JPEGImages" / "c.jpg"
+    bad.write_bytes(b"not a jpeg")
+    cfg = build_config({"task": "multitask", "out": str(tmp_path / "run"), "model": {"preset": "student_small"},
+                        "data": {"format": "voc", "root": str(voc), "train": "train", "val": "train",
+                                 "test": "train", "imgsz": 64, "skip_bad": True},
+                        "train": {"epochs": 1, "batch": 3, "workers": 1, "device": "cpu", "ema": False,
+                                  "tensorboard": False, "plots": False}})
+    capsys.readouterr()
+    report = Trainer(cfg).fit()  # one batch of a, b, c: c is skipped in training, validation and test
+    assert "data.skip_bad: skipped bad samples (the warnings name them): train 1, val 1, test 1" in \
+        capsys.readouterr().out
+    saved = json.loads((tmp_path / "run" / "test_metrics.json").read_text())
+    assert saved == report and (saved["split"], saved["split_read"]) == ("test", "train")
+    assert (saved["skipped_samples"], saved["train_skipped_samples"], saved["val_skipped_samples"]) == (1, 1, 1)
+    rows = read_rows(tmp_path / "run" / "results.csv")
+    assert (rows[-1]["skipped_samples"], rows[-1]["val/skipped_samples"]) == ("1", "1")
+    metrics = evaluate_checkpoint(cfg, tmp_path / "run" / "best.pt", "test")
+    assert (metrics["split"], metrics["split_read"], metrics["skipped_samples"]) == ("test", "train", 1)
+    assert metrics["n_images"] == 2
 
 
 def test_checkpoint_errors_name_the_file(tmp_path):

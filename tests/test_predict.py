@@ -166,6 +166,26 @@ def test_cli_predict_accepts_an_image_file_and_a_folder(tmp_path, capsys):
                                                "(give an image file or a folder of images)")
 
 
+def test_cli_predict_honours_skip_bad(tmp_path, capsys):
+    from mtkd.cli import main
+
+    cfg, ckpt = _multitask_checkpoint(tmp_path)
+    src = tmp_path / "images"
+    _write_images(src)
+    broken = src / "sub" / "broken.jpg"
+    broken.write_bytes(b"this is no jpeg")
+    capsys.readouterr()
+    assert main(["predict", str(cfg), "--ckpt", str(ckpt), "--source", str(src), "--out", str(tmp_path / "p")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {broken}: not a readable image (not a file format PIL reads)"
+    assert not (tmp_path / "p" / "detections.json").exists()
+    with pytest.warns(UserWarning, match=f"skipping bad image: {broken}"):
+        code = main(["predict", str(cfg), "data.skip_bad=true", "--ckpt", str(ckpt), "--source", str(src),
+                     "--out", str(tmp_path / "p")])
+    assert code == 0
+    saved = json.loads((tmp_path / "p" / "detections.json").read_text())
+    assert [r["file"] for r in saved] == sorted(rel for rel, _, _ in IMAGES)
+
+
 def test_draw_predictions():
     image = np.full((40, 60, 3), 100, np.uint8)
     mask = np.zeros((40, 60), np.uint8)

@@ -88,7 +88,7 @@ def classify_predict(cfg: Dict[str, Any], ckpt: Union[str, Path], source: Union[
             raise ConfigError(f"data.mean/data.std: null in the config and not recorded in {ckpt}")
     _, model, classes, device = load_model(cfg, ckpt)
     return predict_folder(model, source, labels if labels is not None else classes, int(data["imgsz"]),
-                          mean, std, device)
+                          mean, std, device, skip_bad=bool(data.get("skip_bad", False)))
 
 
 def _run_make_data(args: argparse.Namespace) -> int:

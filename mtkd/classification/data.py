@@ -163,13 +163,16 @@ def build_transform(imgsz: int, mean: Sequence[float], std: Sequence[float],
 class ImageFolderDataset(torch.utils.data.Dataset):
     """One split of an ImageFolder tree; see the module doc for conventions.
 
-    ``classes``: the class list (index = label); ``samples``: ``[(path, label)]``.
+    ``classes``: the class list (index = label); ``samples``: ``[(path, label)]``;
+    ``split``: the folder's name; ``skipped``: the images dropped as bad (``skip_bad``).
     """
 
     def __init__(self, folder: PathLike, classes: Sequence[str], transform: Any,
                  skip_bad: bool = False):
         self.folder = Path(folder)
+        self.split = self.folder.name
         self.classes = list(classes)
+        self.skipped: List[str] = []
         self.transform = transform
         index = {name: i for i, name in enumerate(self.classes)}
         samples: List[Tuple[Path, int]] = []
@@ -179,7 +182,9 @@ class ImageFolderDataset(torch.utils.data.Dataset):
                                 f"classes ({', '.join(self.classes)})")
             samples += [(p, index[name]) for p in list_images(self.folder / name)]
         if skip_bad:
-            samples = self._drop_bad(samples)
+            good = self._drop_bad(samples)
+            self.skipped = sorted(str(p) for p, _ in set(samples) - set(good))
+            samples = good
         if not samples:
             raise DataError(f"{self.folder}: no images found (extensions: {', '.join(IMG_EXTENSIONS)})")
         self.samples = samples
@@ -198,6 +203,10 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    def skipped_files(self) -> List[str]:
+        """The images dropped as bad when the dataset was built (``skip_bad``)."""
+        return list(self.skipped)
 
     @property
     def targets(self) -> List[int]:
