@@ -129,7 +129,7 @@ def _run_eval(args: argparse.Namespace) -> int:
 
 
 # -- predict -------------------------------------------------------------------------
-@command("predict", help="predict every image of a folder, with a checkpoint or an exported ONNX file")
+@command("predict", help="predict an image, or every image of a folder, with a checkpoint or an exported ONNX file")
 def _predict_args(p: argparse.ArgumentParser) -> Runner:
     p.add_argument("config", nargs="?", default=None,
                    help="run config YAML (as for train); optional with --onnx, where only eval.predict_conf and "
@@ -139,7 +139,7 @@ def _predict_args(p: argparse.ArgumentParser) -> Runner:
     model.add_argument("--ckpt", help="checkpoint (best.pt / last.pt); needs the config")
     model.add_argument("--onnx", metavar="FILE", help="a file written by mtkd export, run in onnxruntime: class "
                                                       "names, input size and normalisation come from the file")
-    p.add_argument("--source", required=True, help="folder of images")
+    p.add_argument("--source", required=True, help="an image file, or a folder of images (searched recursively)")
     p.add_argument("--out", required=True, help="output folder")
     return _run_predict
 

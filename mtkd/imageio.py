@@ -10,16 +10,23 @@
   Every other mode (``L``, ``P``, ``RGBA``, ``CMYK``, ...) goes through
   ``convert("RGB")``: palettes are looked up, alpha is dropped.
 
+* **Opening.** :func:`open_image` opens files with PIL's own
+  ``Image.open``, also where another library replaced it: Ultralytics (which
+  mtkd's models import) wraps it so that a file PIL cannot identify triggers
+  a requirements check for ``pi_heif`` (an install attempt unless offline)
+  and a retry. A file that is not an image of a format PIL reads is a
+  one-line DataError saying so.
+
 Only PIL and numpy are imported, so the classification package can use this
 without the detection datasets' dependencies.
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Tuple
+from typing import Callable, Tuple
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from mtkd.errors import DataError
 
@@ -27,6 +34,33 @@ from mtkd.errors import DataError
 SWAPPING_ORIENTATIONS = (5, 6, 7, 8)
 
 _ORIENTATION_TAG = 0x0112
+
+
+def _pil_open() -> Callable[..., Image.Image]:
+    """PIL's own ``Image.open``, looking through a replacement that keeps it as ``__wrapped__`` or,
+    as Ultralytics' does, as ``_image_open`` in its module; the current ``Image.open`` otherwise."""
+    opener = Image.open
+    for _ in range(4):
+        if getattr(opener, "__module__", None) == Image.__name__:
+            return opener
+        inner = getattr(opener, "__wrapped__", None) or getattr(opener, "__globals__", {}).get("_image_open")
+        if not callable(inner):
+            break
+        opener = inner
+    return Image.open
+
+
+def open_image(path: Path | str, what: str = "image") -> Image.Image:
+    """``PIL.Image.open(path)`` with PIL's own opener (module doc); DataError naming ``path`` when it
+    is missing or not an image of a format PIL reads (``what`` names the file's role: image, mask)."""
+    try:
+        return _pil_open()(path)
+    except FileNotFoundError:
+        raise DataError(f"{path}: {what} file not found") from None
+    except (UnidentifiedImageError, ImportError):  # ImportError: a replaced opener's missing plugin
+        raise DataError(f"{path}: not a readable {what} (not a file format PIL reads)") from None
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise DataError(f"{path}: corrupt or unreadable {what} ({exc})") from None
 
 
 def to_rgb(im: Image.Image, path: Path | str) -> Image.Image:

@@ -89,3 +89,26 @@ def test_student_st_is_one_minus_alpha_ce_plus_alpha_soft_targets():
     kl = torch.nn.functional.kl_div(torch.log_softmax(s / T, 1), torch.softmax(t / T, 1),
                                     reduction="batchmean") * T * T
     assert float(total) == pytest.approx(float((1 - alpha) * ce + alpha * kl), rel=1e-5)
+
+
+def test_predict_one_file_and_skip_bad(trained, capsys, tmp_path):
+    import shutil
+
+    tmp, data, overrides, _ = trained
+    src = tmp_path / "src"
+    shutil.copytree(data / "test", src)
+    one = sorted(src.rglob("*.png"))[0]
+    head = ["classify", "predict", str(CFG / "student_plain.yaml"), *overrides[:2]]
+    args = head + ["--ckpt", str(tmp / "run" / "best.pt")]
+    capsys.readouterr()
+    assert main(args + ["--source", str(one)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1 and lines[0].split(" ")[0] == one.name
+    broken = src / "class00" / "broken.png"
+    broken.write_bytes(b"not a png")
+    assert main(args + ["--source", str(src)]) == 2
+    assert f"{broken}: not a readable image" in capsys.readouterr().err
+    with pytest.warns(UserWarning, match="broken.png"):
+        assert main(head + ["data.skip_bad=true", "--ckpt", str(tmp / "run" / "best.pt"), "--source", str(src)]) == 0
+    files = sorted(p.relative_to(src).as_posix() for p in src.rglob("*.png") if p != broken)
+    assert sorted(line.split(" ")[0] for line in capsys.readouterr().out.splitlines()) == files

@@ -57,6 +57,25 @@ def test_base_chain_and_overrides(tmp_path):
         load_config(run, ["train.bacth=3"])
 
 
+def test_scientific_notation_is_a_float_in_overrides_and_files(tmp_path):
+    (tmp_path / "base.yaml").write_text("train:\n  weight_decay: 5e-4\n")
+    run = tmp_path / "run.yaml"
+    run.write_text("_base_: base.yaml\ntrain:\n  lr: 1e-3\n  lrf: 1E-2\n"
+                   "loss:\n  extra: [{name: cwd, weight: 2e-1}]\n")
+    cfg = load_config(run)
+    assert (cfg["train"]["lr"], cfg["train"]["lrf"], cfg["train"]["weight_decay"]) == (1e-3, 1e-2, 5e-4)
+    assert type(cfg["train"]["lr"]) is float and cfg["loss"]["extra"][0]["weight"] == 0.2
+    cfg = load_config(run, ["train.lr=1E-4", "train.momentum=+9e-1", "train.ema_tau=2e3", "train.epochs=3"])
+    assert (cfg["train"]["lr"], cfg["train"]["momentum"], cfg["train"]["ema_tau"]) == (1e-4, 0.9, 2000.0)
+    assert type(cfg["train"]["epochs"]) is int
+    # what is not a number stays a string, and a float key refuses it
+    assert parse_overrides(["out=runs/1e-3x", "data.classes=[a1e3]"]) == {"out": "runs/1e-3x",
+                                                                          "data": {"classes": ["a1e3"]}}
+    with pytest.raises(ConfigError, match=r"^train\.lr: expected float, got str \('1e-3x'\)$"):
+        load_config(run, ["train.lr=1e-3x"])
+    assert parse_overrides(["train.lr=1e-3"]) == {"train": {"lr": 0.001}}  # the module doc's example
+
+
 def test_base_cycle_and_bad_yaml(tmp_path):
     write(tmp_path / "a.yaml", {"_base_": "b.yaml"})
     write(tmp_path / "b.yaml", {"_base_": "a.yaml"})

@@ -55,6 +55,28 @@ def test_corrupt_image_raises_then_skips_with_count(voc):
     assert skipping.skipped == [str(bad)]
 
 
+def test_non_image_file_is_not_a_readable_image(voc, tmp_path):
+    import sys
+
+    import ultralytics.utils.patches  # noqa: F401  (what mtkd's models import: it replaces PIL.Image.open)
+
+    from mtkd.datasets.common import image_size, read_image
+    from mtkd.imageio import open_image
+
+    text = voc / "JPEGImages" / "b.jpg"
+    text.write_text("hello, I am a text file\n")
+    hostname = tmp_path / "hostname"  # like /etc/hostname given as an image: no suffix, one line of text
+    hostname.write_text("buildhost\n")
+    heif_before = "pi_heif" in sys.modules
+    for path, read in ((text, read_image), (hostname, read_image), (hostname, image_size)):
+        message = raises_naming(path, lambda: read(path))
+        assert message == f"{path}: not a readable image (not a file format PIL reads)"
+    message = raises_naming(text, lambda: VOCDataset(voc, "train")[1])
+    assert "not a readable image" in message and "pi_heif" not in message
+    assert ("pi_heif" in sys.modules) == heif_before  # no plugin was looked for
+    assert "not a readable mask" in raises_naming(hostname, lambda: open_image(hostname, "mask"))
+
+
 def test_malformed_xml_and_skip_at_construction(voc):
     xml = voc / "Annotations" / "b.xml"
     xml.write_text("<annotation><object>")
@@ -62,6 +84,37 @@ def test_malformed_xml_and_skip_at_construction(voc):
     with pytest.warns(UserWarning, match="b.xml"):
         ds = VOCDataset(voc, "train", classes=["cat", "dog"], skip_bad=True)
     assert [r.id for r in ds.records] == ["a", "c"] and len(ds.skipped) == 1
+
+
+def test_truncated_xml_while_reading_the_class_list(voc):
+    xml = voc / "Annotations" / "b.xml"
+    xml.write_text(xml.read_text()[:40])  # cut short mid-element
+    message = raises_naming(xml, lambda: VOCDataset(voc, "train"))  # no class list: read from the XMLs
+    assert "malformed XML" in message
+    with pytest.warns(UserWarning, match="b.xml") as caught:
+        ds = VOCDataset(voc, "train", skip_bad=True)
+    assert any("class list" in str(w.message) for w in caught)
+    assert ds.classes == ["cat", "dog"] and [r.id for r in ds.records] == ["a", "c"]
+    assert ds.skipped_files() == [str(voc / "JPEGImages" / "b.jpg")]
+
+
+def test_skipped_files_are_counted_across_dataloader_workers(voc):
+    import torch
+
+    from mtkd.datasets.collate import collate
+    from mtkd.datasets.transforms import build_transforms
+
+    bad = voc / "JPEGImages" / "c.jpg"
+    bad.write_bytes(b"not a jpeg")
+    (voc / "Annotations" / "b.xml").write_text("<annotation><object>")  # skipped at construction
+    with pytest.warns(UserWarning):
+        ds = VOCDataset(voc, "train", classes=["cat", "dog"], skip_bad=True,
+                        transform=build_transforms({"imgsz": 64}, train=False))
+    assert ds.skipped_files() == [str(voc / "JPEGImages" / "b.jpg")]
+    loader = torch.utils.data.DataLoader(ds, batch_size=1, num_workers=1, collate_fn=collate)
+    assert [b["ids"] for b in loader] == [["a"], ["a"]]  # c is bad: the next good sample stands in
+    assert ds.skipped == [str(voc / "JPEGImages" / "b.jpg")]  # the worker's list stayed in the worker
+    assert ds.skipped_files() == [str(voc / "JPEGImages" / "b.jpg"), str(bad)]
 
 
 def test_unknown_class_name_names_file_and_class(voc):

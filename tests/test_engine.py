@@ -59,7 +59,8 @@ class ToyTask:
     name = "toy"
 
     def build_dataset(self, cfg: Dict[str, Any], split: str, train: bool) -> ToyData:
-        return ToyData({"train": 24, "val": 8, "test": 8}[split], seed={"train": 1, "val": 2, "test": 3}[split])
+        name = cfg["data"][split]  # the split the config key names, as mtkd's datasets read it
+        return ToyData({"train": 24, "val": 8, "test": 8}[name], seed={"train": 1, "val": 2, "test": 3}[name])
 
     def collate(self, items: List[Dict[str, Any]]) -> Dict[str, Any]:
         return {"images": torch.stack([x["image"] for x in items]),
@@ -499,20 +500,114 @@ def test_evaluate_checkpoint_and_class_check(tmp_path):
         evaluate_checkpoint(cfg, tmp_path / "other.pt", "val")
 
 
+def test_metrics_json_records_the_split_key_and_the_split_read(tmp_path, capsys):
+    cfg = toy_cfg(tmp_path / "run", epochs=1)
+    cfg["data"]["test"] = "val"
+    report = Trainer(cfg).fit()
+    saved = json.loads((tmp_path / "run" / "test_metrics.json").read_text())
+    assert saved == report and (saved["split"], saved["split_read"]) == ("test", "val")
+    best = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
+    assert saved["pixel_acc"] == pytest.approx(best["metrics"]["pixel_acc"])  # it did read val
+    assert "skipped_samples" not in saved  # the toy dataset does not count bad samples
+    code, errors, _ = _cli(cfg, tmp_path, capsys, "--ckpt", str(tmp_path / "run" / "best.pt"), "--split", "test",
+                           "--json", str(tmp_path / "m.json"), command="eval")
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert code == 0 and not errors and (metrics["split"], metrics["split_read"]) == ("test", "val")
+    assert metrics["pixel_acc"] == pytest.approx(saved["pixel_acc"])
+
+
+@pytest.mark.filterwarnings("ignore:skipping bad sample")
+def test_skip_bad_counts_in_results_csv_test_metrics_and_eval_json(tmp_path, capsys):
+    from test_datasets_formats import write_voc
+
+    voc = write_voc(tmp_path / "voc")  # ids a, b, c in the one split "train"
+    bad = voc / "JPEGImages" / "c.jpg"
+    bad.write_bytes(b"not a jpeg")
+    cfg = build_config({"task": "multitask", "out": str(tmp_path / "run"), "model": {"preset": "student_small"},
+                        "data": {"format": "voc", "root": str(voc), "train": "train", "val": "train",
+                                 "test": "train", "imgsz": 64, "skip_bad": True},
+                        "train": {"epochs": 1, "batch": 3, "workers": 1, "device": "cpu", "ema": False,
+                                  "tensorboard": False, "plots": False}})
+    capsys.readouterr()
+    report = Trainer(cfg).fit()  # one batch of a, b, c: c is skipped in training, validation and test
+    assert "data.skip_bad: skipped bad samples (the warnings name them): train 1, val 1, test 1" in \
+        capsys.readouterr().out
+    saved = json.loads((tmp_path / "run" / "test_metrics.json").read_text())
+    assert saved == report and (saved["split"], saved["split_read"]) == ("test", "train")
+    assert (saved["skipped_samples"], saved["train_skipped_samples"], saved["val_skipped_samples"]) == (1, 1, 1)
+    rows = read_rows(tmp_path / "run" / "results.csv")
+    assert (rows[-1]["skipped_samples"], rows[-1]["val/skipped_samples"]) == ("1", "1")
+    metrics = evaluate_checkpoint(cfg, tmp_path / "run" / "best.pt", "test")
+    assert (metrics["split"], metrics["split_read"], metrics["skipped_samples"]) == ("test", "train", 1)
+    assert metrics["n_images"] == 2
+
+
 def test_checkpoint_errors_name_the_file(tmp_path):
     with pytest.raises(MtkdError, match=r"missing\.pt: checkpoint not found"):
         ckpt_io.load_checkpoint(tmp_path / "missing.pt")
     bad = tmp_path / "torn.pt"
     bad.write_bytes(b"\x80\x04not a zip")
-    with pytest.raises(MtkdError, match=r"torn\.pt: cannot read checkpoint") as err:
+    with pytest.raises(MtkdError, match=r"torn\.pt: checkpoint file is corrupt or not a checkpoint") as err:
         ckpt_io.load_checkpoint(bad)
-    assert "\n" not in str(err.value)
-    # pickled objects outside the allow-list are refused unless trusted
+    assert "\n" not in str(err.value) and "trust_pickle" not in str(err.value)
+    # pickled objects outside the allow-list are refused unless trusted, naming the object
     evil = tmp_path / "pickled.pt"
     torch.save({"model": {}, "obj": ToyData(1, 0)}, evil)
-    with pytest.raises(MtkdError, match="pickled.pt"):
+    with pytest.raises(MtkdError, match=r"pickled\.pt: holds pickled objects .*ToyData.*set trust_pickle$"):
         ckpt_io.load_checkpoint(evil)
     assert isinstance(ckpt_io.load_checkpoint(evil, trust_pickle=True)["obj"], ToyData)
+
+
+def test_truncated_checkpoint_is_reported_as_truncated(tmp_path):
+    run = tmp_path / "run"
+    Trainer(toy_cfg(run, epochs=1)).fit()
+    data = (run / "best.pt").read_bytes()
+    for keep in (0, 100, len(data) // 2, len(data) - 1):
+        cut = tmp_path / f"cut{keep}.pt"
+        cut.write_bytes(data[:keep])
+        for trust in (False, True):
+            with pytest.raises(MtkdError) as err:
+                ckpt_io.load_checkpoint(cut, trust_pickle=trust)
+            message = str(err.value)
+            assert message.startswith(f"{cut}: checkpoint file is truncated ({keep} bytes"), message
+            assert "trust_pickle" not in message and "\n" not in message
+    cut = tmp_path / f"cut{len(data) // 2}.pt"
+    with pytest.raises(MtkdError, match="truncated"):
+        evaluate_checkpoint(toy_cfg(run, epochs=1), cut, "val")
+
+
+def test_state_dict_mismatch_names_presets_and_first_keys(tmp_path):
+    from mtkd.engine.trainer import load_model
+    from mtkd.models import build_model
+
+    classes = ["a", "b"]
+    teacher_cfg = build_config({"model": {"preset": "teacher_small"}, "train": {"device": "cpu"}})
+    teacher = build_model({"preset": "teacher_small"}, len(classes))
+    path = tmp_path / "teacher.pt"
+    ckpt_io.save_atomic({"format": ckpt_io.FORMAT, "task": "multitask", "classes": classes,
+                         "config": teacher_cfg, "model": teacher.state_dict()}, path)
+    student_cfg = build_config({"model": {"preset": "student_small"}, "train": {"device": "cpu"}})
+    with pytest.raises(MtkdError) as err:
+        load_model(student_cfg, path)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"{path}: weights do not fit the model of the config: ")
+    assert ("the checkpoint's model has preset=teacher_small backbone=null, "
+            "the config's preset=student_small backbone=null") in message
+    # cnn_w32 and cnn_w12 share their layer names: the first mismatch is a shape
+    first = next(k for k, v in build_model({"preset": "student_small"}, 2).state_dict().items()
+                 if v.shape != teacher.state_dict()[k].shape)
+    assert f"shape mismatches (first {first}: " in message
+    # a state dict with a renamed key: the first missing and the first unexpected key are named
+    state = teacher.state_dict()
+    key = next(iter(state))
+    state["extra." + key] = state.pop(key)
+    ckpt_io.save_atomic({"format": ckpt_io.FORMAT, "task": "multitask", "classes": classes,
+                         "config": teacher_cfg, "model": state}, path)
+    with pytest.raises(MtkdError) as err:
+        load_model(teacher_cfg, path)
+    message = str(err.value)
+    assert (f"preset=teacher_small backbone=null, the config's preset=teacher_small backbone=null; "
+            f"1 missing keys (first {key}), 1 unexpected keys (first extra.{key})") in message
 
 
 def test_atomic_save_leaves_no_temp_and_rng_roundtrip(tmp_path):

@@ -110,6 +110,82 @@ def test_predict_folder_input_errors(tmp_path):
         predict_folder(ThresholdModel(nc=3), src, tmp_path / "out", CLASSES, IMGSZ, [0, 0, 0], [1, 1, 1])
 
 
+def test_predict_one_image_file(tmp_path):
+    src = tmp_path / "images"
+    _write_images(src)
+    rel, (h, w), rect = IMAGES[1]
+    results = _predict(src / rel, tmp_path / "out")
+    assert [r["file"] for r in results] == ["b.bmp"] and (results[0]["height"], results[0]["width"]) == (h, w)
+    assert np.abs(np.array(results[0]["boxes"][0]) - np.array(rect)).max() <= 2.5
+    assert json.loads((tmp_path / "out" / "detections.json").read_text()) == results
+    assert (tmp_path / "out" / "vis" / "b.png").is_file()
+    hostname = tmp_path / "hostname"  # a file named explicitly is read whatever its suffix
+    hostname.write_text("buildhost\n")
+    with pytest.raises(DataError, match=f"^{hostname}: not a readable image"):
+        _predict(hostname, tmp_path / "out2")
+
+
+def _multitask_checkpoint(tmp_path, imgsz=64):
+    """A random student_small checkpoint and the config YAML it was "trained" with."""
+    import yaml
+
+    from mtkd.engine import checkpoint as ckpt_io
+    from mtkd.engine.config import build_config
+    from mtkd.models import build_model
+
+    user = {"task": "multitask", "model": {"preset": "student_small"}, "data": {"imgsz": imgsz},
+            "train": {"device": "cpu"}, "eval": {"predict_conf": 0.0}}
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(yaml.safe_dump(user))
+    ckpt = tmp_path / "best.pt"
+    ckpt_io.save_atomic({"format": ckpt_io.FORMAT, "task": "multitask", "classes": CLASSES,
+                         "config": build_config(user), "model": build_model({"preset": "student_small"},
+                                                                             len(CLASSES)).state_dict()}, ckpt)
+    return cfg_path, ckpt
+
+
+def test_cli_predict_accepts_an_image_file_and_a_folder(tmp_path, capsys):
+    from mtkd.cli import main
+
+    cfg, ckpt = _multitask_checkpoint(tmp_path)
+    src = tmp_path / "images"
+    _write_images(src)
+    assert main(["predict", str(cfg), "--ckpt", str(ckpt), "--source", str(src / "a.png"),
+                 "--out", str(tmp_path / "one")]) == 0
+    one = json.loads((tmp_path / "one" / "detections.json").read_text())
+    assert [r["file"] for r in one] == ["a.png"] and one[0]["mask"] == "masks/a.png"
+    assert main(["predict", str(cfg), "--ckpt", str(ckpt), "--source", str(src),
+                 "--out", str(tmp_path / "all")]) == 0
+    every = json.loads((tmp_path / "all" / "detections.json").read_text())
+    assert [r["file"] for r in every] == sorted(rel for rel, _, _ in IMAGES)
+    assert every[0] == one[0]  # the same image, predicted alone or in its folder
+    capsys.readouterr()
+    assert main(["predict", str(cfg), "--ckpt", str(ckpt), "--source", str(tmp_path / "nope.jpg"),
+                 "--out", str(tmp_path / "x")]) == 2
+    assert capsys.readouterr().err.strip() == (f"error: {tmp_path / 'nope.jpg'}: source not found "
+                                               "(give an image file or a folder of images)")
+
+
+def test_cli_predict_honours_skip_bad(tmp_path, capsys):
+    from mtkd.cli import main
+
+    cfg, ckpt = _multitask_checkpoint(tmp_path)
+    src = tmp_path / "images"
+    _write_images(src)
+    broken = src / "sub" / "broken.jpg"
+    broken.write_bytes(b"this is no jpeg")
+    capsys.readouterr()
+    assert main(["predict", str(cfg), "--ckpt", str(ckpt), "--source", str(src), "--out", str(tmp_path / "p")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {broken}: not a readable image (not a file format PIL reads)"
+    assert not (tmp_path / "p" / "detections.json").exists()
+    with pytest.warns(UserWarning, match=f"skipping bad image: {broken}"):
+        code = main(["predict", str(cfg), "data.skip_bad=true", "--ckpt", str(ckpt), "--source", str(src),
+                     "--out", str(tmp_path / "p")])
+    assert code == 0
+    saved = json.loads((tmp_path / "p" / "detections.json").read_text())
+    assert [r["file"] for r in saved] == sorted(rel for rel, _, _ in IMAGES)
+
+
 def test_draw_predictions():
     image = np.full((40, 60, 3), 100, np.uint8)
     mask = np.zeros((40, 60), np.uint8)

@@ -5,7 +5,7 @@ Training and evaluation go through the generic commands
 adds what they lack for classification::
 
     mtkd classify make-data --out data/classify [--classes 8 --per-class 64 --test-per-class 32 --imgsz 32]
-    mtkd classify predict CONFIG [key=value ...] --ckpt PATH --source DIR [--labels FILE]
+    mtkd classify predict CONFIG [key=value ...] --ckpt PATH --source FILE|DIR [--labels FILE]
 
 ``make-data`` writes ``train/``, ``val/`` and ``test/`` splits plus
 ``labels.txt`` (:func:`make_classify_data`). ``predict`` prints one
@@ -68,16 +68,16 @@ def _checkpoint_data(ckpt: Union[str, Path]) -> Dict[str, Any]:
 
 def classify_predict(cfg: Dict[str, Any], ckpt: Union[str, Path], source: Union[str, Path],
                      labels: Optional[Union[str, Path]] = None) -> List[str]:
-    """``file class prob`` lines for every image under ``source`` (module doc for the sources of
-    imgsz, mean/std and class names)."""
+    """``file class prob`` lines for image file ``source`` or every image under folder ``source``
+    (module doc for the sources of imgsz, mean/std and class names)."""
     from mtkd.classification.predict import predict_folder
     from mtkd.engine.trainer import load_model
     from mtkd.errors import DataError
 
     if cfg.get("task") != "classify":
         raise ConfigError(f"task: 'mtkd classify predict' needs a classify config, got {cfg.get('task')!r}")
-    if not Path(source).is_dir():
-        raise DataError(f"{source}: source folder not found")
+    if not Path(source).exists():
+        raise DataError(f"{source}: source not found (give an image file or a folder of images)")
     data = cfg["data"]
     mean, std = data.get("mean"), data.get("std")
     if mean is None or std is None:
@@ -88,7 +88,7 @@ def classify_predict(cfg: Dict[str, Any], ckpt: Union[str, Path], source: Union[
             raise ConfigError(f"data.mean/data.std: null in the config and not recorded in {ckpt}")
     _, model, classes, device = load_model(cfg, ckpt)
     return predict_folder(model, source, labels if labels is not None else classes, int(data["imgsz"]),
-                          mean, std, device)
+                          mean, std, device, skip_bad=bool(data.get("skip_bad", False)))
 
 
 def _run_make_data(args: argparse.Namespace) -> int:
@@ -120,12 +120,12 @@ def _classify_args(p: argparse.ArgumentParser) -> Runner:
     mk.add_argument("--imgsz", type=int, default=32)
     mk.add_argument("--seed", type=int, default=0)
     mk.set_defaults(_action=_run_make_data)
-    pr = sub.add_parser("predict", help="print 'file class prob' for every image of a folder")
+    pr = sub.add_parser("predict", help="print 'file class prob' for an image or every image of a folder")
     pr.add_argument("config", help="run config YAML: a file (e.g. <run>/config.yaml), else a packaged "
                                     "config (e.g. classify/student_st.yaml)")
     pr.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
     pr.add_argument("--ckpt", required=True, help="checkpoint (best.pt / last.pt)")
-    pr.add_argument("--source", required=True, help="folder of images (searched recursively)")
+    pr.add_argument("--source", required=True, help="an image file, or a folder of images (searched recursively)")
     pr.add_argument("--labels", default=None,
                     help="labels file, 'index name' per line (default: the checkpoint's classes)")
     pr.set_defaults(_action=_run_predict)

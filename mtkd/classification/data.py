@@ -37,12 +37,12 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import v2
 
 from mtkd.errors import ConfigError, DataError
-from mtkd.imageio import to_rgb
+from mtkd.imageio import open_image, to_rgb
 
 PathLike = Union[str, Path]
 
@@ -71,17 +71,13 @@ def list_images(folder: PathLike) -> List[Path]:
 
 
 def load_rgb(path: PathLike) -> Image.Image:
-    """The image at ``path`` as RGB, or a DataError naming the file.
-
-    ``ImportError`` is caught too: once Ultralytics is imported it patches
-    ``PIL.Image.open`` to retry unidentified files through the optional
-    ``pi_heif`` plugin, which raises ModuleNotFoundError when absent.
-    """
-    try:
-        with Image.open(path) as im:
+    """The image at ``path`` as RGB, or a DataError naming the file
+    (:func:`mtkd.imageio.open_image`: missing, not an image, corrupt)."""
+    with open_image(path) as im:
+        try:
             return to_rgb(im, path)
-    except (OSError, UnidentifiedImageError, ValueError, ImportError) as exc:
-        raise DataError(f"{path}: cannot read image ({type(exc).__name__}: {str(exc)[:120]})") from None
+        except (OSError, ValueError) as exc:
+            raise DataError(f"{path}: corrupt or unreadable image ({type(exc).__name__}: {str(exc)[:120]})") from None
 
 
 def parse_labels_file(path: PathLike) -> List[str]:
@@ -167,13 +163,16 @@ def build_transform(imgsz: int, mean: Sequence[float], std: Sequence[float],
 class ImageFolderDataset(torch.utils.data.Dataset):
     """One split of an ImageFolder tree; see the module doc for conventions.
 
-    ``classes``: the class list (index = label); ``samples``: ``[(path, label)]``.
+    ``classes``: the class list (index = label); ``samples``: ``[(path, label)]``;
+    ``split``: the folder's name; ``skipped``: the images dropped as bad (``skip_bad``).
     """
 
     def __init__(self, folder: PathLike, classes: Sequence[str], transform: Any,
                  skip_bad: bool = False):
         self.folder = Path(folder)
+        self.split = self.folder.name
         self.classes = list(classes)
+        self.skipped: List[str] = []
         self.transform = transform
         index = {name: i for i, name in enumerate(self.classes)}
         samples: List[Tuple[Path, int]] = []
@@ -183,7 +182,9 @@ class ImageFolderDataset(torch.utils.data.Dataset):
                                 f"classes ({', '.join(self.classes)})")
             samples += [(p, index[name]) for p in list_images(self.folder / name)]
         if skip_bad:
-            samples = self._drop_bad(samples)
+            good = self._drop_bad(samples)
+            self.skipped = sorted(str(p) for p, _ in set(samples) - set(good))
+            samples = good
         if not samples:
             raise DataError(f"{self.folder}: no images found (extensions: {', '.join(IMG_EXTENSIONS)})")
         self.samples = samples
@@ -202,6 +203,10 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    def skipped_files(self) -> List[str]:
+        """The images dropped as bad when the dataset was built (``skip_bad``)."""
+        return list(self.skipped)
 
     @property
     def targets(self) -> List[int]:

@@ -50,6 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mtkd.engine.checkpoint import unreadable
 from mtkd.errors import ConfigError, MtkdError
 from mtkd.pretrained import Pretrained, check_pretrained, load_state_file
 
@@ -311,9 +312,7 @@ def load_weights(model: nn.Module, path: Union[str, Path], trust_pickle: bool = 
     try:
         obj = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
     except Exception as exc:  # torch raises many types for foreign/torn files
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        hint = "" if trust_pickle else " (if it is a trusted pickle, set teacher.trust_pickle)"
-        raise MtkdError(f"{path}: cannot read checkpoint: {reason[:200]}{hint}") from None
+        raise unreadable(path, exc, "teacher.trust_pickle") from None
     state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in _state_dict_of(obj, path).items()}
     target = model
     if isinstance(model, TappedClassifier) and not any(k.startswith("model.") for k in state):

@@ -210,7 +210,8 @@ class ClassifyTask:
         data = cfg["data"]
         if data.get("mean") is None or data.get("std") is None:
             raise ConfigError("data.mean/data.std: needed for predict (the training run's config.yaml has them)")
-        lines = predict_folder(model, source, classes, int(data["imgsz"]), data["mean"], data["std"], device)
+        lines = predict_folder(model, source, classes, int(data["imgsz"]), data["mean"], data["std"], device,
+                               skip_bad=bool(data.get("skip_bad", False)))
         out = Path(out)
         with writing(out / "predictions.txt"):
             out.mkdir(parents=True, exist_ok=True)

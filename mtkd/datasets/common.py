@@ -24,6 +24,9 @@ Conventions (all formats):
     ``__getitem__`` is replaced by the next good one (its ``index`` then names
     the sample actually returned), a warning names the file, and the file is
     appended to ``.skipped``. ``load_sample`` always raises.
+    :meth:`RecordDataset.skipped_files` lists every file skipped so far, also
+    by DataLoader worker processes (whose ``.skipped`` lists stay theirs): a
+    shared-memory flag per record marks the bad ones.
 """
 from __future__ import annotations
 
@@ -33,10 +36,10 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+import torch
 
 from mtkd.errors import DataError
-from mtkd.imageio import oriented_size, to_rgb
+from mtkd.imageio import open_image, oriented_size, to_rgb
 from mtkd.structures import VOID, Sample
 
 #: Pixels a box may overshoot the image border before it is an error.
@@ -109,26 +112,23 @@ def check_labels(labels: np.ndarray, nc: int, source: Path | str) -> None:
 
 def read_image(path: Path) -> np.ndarray:
     """Decode an image file to upright HxWx3 uint8 RGB (:func:`mtkd.imageio.to_rgb`: EXIF
-    orientation applied, 16-bit scaled); DataError naming it on failure."""
-    try:
-        with Image.open(path) as im:
+    orientation applied, 16-bit scaled); DataError naming it on failure
+    (:func:`mtkd.imageio.open_image`: missing, not an image, corrupt)."""
+    with open_image(path) as im:
+        try:
             im.load()
             return np.asarray(to_rgb(im, path))
-    except FileNotFoundError:
-        raise DataError(f"{path}: image file not found") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, ImportError) as exc:
-        raise DataError(f"{path}: corrupt or unreadable image ({exc})") from None
+        except (OSError, ValueError, SyntaxError) as exc:
+            raise DataError(f"{path}: corrupt or unreadable image ({exc})") from None
 
 
 def image_size(path: Path) -> Tuple[int, int]:
     """(h, w) from the image header only (no decoding), EXIF orientation applied as :func:`read_image` does."""
-    try:
-        with Image.open(path) as im:
+    with open_image(path) as im:
+        try:
             return oriented_size(im)
-    except FileNotFoundError:
-        raise DataError(f"{path}: image file not found") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, ImportError) as exc:
-        raise DataError(f"{path}: corrupt or unreadable image ({exc})") from None
+        except (OSError, ValueError, SyntaxError) as exc:
+            raise DataError(f"{path}: corrupt or unreadable image ({exc})") from None
 
 
 def read_index_mask(path: Path, h: int, w: int, nc: int) -> np.ndarray:
@@ -139,15 +139,13 @@ def read_index_mask(path: Path, h: int, w: int, nc: int) -> np.ndarray:
     converted to RGB. Raises DataError naming the file for a missing/corrupt
     file, an RGB mask, a size different from the image, or an index ``> nc``.
     """
-    try:
-        with Image.open(path) as im:
-            if im.mode not in ("P", "L"):
-                raise DataError(f"{path}: mask must be a palette ('P') or 'L' PNG of class indices, got mode {im.mode}")
+    with open_image(path, "mask") as im:
+        if im.mode not in ("P", "L"):
+            raise DataError(f"{path}: mask must be a palette ('P') or 'L' PNG of class indices, got mode {im.mode}")
+        try:
             mask = np.array(im, dtype=np.uint8)
-    except FileNotFoundError:
-        raise DataError(f"{path}: mask file not found") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, ImportError) as exc:
-        raise DataError(f"{path}: corrupt or unreadable mask ({exc})") from None
+        except (OSError, ValueError, SyntaxError) as exc:
+            raise DataError(f"{path}: corrupt or unreadable mask ({exc})") from None
     if mask.shape != (h, w):
         raise DataError(f"{path}: mask is {mask.shape[1]}x{mask.shape[0]} but the image is {w}x{h}")
     check_mask_values(mask, nc, path)
@@ -190,7 +188,8 @@ class RecordDataset:
     :func:`mtkd.datasets.collate.collate` stacks; ``None`` makes
     ``__getitem__`` return the raw Sample. ``source`` (the split or
     annotation file) names the dataset in errors; ``skipped`` lists the files
-    of samples skipped so far (at construction and while loading).
+    of samples skipped so far (at construction and while loading) in this
+    process, :meth:`skipped_files` in every process.
     """
 
     def __init__(
@@ -210,6 +209,19 @@ class RecordDataset:
         self.source = source
         if not records:
             raise DataError(f"{source}: the split has no usable images")
+        self._skipped_at_build = list(skipped)
+        # one flag per record, set by whichever process finds it bad (shared with DataLoader workers)
+        self._bad = torch.zeros(len(records), dtype=torch.bool).share_memory_()
+
+    def skipped_files(self) -> List[str]:
+        """Files of the samples skipped so far, at construction or while loading in any process (sorted)."""
+        flagged = torch.nonzero(self._bad).flatten().tolist()
+        return sorted(set(self._skipped_at_build) | {str(self.records[i].image_path) for i in flagged})
+
+    def _mark_bad(self, i: int) -> None:
+        self._bad[i] = True
+        if str(self.records[i].image_path) not in self.skipped:
+            self.skipped.append(str(self.records[i].image_path))
 
     @property
     def num_classes(self) -> int:
@@ -279,7 +291,7 @@ class RecordDataset:
                 if not self.skip_bad:
                     raise
                 warnings.warn(f"skipping bad sample: {exc}", stacklevel=2)
-                self.skipped.append(str(self.records[j].image_path))
+                self._mark_bad(j)
                 continue
             return sample if self.transform is None else self.transform(sample)
         raise DataError(f"{self.source}: every sample of the split is bad")
@@ -320,8 +332,7 @@ class RecordDataset:
                 if not self.skip_bad:
                     raise
                 warnings.warn(f"skipping bad sample in coco_gt: {exc}", stacklevel=2)
-                if str(rec.image_path) not in self.skipped:
-                    self.skipped.append(str(rec.image_path))
+                self._mark_bad(i)
                 continue
             images.append({"id": i, "width": int(w), "height": int(h), "file_name": rec.image_path.name})
             entries = [(b, l, bool(d)) for b, l, d in zip(boxes, rec.labels, rec.difficult)]

@@ -25,7 +25,9 @@ list, ``0`` background, ``255`` void (VOC's object borders), exactly the
 
 Classes: the configured list, else ``root/classes.txt``, else the sorted set of
 object names over *all* XML files in ``Annotations`` (so every split of one
-tree agrees).
+tree agrees). There a malformed XML is an error, or with ``skip_bad`` is
+left out with a warning (its sample, when in the split, is then skipped as
+bad; names only it held are not classes).
 """
 from __future__ import annotations
 
@@ -84,18 +86,23 @@ def parse_voc_xml(path: Path) -> Tuple[Optional[Tuple[int, int]], List[Dict[str,
     return size, objects
 
 
-def voc_classes(root: Path) -> List[str]:
-    """Classes of a VOC tree: ``classes.txt`` if present, else names over all XMLs."""
+def voc_classes(root: Path, skip_bad: bool = False) -> List[str]:
+    """Classes of a VOC tree: ``classes.txt`` if present, else names over all XMLs
+    (a malformed one raises DataError, or with ``skip_bad`` warns and is left out)."""
     txt = root / "classes.txt"
     if txt.is_file():
         return [line.strip() for line in txt.read_text().splitlines() if line.strip()]
     names = set()
     for xml in sorted((root / "Annotations").glob("*.xml")):
         try:
-            for obj in ET.parse(xml).getroot().iter("object"):
-                names.add((obj.findtext("name") or "").strip())
-        except ET.ParseError as exc:
-            raise DataError(f"{xml}: malformed XML ({exc})") from None
+            objects = list(ET.parse(xml).getroot().iter("object"))
+        except (ET.ParseError, OSError) as exc:
+            if not skip_bad:
+                raise DataError(f"{xml}: malformed XML ({exc})") from None
+            warnings.warn(f"skipping bad annotation while reading the class list: {xml}: malformed XML ({exc})",
+                          stacklevel=2)
+            continue
+        names.update((obj.findtext("name") or "").strip() for obj in objects)
     names.discard("")
     if not names:
         raise DataError(f"{root}: no classes.txt and no object names in Annotations/*.xml")
@@ -125,7 +132,7 @@ class VOCDataset(RecordDataset):
         root = Path(root)
         if not root.is_dir():
             raise DataError(f"{root}: VOC root not found")
-        classes = list(classes) if classes else voc_classes(root)
+        classes = list(classes) if classes else voc_classes(root, skip_bad)
         index = {name: k for k, name in enumerate(classes)}
         main = root / "ImageSets" / "Main" / f"{split}.txt"
         seg = root / "ImageSets" / "Segmentation" / f"{split}.txt"

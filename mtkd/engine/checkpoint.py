@@ -26,9 +26,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 import random
 import re
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any, Dict, List
 
@@ -93,8 +95,8 @@ def load_checkpoint(path: str | Path, trust_pickle: bool = False,
                     map_location: str | torch.device = "cpu") -> Dict[str, Any]:
     """Load a checkpoint; ``weights_only=True`` unless ``trust_pickle`` is set.
 
-    A missing, corrupt or non-mtkd file, or one of an unknown ``"format"``,
-    raises a one-line MtkdError naming it.
+    A missing, truncated, corrupt or non-mtkd file, or one of an unknown
+    ``"format"``, raises a one-line MtkdError naming it (:func:`unreadable`).
     """
     path = Path(path)
     if not path.is_file():
@@ -102,9 +104,7 @@ def load_checkpoint(path: str | Path, trust_pickle: bool = False,
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=not trust_pickle)
     except Exception as exc:  # torch raises many types for torn/foreign files
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        hint = "" if trust_pickle else " (if it is a trusted pickle, set trust_pickle)"
-        raise MtkdError(f"{path}: cannot read checkpoint: {reason[:200]}{hint}") from None
+        raise unreadable(path, exc) from None
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise MtkdError(f"{path}: not an mtkd checkpoint (no 'model' entry)")
     fmt = ckpt.get("format", READABLE_FORMATS[0])
@@ -113,6 +113,31 @@ def load_checkpoint(path: str | Path, trust_pickle: bool = False,
         raise MtkdError(f"{path}: checkpoint format {fmt!r} is not one this mtkd reads "
                         f"({', '.join(READABLE_FORMATS)}){'; written by a newer mtkd?' if newer else ''}")
     return ckpt
+
+
+def unreadable(path: Path, exc: Exception, trust_key: str = "trust_pickle") -> MtkdError:
+    """The one-line MtkdError for a checkpoint file ``torch.load`` failed on.
+
+    * A weights-only load refusing a pickled object (the file is whole; it
+      holds more than tensors and plain types): the object is named and the
+      config key ``trust_key`` suggested.
+    * A zip archive (what ``torch.save`` writes) without its closing central
+      directory, or an empty file: *truncated*, e.g. a copy cut short.
+    * Anything else: *corrupt or not a checkpoint*, with torch's first line.
+    """
+    text = str(exc).strip()
+    refused = re.search(r"Unsupported global: (?:GLOBAL )?(\S+)", text)
+    if isinstance(exc, pickle.UnpicklingError) and refused:
+        return MtkdError(f"{path}: holds pickled objects that a weights-only load refuses ({refused.group(1)}); "
+                         f"if it is a trusted pickle, set {trust_key}")
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    if size == 0 or (head == b"PK\x03\x04" and not zipfile.is_zipfile(path)):
+        return MtkdError(f"{path}: checkpoint file is truncated ({size} bytes, the archive is incomplete); "
+                         "save or copy it again")
+    reason = text.splitlines()[0] if text else type(exc).__name__
+    return MtkdError(f"{path}: checkpoint file is corrupt or not a checkpoint ({size} bytes): {reason[:160]}")
 
 
 def rng_state() -> Dict[str, Any]:

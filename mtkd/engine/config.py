@@ -14,14 +14,19 @@ How a run's config is built (:func:`load_config`):
    *replaces* the default as a whole (so a run can drop, say, the default
    detection loss instead of inheriting it).
 3. Command-line overrides ``key.sub=value`` are applied; values are parsed
-   with ``yaml.safe_load`` (``train.lr=1e-3`` is a float, ``data.classes=[a,b]``
-   a list, ``teacher.ckpt=null`` None).
+   as YAML (``train.lr=1e-3`` is a float, ``data.classes=[a,b]`` a list,
+   ``teacher.ckpt=null`` None).
 4. Validation: an unknown key anywhere raises :class:`ConfigError` naming the
    full dotted key and the closest known key; a value whose type differs
    from the default's raises :class:`ConfigError` naming the key. An int is
    accepted where the default is a float; a null default accepts any type;
    bools are never taken for numbers; the keys of :data:`MIXED_TYPES` take
    any of their listed types.
+
+Files and override values are read by :func:`yaml_load`: PyYAML's safe
+loader (YAML 1.1), plus YAML 1.2's reading of scientific notation, so
+``1e-3``, ``1E-4`` and ``5e-4`` are floats (YAML 1.1 reads them as strings,
+its floats need a dot and a signed exponent: ``1.0e-3``).
 
 The config is a plain nested dict throughout (so it checkpoints with
 ``weights_only=True``).
@@ -30,6 +35,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
@@ -59,11 +65,28 @@ MIXED_TYPES: Dict[str, Tuple[type, ...]] = {"model.pretrained": (bool, str)}
 FREE_FORM = frozenset({"loss", "data.augment", "teacher.model", "teacher.composite"})
 
 
+class _Loader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that also reads ``1e-3``-style scientific notation as a float (see the module doc)."""
+
+
+# added after PyYAML's own float pattern, so it only decides what that one leaves a string
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def yaml_load(text: str) -> Any:
+    """``yaml.safe_load`` with scientific notation such as ``1e-3`` read as a float."""
+    return yaml.load(text, Loader=_Loader)
+
+
 def _read_yaml(path: Path) -> Dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml_load(path.read_text())
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark is not None else ""
@@ -143,7 +166,7 @@ def parse_overrides(items: Iterable[str]) -> Dict[str, Any]:
         if not sep or not key or any(not part for part in key.split(".")):
             raise ConfigError(f"override {item!r}: expected key.sub=value")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else None
+            value = yaml_load(raw) if raw.strip() else None
         except yaml.YAMLError:
             raise ConfigError(f"{key}: cannot parse override value {raw!r}") from None
         node = out

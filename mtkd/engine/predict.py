@@ -1,4 +1,4 @@
-"""Run a model over a folder of images and save drawings, masks and a JSON.
+"""Run a model over one image or a folder of images and save drawings, masks and a JSON.
 
 Each image is read upright (EXIF orientation applied, see
 :func:`mtkd.datasets.common.read_image`) and goes through the evaluation
@@ -9,7 +9,8 @@ and masks are mapped back to the original pixels with the same helpers as the
 evaluator.
 
 Output layout under ``out_dir`` (``<rel>`` = the image's path relative to
-``image_dir`` with its suffix replaced by ``.png``; when two inputs would
+``image_dir`` with its suffix replaced by ``.png``, or its name when
+``image_dir`` is one image file; when two inputs would
 share a name, e.g. ``a.jpg`` and ``a.png``, the later one keeps its suffix
 as ``a_png.png``):
 
@@ -43,9 +44,12 @@ PREDICT_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 
 
 def list_images(image_dir: Path) -> List[Path]:
-    """Image files under ``image_dir`` (recursive, sorted); DataError if none."""
+    """Image files under ``image_dir`` (recursive, sorted; DataError if none), or ``[image_dir]``
+    when it is a file (named explicitly, so read whatever its suffix)."""
+    if image_dir.is_file():
+        return [image_dir]
     if not image_dir.is_dir():
-        raise DataError(f"{image_dir}: image folder not found")
+        raise DataError(f"{image_dir}: no such image file or folder")
     files = sorted(p for p in image_dir.rglob("*") if p.is_file() and p.suffix.lower() in PREDICT_SUFFIXES)
     if not files:
         raise DataError(f"{image_dir}: no {'/'.join(s[1:] for s in PREDICT_SUFFIXES)} images found")
@@ -86,7 +90,8 @@ def predict_folder(
     max_det: int = 300,
     skip_bad: bool = False,
 ) -> List[Dict[str, Any]]:
-    """Predict every image under ``image_dir``; write drawings, masks and ``detections.json``.
+    """Predict every image under ``image_dir`` (or the one image file it names); write drawings,
+    masks and ``detections.json``.
 
     ``model`` is an mtkd model or any module with the same output dict, such
     as an exported file run in onnxruntime (:class:`mtkd.export.runtime.OnnxModel`,
@@ -100,13 +105,14 @@ def predict_folder(
     mode under ``torch.inference_mode``; its previous mode is restored.
 
     Returns (and writes as ``out_dir/detections.json``) one dict per image:
-    ``{"file": path relative to image_dir, "width", "height", "boxes": [[x1,
+    ``{"file": path relative to image_dir (its name for one file), "width", "height", "boxes": [[x1,
     y1, x2, y2], ...] in original pixels, "scores", "labels" (0-based),
     "classes" (names), "vis": drawing path, "mask": mask path or None}``
     (paths relative to ``out_dir``, POSIX style).
     """
     image_dir, out_dir = Path(image_dir), Path(out_dir)
     files = list_images(image_dir)
+    root = image_dir if image_dir.is_dir() else image_dir.parent
     transform = build_transforms({"imgsz": imgsz, "mean": list(mean), "std": list(std)}, train=False)
     device = torch.device(device)
     was_training = model.training
@@ -122,7 +128,7 @@ def predict_folder(
                     raise
                 warnings.warn(f"skipping bad image: {exc}", stacklevel=2)
                 continue
-            rel = path.relative_to(image_dir)
+            rel = path.relative_to(root)
             h, w = image.shape[:2]
             empty = np.zeros((0, 4), np.float32)
             sample = Sample(image, empty, np.zeros(0), None, has_det=False, has_seg=False, id=rel.as_posix(), index=i)

@@ -65,7 +65,8 @@ class Task(Protocol):
 
     def predict(self, model: nn.Module, source: Path, out: Path, classes: List[str],
                 cfg: Dict[str, Any], device: torch.device) -> Any:
-        """Predict every image of folder ``source`` into folder ``out``."""
+        """Predict image file ``source``, or every image of folder ``source``, into folder ``out``
+        (with ``data.skip_bad`` a bad image is skipped with a warning naming it)."""
 
 
 def register_task(name: str) -> Callable[[Type], Type]:
@@ -221,4 +222,5 @@ class MultiTaskTask:
 
         d = cfg["data"]
         return predict_folder(model, source, out, classes, imgsz=d["imgsz"], mean=d["mean"], std=d["std"],
-                              conf=cfg["eval"]["predict_conf"], iou=cfg["eval"]["iou"], device=device)
+                              conf=cfg["eval"]["predict_conf"], iou=cfg["eval"]["iou"], device=device,
+                              skip_bad=bool(d.get("skip_bad", False)))

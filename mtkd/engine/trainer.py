@@ -66,7 +66,16 @@ teacher's forward keeps its graph; ``input_grad``: the input images get
   (a val metric name, higher is better; ``fitness`` = the task's default, for
   the multi-task task the mean of map50 and miou). ``best.pt`` holds the
   evaluated weights (the EMA's when EMA is on). The final report is on the
-  TEST split with those weights (``test_metrics.json``).
+  TEST split with those weights (``test_metrics.json``); it records the
+  config key (``"split": "test"``) and the split that key named
+  (``"split_read"``, :func:`split_read`), as ``mtkd eval``'s metrics do.
+* **Bad samples.** With ``data.skip_bad`` the datasets skip bad samples
+  (:meth:`mtkd.datasets.common.RecordDataset.skipped_files`): ``results.csv``
+  counts the distinct training samples skipped so far (``skipped_samples``,
+  all ranks and workers) and the val samples skipped (``val/skipped_samples``);
+  ``test_metrics.json`` has ``skipped_samples`` (test split),
+  ``train_skipped_samples`` and ``val_skipped_samples``, and one line says
+  so when any was skipped. A dataset without ``skipped_files`` adds no count.
 * **Interruption.** During the training loop the first SIGINT (Ctrl-C) or
   SIGTERM only sets a flag: the current step finishes, nothing is validated,
   ``last.pt`` is saved with the training state and the position inside the
@@ -121,7 +130,8 @@ from mtkd.engine.logger import RunLogger
 from mtkd.engine.tasks import Task, get_task
 from mtkd.errors import ConfigError, Interrupted, MtkdError, writing
 from mtkd.losses.composer import LossComposer
-from mtkd.models.restore import build_pruned, checkpoint_entries, model_from_checkpoint
+from mtkd.models.restore import (architecture_difference, build_pruned, checkpoint_entries, load_weights,
+                                  model_from_checkpoint, state_dict_mismatch)
 from mtkd.structures import DetOutput
 
 
@@ -278,6 +288,7 @@ class Trainer:
         self.amp = bool(self.tcfg["amp"])
         self.step = 0
         self.skipped = 0
+        self.train_skipped: Optional[int] = None  # distinct training samples skipped as bad (data.skip_bad)
         self.train_wall = 0.0
         self.budget_step_time: Optional[float] = None
         self.stop_reason: Optional[str] = None
@@ -617,12 +628,16 @@ class Trainer:
         st = ck.get("train_state")
         if st is None:
             raise MtkdError(f"{path}: has no training state to resume from (use last.pt)")
+        recorded = (ck.get("config") or {}).get("model")
+        load_weights(self.model, st["model"], path,
+                     lambda d: MtkdError(f"{path}: does not match this run's model: {d}"),
+                     "" if ck.get("pruning") else architecture_difference(recorded, self.cfg["model"]))
+        problem = state_dict_mismatch(self.composer.state_dict(), st["composer"])
         try:
-            self.model.load_state_dict(st["model"])
             self.composer.load_state_dict(st["composer"])
         except RuntimeError as exc:
-            raise MtkdError(f"{path}: does not match this run's model/losses: "
-                            f"{str(exc).strip().splitlines()[0]}") from None
+            detail = problem or str(exc).strip().splitlines()[0]
+            raise MtkdError(f"{path}: does not match this run's losses: {detail}") from None
         self.optimizer.load_state_dict(st["optimizer"])
         # LambdaLR.load_state_dict writes the saved schedule's attributes into our lambda
         # object; keep a fresh copy so a changed train.epochs/max_steps extends the run
@@ -669,8 +684,13 @@ class Trainer:
         row: Dict[str, float] = {"epoch": self.epoch + 1, "step": self.step,
                                  "lr": self.optimizer.param_groups[0]["lr"], "train_wall_s": self.train_wall,
                                  "skipped_steps": self.skipped}
+        if self.train_skipped is not None:
+            row["skipped_samples"] = self.train_skipped
         row.update({f"train/{k}": v for k, v in means.items()})
         row.update({f"val/{k}": v for k, v in metrics.items()})
+        val_skipped = skipped_samples(self.val_ds)
+        if validate and val_skipped is not None:
+            row["val/skipped_samples"] = val_skipped
         self.logger.log_epoch(row)
         ckpt = self._base_ckpt(metrics)
         ckpt["train_state"] = self._train_state()
@@ -687,13 +707,21 @@ class Trainer:
         test_ds = self.task.build_dataset(self.cfg, "test", False)
         metrics = self.task.evaluate(model, self._loader(test_ds, train=False), test_ds, self.cfg,
                                      self.device, self.amp)
-        report: Dict[str, Any] = {"split": "test", "checkpoint": str(self.out / "best.pt"),
+        report: Dict[str, Any] = {"split": "test", "split_read": split_read(test_ds, self.cfg, "test"),
+                                  "checkpoint": str(self.out / "best.pt"),
                                   "best_epoch": self.best_epoch, "val_best_score": self.best_score,
                                   "save_best_on": self.tcfg["save_best_on"], **metrics}
         report.update(self.task.model_info(model, self.cfg))
         report.update({"steps": self.step, "skipped_steps": self.skipped, "train_wall_s": self.train_wall,
                        "epochs_run": self.epoch + 1, "world_size": self.dist.world_size,
                        "stop_reason": self.stop_reason})
+        counts = {"train": self.train_skipped, "val": skipped_samples(self.val_ds), "test": skipped_samples(test_ds)}
+        if counts["test"] is not None:
+            report["skipped_samples"] = counts["test"]
+        report.update({f"{k}_skipped_samples": n for k, n in counts.items() if k != "test" and n is not None})
+        if any(counts.values()):
+            print("data.skip_bad: skipped bad samples (the warnings name them): "
+                  + ", ".join(f"{k} {n}" for k, n in counts.items() if n is not None), flush=True)
         with writing(self.out / "test_metrics.json"):
             (self.out / "test_metrics.json").write_text(json.dumps(report, indent=2))
         return report
@@ -729,6 +757,7 @@ class Trainer:
                         self._save_interrupted()
                         self._raise_if_signalled()
                     last = reason is not None or self.epoch + 1 == epochs
+                    self.train_skipped = self._train_skipped()
                     if main:
                         self._end_of_epoch(means, validate=last or (self.epoch + 1) % self.tcfg["val_every"] == 0)
                     if ddp.any_true(main and self._patience_exhausted(), self.dist):
@@ -756,6 +785,18 @@ class Trainer:
         finally:
             self._teardown(clean)
         return report
+
+    def _train_skipped(self) -> Optional[int]:
+        """Distinct training samples (labelled and unlabeled) skipped as bad so far, over all ranks
+        (a collective call); ``None`` when the datasets do not count them."""
+        files = [skipped_files(ds) for ds in (self.train_ds, self.unlabeled_ds) if ds is not None]
+        files = [f for f in files if f is not None]
+        if not files:
+            return None
+        union = set()
+        for rank_files in ddp.gather_objects(sorted(set().union(*files)), self.dist):
+            union.update(rank_files)
+        return len(union)
 
     # -- interruption ---------------------------------------------------------------
     def _on_signal(self, signum: int, frame: Any) -> None:
@@ -827,6 +868,27 @@ class Trainer:
         ddp.shutdown(self.dist, barrier=clean)
 
 
+def skipped_files(dataset: Any) -> Optional[List[str]]:
+    """The files ``dataset`` skipped as bad (``data.skip_bad``), or ``None`` when it does not say."""
+    fn = getattr(dataset, "skipped_files", None)
+    return list(fn()) if callable(fn) else None
+
+
+def skipped_samples(dataset: Any) -> Optional[int]:
+    """How many samples ``dataset`` skipped as bad so far, or ``None`` when it does not say."""
+    files = skipped_files(dataset)
+    return None if files is None else len(files)
+
+
+def split_read(dataset: Any, cfg: Dict[str, Any], split: str) -> str:
+    """The split ``dataset`` (built for config key ``split``) read: its ``split`` attribute (VOC/COCO/YOLO:
+    the list file stem, split name or yaml key; classify: the folder), else the config's ``data.<split>``."""
+    name = getattr(dataset, "split", None)
+    if name is None:
+        name = (cfg.get("data") or {}).get(split) or split
+    return str(name)
+
+
 def train(cfg: Dict[str, Any], task: Optional[Task] = None) -> Dict[str, Any]:
     """Train the run described by ``cfg``; returns the test report (rank 0)."""
     return Trainer(cfg, task).fit()
@@ -868,7 +930,7 @@ def init_model(cfg: Dict[str, Any], path: str | Path, nc: int, build: Any,
         warnings.warn(f"model.init: {path} was trained on classes {list(own)}, the data has {list(classes)}",
                       stacklevel=2)
     return model_from_checkpoint(
-        ck, path, build, num_classes=nc,
+        ck, path, build, num_classes=nc, model_cfg=cfg.get("model"),
         mismatch=lambda d: ConfigError(f"model.init: {path} does not fit the model of the config: {d}"))
 
 
@@ -889,32 +951,39 @@ def load_model(cfg: Dict[str, Any], ckpt_path: str | Path,
     if not classes:
         raise MtkdError(f"{ckpt_path}: checkpoint has no class list")
     model = model_from_checkpoint(
-        ck, ckpt_path, lambda: task.build_model(_without_pretrained(cfg), len(classes)),
+        ck, ckpt_path, lambda: task.build_model(_without_pretrained(cfg), len(classes)), model_cfg=cfg.get("model"),
         mismatch=lambda d: MtkdError(f"{ckpt_path}: weights do not fit the model of the config: {d}"))
     return task, model.to(device).eval(), list(classes), device
 
 
 def evaluate_checkpoint(cfg: Dict[str, Any], ckpt_path: str | Path, split: str = "test",
                         task: Optional[Task] = None) -> Dict[str, Any]:
-    """Metrics of a checkpoint on ``split`` plus params/gflops/latency."""
+    """Metrics of a checkpoint on ``split`` plus params/gflops/latency.
+
+    ``"split"`` is the config key, ``"split_read"`` the split it named (:func:`split_read`);
+    ``"skipped_samples"`` counts the samples skipped as bad (``data.skip_bad``) where the dataset says.
+    """
     task, model, classes, device = load_model(cfg, ckpt_path, task)
     ds = task.build_dataset(cfg, split, False)
     if list(ds.classes) != classes:
         raise MtkdError(f"{ckpt_path}: trained on classes {classes} but data.{split} has {list(ds.classes)}")
     t = cfg["train"]
     loader = DataLoader(ds, batch_size=t["batch"], num_workers=t["workers"], collate_fn=task.collate)
-    metrics: Dict[str, Any] = {"split": split, "checkpoint": str(ckpt_path)}
+    metrics: Dict[str, Any] = {"split": split, "split_read": split_read(ds, cfg, split), "checkpoint": str(ckpt_path)}
     metrics.update(task.evaluate(model, loader, ds, cfg, device, bool(t["amp"])))
+    skipped = skipped_samples(ds)
+    if skipped is not None:
+        metrics["skipped_samples"] = skipped
     metrics.update(task.model_info(model, cfg))
     return metrics
 
 
 def predict_checkpoint(cfg: Dict[str, Any], ckpt_path: str | Path, source: str | Path, out: str | Path,
                        task: Optional[Task] = None) -> Any:
-    """Predict every image of folder ``source`` into folder ``out`` with a checkpoint."""
+    """Predict image file ``source``, or every image of folder ``source``, into folder ``out`` with a checkpoint."""
     source = Path(source)
-    if not source.is_dir():
-        raise MtkdError(f"{source}: source folder not found")
+    if not source.exists():
+        raise MtkdError(f"{source}: source not found (give an image file or a folder of images)")
     task, model, classes, device = load_model(cfg, ckpt_path, task)
     with writing(out):
         Path(out).mkdir(parents=True, exist_ok=True)

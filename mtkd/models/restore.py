@@ -179,24 +179,83 @@ def checkpoint_entries(model: nn.Module) -> Dict[str, Any]:
     return {"pruning": record} if record else {}
 
 
+def state_dict_mismatch(own: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor]) -> str:
+    """How state dict ``given`` misses a model's ``own`` (``""`` when it fits a strict load).
+
+    Counts of missing keys, unexpected keys and shape mismatches, each with
+    its first key, e.g. ``"12 missing keys (first neck.lat3.conv.weight), 3
+    unexpected keys (first ...)"``.
+    """
+    missing = [k for k in own if k not in given]
+    unexpected = [k for k in given if k not in own]
+    shapes = [k for k in own if k in given and tuple(own[k].shape) != tuple(given[k].shape)]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing keys (first {missing[0]})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected keys (first {unexpected[0]})")
+    if shapes:
+        k = shapes[0]
+        parts.append(f"{len(shapes)} shape mismatches (first {k}: {list(given[k].shape)} in the checkpoint, "
+                     f"{list(own[k].shape)} in the model)")
+    return ", ".join(parts)
+
+
+def architecture_difference(recorded: Any, expected: Any) -> str:
+    """``recorded`` (a checkpoint's ``config.model``) against ``expected`` (the caller's), in words.
+
+    Names ``preset`` and ``backbone`` always and any other architecture key
+    whose value differs (``init`` and ``pretrained`` left out, they name
+    starting weights); ``""`` when ``expected`` is unknown.
+    """
+    if not isinstance(expected, Mapping):
+        return ""
+    if not isinstance(recorded, Mapping):
+        return "the checkpoint records no model config"
+    recorded, expected = architecture_keys(recorded), architecture_keys(expected)
+    recorded.pop("pretrained", None)
+    expected.pop("pretrained", None)
+    keys = [k for k in ("preset", "backbone") if k in recorded or k in expected]
+    keys += [k for k in sorted(set(recorded) | set(expected), key=str)
+             if k not in keys and recorded.get(k) != expected.get(k)]
+
+    def words(cfg: Mapping[str, Any]) -> str:
+        return " ".join(f"{k}={'null' if cfg.get(k) is None else cfg.get(k)}" for k in keys)
+
+    return f"the checkpoint's model has {words(recorded)}, the config's {words(expected)}"
+
+
 def load_weights(model: nn.Module, state: Any, path: Any,
-                 mismatch: Optional[Callable[[str], Exception]] = None) -> nn.Module:
-    """``model.load_state_dict(state)`` (strict); a one-line error naming ``path`` when it does not fit."""
+                 mismatch: Optional[Callable[[str], Exception]] = None, context: str = "") -> nn.Module:
+    """``model.load_state_dict(state)`` (strict); a one-line error naming ``path`` when it does not fit.
+
+    The error says ``context`` (e.g. :func:`architecture_difference`), then
+    :func:`state_dict_mismatch`. ``mismatch(detail)`` makes the exception
+    (default: an MtkdError naming ``path``).
+    """
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise MtkdError(f"{path}: its 'model' entry is not a state dict of tensors")
+
+    def fail(detail: str) -> Exception:
+        detail = "; ".join(part for part in (context, detail) if part)
+        return (mismatch(detail) if mismatch is not None
+                else MtkdError(f"{path}: weights do not fit the model: {detail}"))
+
+    problem = state_dict_mismatch(model.state_dict(), state)
+    if problem:
+        raise fail(problem)
     try:
         model.load_state_dict(state)
-    except RuntimeError as exc:
+    except RuntimeError as exc:  # what the key and shape comparison cannot see (custom _load_from_state_dict)
         lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
-        detail = (lines[1] if len(lines) > 1 else lines[0] if lines else type(exc).__name__)[:200]
-        raise (mismatch(detail) if mismatch is not None
-               else MtkdError(f"{path}: weights do not fit the model: {detail}")) from None
+        raise fail((lines[1] if len(lines) > 1 else lines[0] if lines else type(exc).__name__)[:200]) from None
     return model
 
 
 def model_from_checkpoint(ckpt: Mapping[str, Any], path: Any, build: Callable[[], nn.Module],
                           mismatch: Optional[Callable[[str], Exception]] = None,
-                          num_classes: Optional[int] = None) -> nn.Module:
+                          num_classes: Optional[int] = None,
+                          model_cfg: Optional[Mapping[str, Any]] = None) -> nn.Module:
     """The model of a loaded checkpoint dict with its ``"model"`` weights (train mode, CPU).
 
     ``build()`` makes the architecture of an unpruned checkpoint (random
@@ -204,7 +263,9 @@ def model_from_checkpoint(ckpt: Mapping[str, Any], path: Any, build: Callable[[]
     rebuilt from its record instead, see the module doc; ``num_classes``,
     when given, must then match the record's. ``mismatch(detail)`` makes the
     exception for weights that do not fit (default: an MtkdError naming
-    ``path``).
+    ``path``); ``detail`` compares the checkpoint's ``config.model`` with
+    ``model_cfg`` (the ``model:`` config ``build`` uses), then names the first
+    missing, unexpected and mis-shaped keys.
     """
     record = ckpt.get("pruning")
     if record:
@@ -217,4 +278,6 @@ def model_from_checkpoint(ckpt: Mapping[str, Any], path: Any, build: Callable[[]
         return load_weights(model, ckpt.get("model"), path,
                             lambda d: MtkdError(f"{path}: weights do not fit the pruned architecture it "
                                                 f"records: {d}"))
-    return load_weights(build(), ckpt.get("model"), path, mismatch)
+    recorded = (ckpt.get("config") or {}).get("model") if isinstance(ckpt.get("config"), Mapping) else None
+    return load_weights(build(), ckpt.get("model"), path, mismatch,
+                        architecture_difference(recorded, model_cfg))

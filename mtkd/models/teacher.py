@@ -185,7 +185,8 @@ def _mtkd_model(cfg: Mapping[str, Any], num_classes: int,
     # checkpoint rebuilds the architecture it records (teacher.model cannot describe it)
     model = model_from_checkpoint(
         ckpt, path, lambda: build_model({**architecture_keys(model_cfg), "pretrained": False}, nc),
-        mismatch=lambda d: ConfigError(f"teacher.ckpt: {path} does not match teacher.model: {d}"), num_classes=nc)
+        mismatch=lambda d: ConfigError(f"teacher.ckpt: {path} does not match teacher.model: {d}"), num_classes=nc,
+        model_cfg=model_cfg)
     return model, model.num_classes, tuple(int(s) for s in model.strides)
 
 
