@@ -126,7 +126,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         res.write(derived=lines, summary=summary)
 
     record = recorder(res, "plateau", refresh, lambda rec: {"val_fitness": val_fitness(rec)})
-    for rec in reusable(args.reuse, args.data, epochs, data_ov + extra, args.seeds):
+    for rec in reusable(args.reuse, args.data, epochs, extra, args.seeds):
         if not res.has(rec["role"], rec["seed"]):
             res.add(dict(rec, val_fitness=val_fitness(rec), reused_from=args.reuse))
 
