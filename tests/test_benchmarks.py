@@ -149,7 +149,7 @@ def test_kd_overhead_tiny_run(tmp_path: Path) -> None:
     out = tmp_path / "out"
     payload = kd_overhead.main(["--data", str(tmp_path / "data"), "--out", str(out), "--batches", "1",
                                 "--repeats", "2", "--warmup", "1", "--teacher-ckpt", str(tmp_path / "none.pt"),
-                                "--teacher-preset", "student", "--set", "data.imgsz=32", "--set", "train.batch=2",
+                                "--teacher-preset", "student", "--set", "data.imgsz=64", "--set", "train.batch=2",
                                 "--set", "loss.extra=[]"])
     runs = payload["runs"]
     assert [r["seed"] for r in runs] == [0, 1]

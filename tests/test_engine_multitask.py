@@ -86,3 +86,17 @@ def test_resume_replays_the_augmentations_of_the_uninterrupted_run(tmp_path, mon
     full = json.loads((tmp_path / "full" / "test_metrics.json").read_text())
     part = json.loads((tmp_path / "part" / "test_metrics.json").read_text())
     assert {k: v for k, v in full.items() if k not in volatile} == {k: v for k, v in part.items() if k not in volatile}
+
+
+def test_imgsz_too_small_for_the_seg_head_is_a_config_error() -> None:
+    from mtkd.engine.config import build_config
+    from mtkd.engine.tasks import MultiTaskTask
+    from mtkd.errors import ConfigError
+
+    task = MultiTaskTask()
+    cfg = build_config({"model": {"preset": "student_small"}, "data": {"imgsz": 32}})
+    with pytest.raises(ConfigError, match="data.imgsz: 32 is too small"):
+        task.build_model(cfg, 3)
+    # twice the GroupNorm group size, or a 2x2 stride-32 map, is enough
+    assert task.build_model(build_config({"model": {"preset": "teacher_small"}, "data": {"imgsz": 32}}), 3)
+    assert task.build_model(build_config({"model": {"preset": "student_small"}, "data": {"imgsz": 64}}), 3)

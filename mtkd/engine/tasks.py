@@ -136,7 +136,14 @@ class MultiTaskTask:
     def build_model(self, cfg: Dict[str, Any], num_classes: int) -> nn.Module:
         from mtkd.models import build_model
 
-        return build_model(model_kwargs(cfg["model"]), num_classes)
+        model = build_model(model_kwargs(cfg["model"]), num_classes)
+        seg, size = getattr(model, "seg_head", None), cfg["data"]["imgsz"]
+        if seg is not None and isinstance(size, int) and (seg.classifier.in_channels // 32) * (size // 32) ** 2 < 2:
+            # GroupNorm(32) of the seg head on the stride-32 map: one value per group normalises to 0
+            raise ConfigError(f"data.imgsz: {size} is too small for a segmentation head of "
+                              f"{seg.classifier.in_channels} channels (its stride-32 map is 1x1, one value per "
+                              "GroupNorm group); use data.imgsz >= 64 or model.seg_channels >= 64")
+        return model
 
     def build_teacher(self, cfg: Dict[str, Any], num_classes: int, student: nn.Module) -> Optional[nn.Module]:
         tcfg = cfg["teacher"]
