@@ -551,6 +551,13 @@ class Results:
         if write:
             self.write()
 
+    def finish(self, derived: Sequence[str], **extra: Any) -> Dict[str, Any]:
+        """The sitting's last :meth:`write`; prints the derived lines and where the files are."""
+        self.write(derived=derived, **extra)
+        print("\n".join(derived))
+        print(f"[{self.payload['benchmark']}] wrote {self.json_path} and {self.md_path}", flush=True)
+        return self.payload
+
     def write(self, derived: Optional[Sequence[str]] = None, **extra: Any) -> None:
         """Write ``results.json`` and ``results.md``; ``derived`` lines go into both."""
         if derived is not None:

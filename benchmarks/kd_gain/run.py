@@ -357,10 +357,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         run_jobs(jobs, args.jobs, 1 if args.jobs > 1 else None, record, desc="kd_gain")
 
     lines, summary = verdicts(res.runs, partial)
-    res.write(derived=lines, summary=summary)
-    print("\n".join(lines))
-    print(f"[kd_gain] wrote {res.json_path} and {res.md_path}")
-    return res.payload
+    return res.finish(lines, summary=summary)
 
 
 if __name__ == "__main__":

@@ -688,10 +688,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     run_jobs(jobs, args.jobs, 1 if args.jobs > 1 else None, record, desc=NAME)
 
     lines, summary = verdicts(res.runs)
-    res.write(derived=lines, summary=summary)
-    print("\n".join(lines))
-    log(f"wrote {res.json_path} and {res.md_path}")
-    return res.payload
+    return res.finish(lines, summary=summary)
 
 
 if __name__ == "__main__":

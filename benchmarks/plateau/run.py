@@ -143,10 +143,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     jobs.sort(key=lambda j: -j[1]["epochs"] * (3 if j[0][0].startswith("teacher") else 1))
     run_jobs(jobs, args.jobs, 1 if args.jobs > 1 else None, record, desc="plateau")
     lines, summary = verdicts(res.runs, args.tolerance)
-    res.write(derived=lines, summary=summary)
-    print("\n".join(lines))
-    print(f"[plateau] wrote {res.json_path} and {res.md_path}")
-    return res.payload
+    return res.finish(lines, summary=summary)
 
 
 if __name__ == "__main__":
