@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import mtkd.losses.distill.cwd as cwd_module
+import mtkd.losses._functional as functional_module
 import mtkd.losses.distill.seg_kl as seg_kl_module
 from mtkd.datasets import SYNTHETIC_CLASSES, build_dataset, collate, make_synthetic
 from mtkd.losses._common import FeatureAdapters
@@ -104,7 +104,7 @@ def _losses(batches, steps=3):
 def test_short_training_gives_the_losses_of_the_old_formulas(batches, monkeypatch):
     new = _losses(batches)
     monkeypatch.setattr(seg_kl_module, "soft_kl", old_dense_kl)
-    monkeypatch.setattr(cwd_module, "soft_kl", old_dense_kl)
+    monkeypatch.setattr(functional_module, "soft_kl", old_dense_kl)  # channel_kl's
     old = _losses(batches)
     assert new == old  # bit for bit, every term of every step
     for term in ("seg/soft/seg_kl", "extra/cwd", "extra/cwd_seg"):
