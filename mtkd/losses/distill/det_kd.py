@@ -110,7 +110,7 @@ class _DetKD(Loss):
 
 @register("kd_cls")
 class ClassKL(_DetKD):
-    """Teacher-score-gated binary KL of the class scores (Hinton et al. 2015, sigmoid form) on ``DetOutput``.
+    """Binary KL of the class scores, gated by the teacher's score (Hinton, Vinyals and Dean 2015, sigmoid form).
 
     ``T**2 * sum_a w_a sum_c KL(Bern(sigmoid(t/T)) || Bern(sigmoid(s/T))) / sum_a w_a``; see
     :mod:`mtkd.losses.distill.det_kd`.
@@ -125,7 +125,7 @@ class ClassKL(_DetKD):
 
 @register("kd_dfl")
 class BoxKL(_DetKD):
-    """Localization distillation (Zheng et al. 2022): gated KL of the box distributions on ``DetOutput``.
+    """Localization distillation (Zheng and others, CVPR 2022): gated KL of the box distributions, L1 without them.
 
     Returns ``{"dfl": gated T**2 * KL}`` where both heads have box distributions of one size, else
     ``{"box": gated L1 of the ltrb distances}``; see :mod:`mtkd.losses.distill.det_kd`.
@@ -144,8 +144,9 @@ class BoxKL(_DetKD):
 
 @register("kd_obj")
 class ObjKL(_DetKD):
-    """Dense binary KL of the best detection score (objectness) on ``DetOutput``, over the teacher's
-    score mass (Hinton et al. 2015, sigmoid form).
+    """Dense binary KL of the best detection score, the objectness (Hinton, Vinyals and Dean 2015, sigmoid form).
+
+    Divided by the teacher's score mass:
 
     ``T**2 * sum_a KL(Bern(sigmoid(best_t/T)) || Bern(sigmoid(best_s/T))) / max(sum_a w_a, 1)``; see
     :mod:`mtkd.losses.distill.det_kd`.
