@@ -315,7 +315,7 @@ def test_cwd_adapters_only_where_widths_differ_and_gradients():
     assert unbound(s, t, {}).item() > 0 and set(unbound.adapters.convs) == {"p3"}
 
 
-@pytest.mark.parametrize("name", ["seg_kl", "det_mse", "feat_gan", "cwd", "pkd", "mgd"])
+@pytest.mark.parametrize("name", ["seg_kl", "det_mse", "feat_gan", "cwd", "pkd", "mgd", "kd_cls", "kd_dfl", "kd_obj"])
 def test_every_loss_requires_a_teacher(name):
     loss = build_loss(name)
     assert "teacher" in loss.requires

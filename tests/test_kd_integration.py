@@ -69,6 +69,18 @@ def test_short_distillation_run_kd_losses_fall(tiny: dict) -> None:
         assert last < 0.9 * first, f"{term} did not fall: {first} -> {last}"
 
 
+def test_yolo_kd_losses_train_from_a_multitask_config(tiny: dict) -> None:
+    """The terms of `mtkd yolo train` (kd_cls, kd_dfl, kd_obj; kd_feat = cwd with adapt: all) as loss.extra entries."""
+    out = tiny["root"] / "yolo_terms"
+    extra = ("loss.extra=[{name: kd_cls, weight: 0.5}, {name: kd_dfl, weight: 0.25}, {name: kd_obj, weight: 0.1},"
+             " {name: cwd, adapt: all, tau: 1.0}]")
+    report = train(load_config(KD_CONFIG, _overrides(tiny, out, "train.epochs=1", extra)))
+    assert report["epochs_run"] == 1
+    row = _csv(out / "results.csv")[0]
+    for term in ("kd_cls", "kd_dfl/dfl", "kd_obj", "cwd"):
+        assert math.isfinite(float(row[f"train/extra/{term}"])) and float(row[f"train/extra/{term}"]) > 0, term
+
+
 def test_resume_restores_discriminator_and_its_optimizer(tiny: dict) -> None:
     out = tiny["root"] / "gan"
     loss = ("loss.extra=[{name: feat_gan, weight: 1.0, d_channels: 8}]")

@@ -8,11 +8,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import mtkd.losses.distill.cwd as cwd_module
+import mtkd.losses._functional as functional_module
 import mtkd.losses.distill.seg_kl as seg_kl_module
 from mtkd.datasets import SYNTHETIC_CLASSES, build_dataset, collate, make_synthetic
 from mtkd.losses._common import FeatureAdapters
-from mtkd.losses._functional import soft_kl
+from mtkd.losses._functional import binary_kl, channel_kl, soft_kl
 from mtkd.losses.composer import LossComposer
 from mtkd.losses.zoo._adapt import FeaturePairs
 from mtkd.models import build_model
@@ -44,6 +44,24 @@ def test_soft_kl_is_the_formulas_it_replaced():
     (g_new,), (g_old,) = torch.autograd.grad(new, a), torch.autograd.grad(old, a)
     torch.testing.assert_close(g_new, g_old, rtol=1e-5, atol=1e-8)
     assert new.item() > 0 and soft_kl(a, a.detach(), 3.0, reduction="batchmean").item() == 0.0
+
+
+def test_binary_kl_and_channel_kl_are_their_formulas():
+    """binary_kl against the Bernoulli KL written out, channel_kl against per-channel spatial softmaxes, in float64."""
+    g = torch.Generator().manual_seed(1)
+    s, t = (torch.randn(3, 7, generator=g, dtype=torch.float64) * 4 for _ in range(2))
+    p, q = torch.sigmoid(t / 3), torch.sigmoid(s / 3)
+    direct = p * (p / q).log() + (1 - p) * ((1 - p) / (1 - q)).log()
+    got = binary_kl(s, t, 3.0)
+    assert got.dtype == torch.float64 and torch.allclose(got, direct, rtol=1e-10, atol=1e-12)
+    assert binary_kl(s.half(), t.half(), 3.0).dtype == torch.float32  # AMP inputs: float32 maths
+    assert torch.equal(binary_kl(t, t, 3.0), torch.zeros_like(t))  # clamped at 0, never -rounding
+    a, b = (torch.randn(2, 3, 4, 5, generator=g, dtype=torch.float64) for _ in range(2))
+    tau = 1.5
+    ps, pt = (a.flatten(2) / tau).softmax(-1), (b.flatten(2) / tau).softmax(-1)
+    per_channel = (pt * (pt.log() - ps.log())).sum(-1)  # (B, C)
+    torch.testing.assert_close(channel_kl(a, b, tau), per_channel.mean() * tau ** 2, rtol=1e-12, atol=1e-14)
+    assert channel_kl(a, a, tau).item() == 0.0
 
 
 def test_zoo_adapters_are_the_bias_free_convs_they_were():
@@ -104,7 +122,7 @@ def _losses(batches, steps=3):
 def test_short_training_gives_the_losses_of_the_old_formulas(batches, monkeypatch):
     new = _losses(batches)
     monkeypatch.setattr(seg_kl_module, "soft_kl", old_dense_kl)
-    monkeypatch.setattr(cwd_module, "soft_kl", old_dense_kl)
+    monkeypatch.setattr(functional_module, "soft_kl", old_dense_kl)  # channel_kl's
     old = _losses(batches)
     assert new == old  # bit for bit, every term of every step
     for term in ("seg/soft/seg_kl", "extra/cwd", "extra/cwd_seg"):

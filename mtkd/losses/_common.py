@@ -32,22 +32,36 @@ class FeatureAdapters(nn.Module):
     by a loss's ``bind``) or at the first call that needs it (the trainer's
     dry forward, before the optimizer is built), on the student map's
     device. With ``always`` every name gets one (a learned projection, as
-    feat_gan needs); otherwise only names whose widths differ. The adapters
-    are ordinary submodules (``self.convs[name]``), so they join the
-    student's optimizer; lazy parameters are materialised in place, so an
-    optimizer built after ``bind`` but before the first forward still
-    updates them. A map whose width differs from the one its adapter was
-    made for is a ConfigError naming the loss and the feature.
+    feat_gan needs); otherwise only names whose widths differ. With
+    ``identity`` every name gets an ``nn.Conv2d`` made with its weights at
+    once (PyTorch's default init, drawn when it is made), and those between
+    equal widths start as the identity map, so the distillation term starts
+    at the raw maps' value. The adapters are ordinary submodules
+    (``self.convs[name]``), so they join the student's optimizer; lazy
+    parameters are materialised in place, so an optimizer built after
+    ``bind`` but before the first forward still updates them. A map whose
+    width differs from the one its adapter was made for is a ConfigError
+    naming the loss and the feature.
     """
 
-    def __init__(self, loss: str, always: bool = False, bias: bool = True) -> None:
+    def __init__(self, loss: str, always: bool = False, bias: bool = True, identity: bool = False) -> None:
         super().__init__()
-        self.loss, self.always, self.bias = loss, always, bias
+        self.loss, self.always, self.bias, self.identity = loss, always or identity, bias, identity
         self.convs = nn.ModuleDict()
 
     def _make(self, name: str, student: int, teacher: int, device: Optional[torch.device]) -> None:
-        if name not in self.convs and (self.always or student != teacher):
+        if name in self.convs or not (self.always or student != teacher):
+            return
+        if not self.identity:
             self.convs[name] = nn.LazyConv2d(teacher, kernel_size=1, bias=self.bias, device=device)
+            return
+        conv = nn.Conv2d(student, teacher, kernel_size=1, bias=self.bias, device=device)
+        if student == teacher:
+            with torch.no_grad():
+                conv.weight.copy_(torch.eye(student, device=conv.weight.device).view(student, student, 1, 1))
+                if conv.bias is not None:
+                    conv.bias.zero_()
+        self.convs[name] = conv
 
     def build(self, names: Iterable[str], student: Mapping[str, int], teacher: Mapping[str, int],
               device: Optional[torch.device] = None) -> None:

@@ -21,7 +21,10 @@ validation, run folder and checkpoints are all its own. The subclass only
 3. adds the feature adapters' parameters to Ultralytics' optimiser through
    ``build_optimizer`` (same param-group rules as the student's);
 4. wraps the student's criterion with :class:`KDCriterion`, which appends the
-   KD terms to Ultralytics' loss vector; the trainer derives ``loss_names``
+   KD terms (mtkd's registered losses ``kd_cls``, ``kd_dfl``, ``kd_obj`` and
+   ``cwd``, built from the ``kd_*`` keys by
+   :class:`~mtkd.yolo.losses.YoloKD`, the ones a multi-task config names in
+   ``loss.extra``) to Ultralytics' loss vector; the trainer derives ``loss_names``
    from the loss dict, so each term becomes its own ``train/kd_*`` column in
    ``results.csv`` (``val/kd_*`` stay 0: validation computes the plain loss).
 

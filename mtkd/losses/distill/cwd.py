@@ -1,25 +1,16 @@
 """Channel-wise distillation for dense prediction."""
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
 
 from mtkd.errors import ConfigError
 from mtkd.losses._common import FeatureAdapters, need_teacher
-from mtkd.losses._functional import resize_to, soft_kl
+from mtkd.losses._functional import channel_kl, resize_to
 from mtkd.losses.base import Loss, register
 from mtkd.losses.distill.common import dense_maps, model_device, widths
-
-
-def channel_kl(s: torch.Tensor, t: torch.Tensor, tau: float) -> torch.Tensor:
-    """CWD between (B,C,H,W) maps of equal shape: each channel is turned into
-    a distribution over its H*W locations by a softmax at temperature
-    ``tau``; ``tau^2 * sum_{b,c} KL(p_t || p_s) / (B * C)``, computed in
-    float32 whatever the AMP dtype."""
-    b, c = s.shape[:2]
-    return soft_kl(s.flatten(2), t.flatten(2), tau, dim=-1, reduction="sum") * (tau * tau) / (b * c)
 
 
 @register("cwd")
@@ -35,8 +26,10 @@ class CWD(Loss):
       ``None``. Where the student width differs from the teacher's, a 1x1
       ``LazyConv2d`` adapter (built by :meth:`bind`, or at the first
       forward; trained with the student) maps the student map to the
-      teacher's width; equal widths are compared directly. The result is
-      averaged over the levels.
+      teacher's width; equal widths are compared directly. With
+      ``adapt: all`` every feature gets a trained 1x1 ``Conv2d`` adapter,
+      those between equal widths starting as the identity (the ``kd_feat``
+      term of ``mtkd yolo train``). The result is averaged over the levels.
     * ``key: "seg"``: distil the segmentation logits (B, nc+1, H, W), every
       pixel included (the paper has no ignore mask); class counts must
       match.
@@ -49,7 +42,7 @@ class CWD(Loss):
     requires = frozenset({"teacher"})
 
     def __init__(self, feats: Sequence[str] = ("p3", "p4", "p5"), key: Optional[str] = None,
-                 tau: float = 4.0):
+                 tau: float = 4.0, adapt: str = "differ"):
         super().__init__()
         if key not in (None, "seg"):
             raise ConfigError(f"loss cwd.key: expected 'seg' (logits) or none (features), got {key!r}")
@@ -57,15 +50,24 @@ class CWD(Loss):
             raise ConfigError("loss cwd.feats: expected a non-empty list of feature names")
         if tau <= 0:
             raise ConfigError(f"loss cwd.tau: must be > 0, got {tau}")
+        if adapt not in ("differ", "all"):
+            raise ConfigError(f"loss cwd.adapt: expected 'differ' or 'all', got {adapt!r}")
+        if key is not None and adapt != "differ":
+            raise ConfigError("loss cwd.adapt: adapters map features; key: seg compares the logits directly")
         self.key, self.tau = key, float(tau)
         self.feats: List[str] = [] if key else [str(f) for f in feats]
-        self.adapters = FeatureAdapters("cwd", always=False)
+        self.adapters = FeatureAdapters("cwd", identity=adapt == "all")
 
     def bind(self, student: nn.Module, teacher: Optional[nn.Module]) -> None:
         if teacher is None or self.key is not None:
             return
-        self.adapters.build(self.feats, widths(student, "student", "cwd"),
-                            widths(teacher, "teacher", "cwd"), model_device(student))
+        self.build_adapters(widths(student, "student", "cwd"), widths(teacher, "teacher", "cwd"),
+                            model_device(student))
+
+    def build_adapters(self, student: Mapping[str, int], teacher: Mapping[str, int],
+                       device: Optional[torch.device] = None) -> None:
+        """Make the adapters of ``feats`` from the widths ``{name: channels}`` of both models."""
+        self.adapters.build(self.feats, student, teacher, device)
 
     def student_parameters(self) -> Iterable[nn.Parameter]:
         return self.adapters.parameters()
