@@ -167,7 +167,8 @@ def summary(report: Dict[str, Any]) -> str:
                       for k in par["drop"])
     return (f"wrote {report['path']} ({report['bytes'] / 1e6:.2f} MB, {report['bytes'] / report['fp32_bytes']:.2f}x "
             f"the fp32 file; calibrated on {report['quantization']['calib_images']} train images)\n"
-            f"INT8 parity on {par['images']} {par['split']} images (fp32 -> int8): {drops}; report {report['report_path']}")
+            f"INT8 parity on {par['images']} {par['split']} images (fp32 -> int8): {drops}; "
+            f"report {report['report_path']}")
 
 
 __all__ = ["DEFAULT_CALIB", "DEFAULT_PARITY_IMAGES", "int8_paths", "metric_drop", "quantize_int8", "summary"]
