@@ -55,6 +55,11 @@ def _runs() -> list:
                  _rec("kd_teacher", s, 0.37, 0.28 + 0.01 * s, size=0.5),
                  _rec("teacher_pruned", s, 0.45, 0.31, gflops=0.0128, ort_ms=12.0)]
     runs += [_rec("pruned@0.75", 0, 0.3, 0.25, flops_frac=0.72, size=0.75, ort_ms=8.0)]
+    for s in range(3):
+        runs.append(_rec("int8", s, 0.38, 0.28, fp32_map50_95=0.2, fp32_map50=0.39 + 0.01 * s, fp32_miou=0.29,
+                         drop_map50_95=0.005, drop_map50=0.01 + 0.01 * s, drop_miou=0.01, onnx_mb=0.2,
+                         fp32_onnx_mb=0.5, ort_ms=4.0, fp32_ort_ms=6.0, ort_ms_b1=1.0, fp32_ort_ms_b1=0.8,
+                         calib_images=64, test_images=200, size=0.5))
     return runs
 
 
@@ -70,6 +75,12 @@ def test_verdicts_judge_the_half_flops_targets() -> None:
     assert summary["teacher_pruned_above_student"] == {"map50_95": True, "map50": True, "miou": True}
     assert any(line.startswith("target (kd): median keeps") and line.endswith(": MET") for line in lines)
     assert any(line.startswith("size 0.75 (0.720 of the FLOPs") for line in lines)
+    q = summary["int8"]["int8"]
+    assert q["metrics"]["map50"] == {"fp32": 0.40, "int8": 0.38, "drop": pytest.approx(0.02)}
+    assert q["size_ratio"] == pytest.approx(0.4) and q["speedup_b16"] == pytest.approx(1.5)
+    assert q["speedup_b1"] == pytest.approx(0.8) and "unpruned_int8" not in summary["int8"]
+    line = next(x for x in lines if x.startswith("int8: the kd student at size 0.5 (seeds 0,1,2)"))
+    assert "mAP50 0.4000 -> 0.3800 (drop +0.0200)" in line and "(0.40x)" in line and "speed-up 1.50x" in line
     # out of the window, slower than the target, a missing role
     runs = [dict(r, flops_frac=0.42, ort_ms=8.0) if r["role"] == "pruned" else r for r in _runs()
             if r["role"] != "finetune"]
@@ -89,6 +100,11 @@ def test_a_sitting_with_other_settings_is_refused(tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match="student_sha256"):
         pb.check_previous(tmp_path / "results.json", dict(budget, student_sha256=2), force=False)
     pb.check_previous(tmp_path / "results.json", dict(budget, student_sha256=2), force=True)
+    # sizes add up over sittings, each its own rows
+    assert pb.all_sizes(tmp_path / "none.json", [0.5], force=False) == [0.5]
+    (tmp_path / "results.json").write_text(json.dumps({"budget": {"sizes": [0.5]}}))
+    assert pb.all_sizes(tmp_path / "results.json", [0.3, 0.75], force=False) == [0.75, 0.5, 0.3]
+    assert pb.all_sizes(tmp_path / "results.json", [0.3], force=True) == [0.3]
 
 
 def _onnx(path: Path, width: int) -> Path:
@@ -119,7 +135,8 @@ def test_quick_run_end_to_end_and_resume(tmp_path: Path) -> None:
     saved = json.loads((out / "results.json").read_text())
     assert saved == json.loads(json.dumps(payload, default=str))
     runs = {r["role"]: r for r in saved["runs"]}
-    assert set(runs) == {"unpruned", "teacher", "pruned", "finetune", "kd", "kd_teacher", "teacher_pruned"}
+    assert set(runs) == {"unpruned", "teacher", "pruned", "finetune", "kd", "kd_teacher", "teacher_pruned", "int8",
+                         "unpruned_int8"}
     for role, r in runs.items():
         assert all(isinstance(r[m], float) and math.isfinite(r[m]) for m in ("map50_95", "map50", "miou")), role
         assert r["ort_ms"] > 0 and r["ort_ms_b1"] > 0 and r["params"] > 0 and r["gflops"] > 0, role
@@ -135,11 +152,29 @@ def test_quick_run_end_to_end_and_resume(tmp_path: Path) -> None:
     md = (out / "results.md").read_text()
     assert "| kd_teacher | 0 |" in md and "target (kd): median keeps" in md
     assert (out / "runs" / "onnx" / "student_f0.50.onnx").is_file()
+    # INT8: the kd student's file, scored on the test split in onnxruntime, smaller, timed beside its FP32 file
+    for role, src, arch in (("int8", "kd", "student_f0.50"), ("unpruned_int8", "unpruned", "student")):
+        q = runs[role]
+        assert q["source_role"] == src and q["arch"] == arch and q["split"] == "test" and q["test_images"] == 4
+        assert q["params"] == runs[src]["params"] and q["steps"] == runs[src]["steps"]
+        for m in ("map50_95", "map50", "miou"):
+            assert math.isfinite(q[f"fp32_{m}"]) and q[f"drop_{m}"] == pytest.approx(q[f"fp32_{m}"] - q[m])
+            assert q[f"fp32_{m}"] == pytest.approx(runs[src][m], abs=1e-3)  # the FP32 file scores as PyTorch
+        int8, fp32 = Path(q["onnx"]), Path(q["fp32_onnx"])
+        assert int8.name.endswith(".int8.onnx") and int8.stat().st_size == round(q["onnx_mb"] * 1e6)
+        assert int8.stat().st_size < fp32.stat().st_size == round(q["fp32_onnx_mb"] * 1e6)
+        lat = saved["int8_latency"][arch]
+        assert q["ort_ms"] == lat["int8"]["ort_ms_b16"] and q["fp32_ort_ms"] == lat["fp32"]["ort_ms_b16"] > 0
+        assert q["fp32_ort_ms_b1"] > 0
+    assert runs["kd"]["onnx_mb"] == pytest.approx((out / "runs/onnx/student_f0.50.onnx").stat().st_size / 1e6)
+    assert "| int8 | 0 |" in md and "int8: the kd student at size 0.5 (seeds 0)" in md
+    assert "unpruned_int8: the unpruned student" in md
 
     # a second sitting prunes, times and trains nothing again
     stamps = {p: p.stat().st_mtime_ns for p in (out / "runs" / "kd_s0" / "test_metrics.json",
                                                  out / "runs" / "prune_student_f0.50" / "best.pt",
-                                                 out / "runs" / "onnx" / "student.onnx")}
+                                                 out / "runs" / "onnx" / "student.onnx",
+                                                 Path(runs["int8"]["onnx"]))}
     again = pb.main(argv)
     assert [(r["role"], r["seed"]) for r in again["runs"]] == [(r["role"], r["seed"]) for r in saved["runs"]]
     assert again["latency"] == saved["latency"]

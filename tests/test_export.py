@@ -560,6 +560,14 @@ def test_int8_export_is_smaller_keeps_shapes_and_reports_the_metric_drop(exporte
     assert set(par["drop"]) == {"map50_95", "map50", "miou"}
     for k, v in par["drop"].items():
         assert v == pytest.approx(par["fp32"][k] - par["int8"][k]) and 0.0 <= par["int8"][k] <= 1.0
+    # the same scoring on another split (the prune benchmark scores the test split)
+    from mtkd.engine.config import load_config
+    from mtkd.export.quantize import metric_drop
+
+    cfg = load_config(exported["cfg"], ["eval.conf=0.25"])
+    task = load_model(cfg, exported["ckpt"])[0]
+    test = metric_drop(cfg, task, out, int8, 100, split="test")
+    assert test["split"] == "test" and test["images"] == 2 and set(test["drop"]) == {"map50_95", "map50", "miou"}
     # the INT8 file carries the metadata, so it predicts from the file alone too
     from mtkd.export.runtime import OnnxModel
 

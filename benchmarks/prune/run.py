@@ -38,16 +38,31 @@ Protocol (small testbed by default: ``data/small``, ``mtkd/configs/small/``):
   A run's ``ort_ms`` (batch 16) and ``ort_ms_b1`` are those of its
   architecture (recovery changes weights, not shapes). Latency is measured
   before any training starts, with nothing else of the benchmark running.
+  ``onnx_mb``: the size of the FP32 file on disk.
+* **INT8** (``--no-int8-row`` skips it). After the recovery runs, the
+  unpruned student (role ``unpruned_int8``) and each ``kd`` run (role
+  ``int8``, ``int8@<size>``; same seeds) are exported as ``mtkd export
+  --int8`` does (:func:`mtkd.export.onnx.export_checkpoint`: the FP32 file,
+  parity-checked, then static QDQ INT8 calibrated on ``--int8-calib`` (64)
+  training images) into ``<out>/runs/int8``; the export's metric-drop report
+  scores both files in onnxruntime on the whole test split with the
+  evaluator. The record's metrics are the INT8 file's, ``fp32_<metric>`` the
+  FP32 file's, ``drop_<metric>`` their difference, ``onnx_mb`` /
+  ``fp32_onnx_mb`` the sizes on disk; ``ort_ms`` / ``ort_ms_b1`` and
+  ``fp32_ort_ms`` / ``fp32_ort_ms_b1`` come from one more alternating timing
+  of each architecture's INT8 and FP32 files (lowest seed's), as above, once
+  nothing else runs. No target is set for INT8: the drop, size and speed-up
+  are reported (one derived line per INT8 role).
 * **Records** carry, besides the common keys, ``ratio`` (the channel ratio
   reached, 0 unpruned), ``size`` (the FLOPs share aimed at), ``flops_frac``
-  (GFLOPs / the unpruned student's), ``ort_ms``, ``ort_ms_b1``, ``arch``.
+  (GFLOPs / the unpruned student's), ``ort_ms``, ``ort_ms_b1``, ``onnx_mb``, ``arch``.
 * **Targets at half the FLOPs** (``results.md``'s lines, the JSON's
   ``derived`` and ``summary``), for ``kd`` and for ``kd_teacher``: the median
   keeps >= 95 % of the unpruned student's mAP50 and mIoU; the worst seed is
   above the best ``finetune`` seed on both; onnxruntime latency at batch 16
   is >= 1.4x lower than the unpruned model's. Each MET / NOT MET.
 
-Not covered here: the INT8 row and the YOLO variant (``--yolo``).
+Not covered here: the YOLO variant (``--yolo``).
 
 Recovery runs go ``--jobs`` at a time (default 2 on 2+ cores), one torch
 thread each, seed-major so the roles interleave, each into
@@ -55,8 +70,10 @@ thread each, seed-major so the roles interleave, each into
 ``<out>/runs/prune_*``. Records go to ``<out>/results.json`` as they finish
 and a (role, seed) already there is skipped, so the benchmark resumes across
 sittings (``--force`` re-runs everything); a sitting whose steps, pruning
-settings, ``--set`` overrides or input checkpoints differ from the stored
-runs' stops with an error.
+settings, ``--set`` overrides, ``--int8-calib`` or input checkpoints differ
+from the stored runs' stops with an error. Several ``--sizes`` in one sitting
+are separate rows (``<role>@<size>``); sizes pruned in an earlier sitting
+stay in the budget and are timed again with this sitting's.
 
     python benchmarks/prune/run.py                   # small testbed -> benchmarks/prune/
     python benchmarks/prune/run.py --quick           # tiny data, 2 steps, seconds -> benchmarks/prune/out/quick
@@ -67,6 +84,7 @@ import argparse
 import json
 import math
 import sys
+import time
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -93,8 +111,12 @@ TARGET_METRICS = ("map50", "miou")
 METRIC_NAMES = {"map50_95": "mAP50-95", "map50": "mAP50", "miou": "mIoU"}
 RECOVERY_ROLES = ("finetune", "kd", "kd_teacher")
 KD_ROLES = ("kd", "kd_teacher")
-COST = ("params", "gflops", "ratio", "ort_ms", "ort_ms_b1", "steps", "wall_s")
-CHECKED = ("steps", "importance", "round_to", "overrides", "student_sha256", "teacher_sha256")
+INT8 = "int8"
+"""Role of the INT8 file of the ``kd`` student (``int8@<size>`` at other sizes)."""
+UNPRUNED_INT8 = "unpruned_int8"
+"""Role of the INT8 file of the unpruned student."""
+COST = ("params", "gflops", "ratio", "ort_ms", "ort_ms_b1", "onnx_mb", "steps", "wall_s")
+CHECKED = ("steps", "importance", "round_to", "overrides", "student_sha256", "teacher_sha256", "int8_calib")
 """Budget keys that must match the stored runs' for a sitting to add to them."""
 QUICK = {"seeds": [0], "sizes": [HALF], "steps": 2, "jobs": 1, "ort_runs": 5, "ort_warmup": 1}
 """What ``--quick`` changes (unless given): one seed, the half size, 2 steps, few timing runs."""
@@ -131,6 +153,10 @@ def parse(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="channel multiple of pruned layers (default 1: no rounding)")
     p.add_argument("--no-teacher-row", dest="teacher_row", action="store_false",
                    help="skip teacher_pruned (the teacher pruned to the student's FLOPs)")
+    p.add_argument("--no-int8-row", dest="int8_row", action="store_false",
+                   help=f"skip {INT8} and {UNPRUNED_INT8} (the kd and unpruned students in static INT8)")
+    p.add_argument("--int8-calib", type=int, default=None, metavar="N",
+                   help="training images calibrating the INT8 ranges (default: mtkd export's, 64)")
     p.add_argument("--ort-runs", type=int, default=None, help="timed onnxruntime runs per model and batch (default 50)")
     p.add_argument("--ort-warmup", type=int, default=None, help="untimed runs first (default 5)")
     p.add_argument("--jobs", type=int, default=None,
@@ -165,6 +191,8 @@ def parse(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         p.error("--recovery: must be positive")
     if args.steps is not None and args.steps < 1:
         p.error("--steps: must be at least 1")
+    if args.int8_calib is not None and args.int8_calib < 1:
+        p.error("--int8-calib: must be at least 1")
     if args.ort_runs < 1 or args.ort_warmup < 0:
         p.error("--ort-runs must be at least 1 and --ort-warmup at least 0")
     return args
@@ -278,10 +306,57 @@ def ort_latency(paths: Mapping[str, Path], imgsz: int, runs: int, warmup: int,
     return out
 
 
-def latency_fields(lat: Optional[Mapping[str, float]]) -> Dict[str, Optional[float]]:
-    """A record's ``ort_ms`` (batch 16) and ``ort_ms_b1`` from its architecture's timings."""
+def latency_fields(lat: Optional[Mapping[str, float]], prefix: str = "") -> Dict[str, Optional[float]]:
+    """A record's ``ort_ms`` (batch 16) and ``ort_ms_b1`` from its architecture's timings (keys ``prefix`` + ...)."""
     lat = lat or {}
-    return {"ort_ms": lat.get("ort_ms_b16"), "ort_ms_b1": lat.get("ort_ms_b1")}
+    return {f"{prefix}ort_ms": lat.get("ort_ms_b16"), f"{prefix}ort_ms_b1": lat.get("ort_ms_b1")}
+
+
+# -- INT8 ---------------------------------------------------------------------------------------
+def is_int8(role_: str) -> bool:
+    """Whether ``role_`` is an INT8 file's (``int8``, ``int8@<size>``, ``unpruned_int8``)."""
+    return role_.split("@")[0] in (INT8, UNPRUNED_INT8)
+
+
+def int8_export(cfg: Dict[str, Any], ckpt: Path, out: Path, calib: int) -> Dict[str, Any]:
+    """``ckpt`` as ``mtkd export --int8`` writes it (:func:`mtkd.export.onnx.export_checkpoint`): ``out``, the FP32
+    file checked against PyTorch, and ``<stem>.int8.onnx``, calibrated on the first ``calib`` training images.
+
+    Both files are scored in onnxruntime on the whole test split by the export's
+    own parity report (:func:`mtkd.export.quantize.metric_drop`). Returns the
+    INT8 report (``path``, ``bytes``, ``fp32_bytes``, ``quantization``,
+    ``parity``: ``fp32``, ``int8`` and ``drop`` per metric).
+    """
+    from mtkd.datasets import build_dataset
+    from mtkd.export.onnx import export_checkpoint
+
+    n_test = len(build_dataset(cfg["data"], "test", train=False))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    report = export_checkpoint(cfg, ckpt, out, int8=True, calib=calib, parity_images=max(1, n_test),
+                               parity_split="test")
+    return report["int8"]
+
+
+def int8_record(role_: str, source: Mapping[str, Any], q: Mapping[str, Any], secs: float) -> Dict[str, Any]:
+    """The record of an INT8 file: its test metrics, ``fp32_<metric>`` (the FP32 file's, same path) and
+    ``drop_<metric>`` (FP32 - INT8), file sizes in MB, and the source run's seed, steps and architecture."""
+    par = q["parity"]
+    rec: Dict[str, Any] = {k: source.get(k) for k in ("seed", "epochs", "steps", "params", "gflops", "ratio",
+                                                      "size", "arch")}
+    rec.update(role=role_, source_role=source["role"], wall_s=None, export_s=secs, split=par["split"],
+               test_images=par["images"], onnx=q["path"], fp32_onnx=q["fp32_path"], onnx_mb=q["bytes"] / 1e6,
+               fp32_onnx_mb=q["fp32_bytes"] / 1e6, calib_images=q["quantization"]["calib_images"])
+    for m in METRICS:
+        rec[m], rec[f"fp32_{m}"], rec[f"drop_{m}"] = par["int8"].get(m), par["fp32"].get(m), par["drop"].get(m)
+    return rec
+
+
+def int8_sources(runs: Sequence[Mapping[str, Any]]) -> List[Tuple[str, Mapping[str, Any]]]:
+    """``(INT8 role, source record)``: the unpruned student and every ``kd`` run, at every size."""
+    out: List[Tuple[str, Mapping[str, Any]]] = [(UNPRUNED_INT8, r) for r in runs if r["role"] == "unpruned"]
+    out += [(role(INT8, float(r["size"])), r) for r in runs
+            if r["role"].split("@")[0] == "kd" and r.get("size") is not None]
+    return out
 
 
 # -- verdicts -----------------------------------------------------------------------------------
@@ -366,6 +441,37 @@ def verdicts(runs: Sequence[Mapping[str, Any]]) -> Tuple[List[str], Dict[str, An
                      f"vs {_f(median_of(runs, 'unpruned', 'gflops'), '.4f')} GFLOPs; ort batch 16 "
                      f"{_f(median_of(runs, 'teacher_pruned', 'ort_ms'), '.3f')} vs {_f(base_ms, '.3f')} ms) and "
                      "recovered with KD, median vs the student trained from scratch: " + ", ".join(parts))
+    more, summary["int8"] = int8_lines(runs)
+    return lines + more, summary
+
+
+def int8_lines(runs: Sequence[Mapping[str, Any]]) -> Tuple[List[str], Dict[str, Any]]:
+    """One line per INT8 role: median FP32 -> INT8 test metrics and per-seed drop, file sizes, and the
+    onnxruntime latency of the two files timed side by side. No target is set for these; they are reported."""
+    lines: List[str] = []
+    summary: Dict[str, Any] = {}
+    for r in sorted({x["role"] for x in runs if is_int8(x["role"])}, key=lambda x: (x != UNPRUNED_INT8, x)):
+        med = {k: median_of(runs, r, k) for k in ("onnx_mb", "fp32_onnx_mb", "ort_ms", "fp32_ort_ms", "ort_ms_b1",
+                                                   "fp32_ort_ms_b1", "calib_images", "test_images")}
+        per = {m: {"fp32": median_of(runs, r, f"fp32_{m}"), "int8": median_of(runs, r, m),
+                   "drop": median_of(runs, r, f"drop_{m}")} for m in METRICS}
+        ratio = {"size": (med["onnx_mb"], med["fp32_onnx_mb"]), "b16": (med["fp32_ort_ms"], med["ort_ms"]),
+                 "b1": (med["fp32_ort_ms_b1"], med["ort_ms_b1"])}
+        ratio = {k: a / b if a and b else None for k, (a, b) in ratio.items()}
+        summary[r] = {"metrics": per, "size_ratio": ratio["size"], "speedup_b16": ratio["b16"],
+                      "speedup_b1": ratio["b1"]}
+        seeds = ",".join(str(x["seed"]) for x in runs if x["role"] == r)
+        src = "unpruned student" if r == UNPRUNED_INT8 else f"kd student at size {r.partition('@')[2] or HALF}"
+        drops = ", ".join(f"{METRIC_NAMES[m]} {_f(per[m]['fp32'])} -> {_f(per[m]['int8'])} "
+                          f"(drop {_f(per[m]['drop'], '+.4f')})" for m in METRICS)
+        lines.append(f"{r}: the {src} (seeds {seeds}) in static INT8 (QDQ, {_f(med['calib_images'], '.0f')} train "
+                     f"images calibrate), {_f(med['test_images'], '.0f')} test images in onnxruntime, median FP32 -> "
+                     f"INT8 {drops}; file {_f(med['onnx_mb'], '.3f')} vs {_f(med['fp32_onnx_mb'], '.3f')} MB "
+                     f"({_f(ratio['size'], '.2f')}x); 1 thread, timed side by side: batch 16 "
+                     f"{_f(med['ort_ms'], '.3f')} vs {_f(med['fp32_ort_ms'], '.3f')} ms (speed-up "
+                     f"{_f(ratio['b16'], '.2f')}x), batch 1 {_f(med['ort_ms_b1'], '.3f')} vs "
+                     f"{_f(med['fp32_ort_ms_b1'], '.3f')} ms "
+                     f"({_f(ratio['b1'], '.2f')}x) (no target: reported)")
     return lines, summary
 
 
@@ -375,6 +481,12 @@ def _all(values: Any) -> Optional[bool]:
 
 
 # -- main ---------------------------------------------------------------------------------------
+def all_sizes(path: Path, sizes: Sequence[float], force: bool) -> List[float]:
+    """This sitting's ``sizes`` and those of the stored runs (unless ``force``), largest first."""
+    earlier = [] if force or not path.is_file() else json.loads(path.read_text()).get("budget", {}).get("sizes", [])
+    return sorted(set(sizes) | set(earlier), reverse=True)
+
+
 def check_previous(path: Path, budget: Mapping[str, Any], force: bool) -> None:
     """Stop when the stored runs used other settings or inputs (unless ``force``)."""
     if force or not path.is_file():
@@ -389,6 +501,9 @@ def check_previous(path: Path, budget: Mapping[str, Any], force: bool) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     args = parse(argv)
     from mtkd.errors import MtkdError
+    from mtkd.export.quantize import DEFAULT_CALIB
+
+    calib = DEFAULT_CALIB if args.int8_calib is None else args.int8_calib
 
     if args.quick:
         write_quick_data(Path(args.data))
@@ -399,18 +514,25 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     plateau, per_epoch = plateau_steps(args.student_config, data_ov + extra)
     steps = args.steps or max(1, round(args.recovery * plateau))
     digests = {"student": file_sha256(student), "teacher": file_sha256(teacher)}
-    budget = {"testbed": args.testbed, "plateau_steps": plateau, "steps": steps, "sizes": list(args.sizes),
+    results_path = Path(args.out) / "results.json"
+    budget = {"testbed": args.testbed, "plateau_steps": plateau, "steps": steps,
+              "sizes": all_sizes(results_path, args.sizes, args.force),
               "seeds": list(args.seeds), "importance": args.importance, "round_to": args.round_to,
               "overrides": extra, "student_sha256": digests["student"], "teacher_sha256": digests["teacher"],
-              "ort_runs": args.ort_runs, "ort_warmup": args.ort_warmup, "jobs": args.jobs, "quick": args.quick}
-    check_previous(Path(args.out) / "results.json", budget, args.force)
+              "ort_runs": args.ort_runs, "ort_warmup": args.ort_warmup, "jobs": args.jobs, "quick": args.quick,
+              "int8_calib": calib}
+    check_previous(results_path, budget, args.force)
     res = Results(args.out, NAME, data=args.data, budget=budget, metrics=METRICS, cost=COST,
                   student=str(student), teacher=str(teacher), kd_config=args.kd_config,
                   student_config=args.student_config)
     if args.force:
-        res.payload["runs"], res.payload["latency"], res.payload["pruning"] = [], {}, {}
+        for key in ("latency", "pruning", "onnx_mb", "int8_latency"):
+            res.payload[key] = {}
+        res.payload["runs"] = []
     latency: Dict[str, Dict[str, float]] = res.payload.setdefault("latency", {})
     pruning: Dict[str, Dict[str, Any]] = res.payload.setdefault("pruning", {})
+    onnx_mb: Dict[str, float] = res.payload.setdefault("onnx_mb", {})
+    int8_latency: Dict[str, Dict[str, Dict[str, float]]] = res.payload.setdefault("int8_latency", {})
 
     def refresh() -> None:
         lines, summary = verdicts(res.runs)
@@ -449,7 +571,12 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         return {"arch": arch, "ratio": ratio, "size": size, **latency_fields(latency.get(arch))}
 
     def enrich(rec: Dict[str, Any]) -> Dict[str, Any]:
-        more = latency_fields(latency.get(rec.get("arch")))
+        if is_int8(rec["role"]):  # the INT8 file and its FP32 file, timed side by side
+            lat = int8_latency.get(rec.get("arch"), {})
+            more = {**latency_fields(lat.get("int8")), **latency_fields(lat.get("fp32"), "fp32_")}
+        else:
+            more = latency_fields(latency.get(rec.get("arch")))
+            more["onnx_mb"] = onnx_mb.get(rec.get("arch"))
         if rec.get("gflops") is not None and student_gflops:
             more["flops_frac"] = float(rec["gflops"]) / student_gflops
         return more
@@ -464,6 +591,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
 
     # latency: every architecture, timed alternately, before the recovery runs load the CPUs
     archs = {"student": student, "teacher": teacher, **{a: p["ckpt"] for a, p in pruned.items()}}
+    for arch, info in pruning.items():  # pruned in an earlier sitting: timed with the others
+        ckpt = Path(args.out) / "runs" / f"prune_{arch}" / "best.pt"
+        if arch not in archs and "error" not in info and ckpt.is_file():
+            archs[arch] = ckpt
     timing = {"runs": args.ort_runs, "warmup": args.ort_warmup, "archs": sorted(archs)}
     if args.force or res.payload.get("latency_settings") != timing:
         from mtkd.export.onnx import export_checkpoint
@@ -479,6 +610,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         latency.clear()
         latency.update(ort_latency(onnx_paths, imgsz, args.ort_runs, args.ort_warmup))
         res.payload["latency_settings"] = timing
+    for arch in archs:
+        path = Path(args.out) / "runs" / "onnx" / f"{arch}.onnx"
+        if path.is_file():
+            onnx_mb[arch] = path.stat().st_size / 1e6
     for rec in res.runs:
         rec.update(enrich(rec))
     refresh()
@@ -508,6 +643,39 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                               "out": str(out), "epochs": None}))
     log(f"{len(jobs)} recovery runs of {steps} steps ({args.recovery:g} x {plateau} plateau steps)")
     run_jobs(jobs, args.jobs, 1 if args.jobs > 1 else None, record, desc=NAME)
+
+    # INT8: the unpruned student and every kd run, exported as mtkd export --int8 does, then each architecture's
+    # INT8 and FP32 files timed side by side, with nothing else of the benchmark running
+    if args.int8_row:
+        int8_dir = Path(args.out) / "runs" / "int8"
+        for r, src in int8_sources(res.runs):
+            if res.has(r, src["seed"]) and not args.force:
+                continue
+            ckpt = Path(src["checkpoint"]) if src.get("checkpoint") else Path(src["out"]) / "best.pt"
+            name = f"{src['role'].replace('@', '_at_')}_s{int(src['seed'])}"
+            log(f"{r} seed {src['seed']}: INT8 export of {ckpt}")
+            t0 = time.perf_counter()
+            try:
+                q = int8_export(checkpoint_config(ckpt, data_ov, extra), ckpt, int8_dir / f"{name}.onnx", calib)
+            except MtkdError as exc:  # reported; the other files go on
+                log(f"{r} seed {src['seed']}: not quantised: {exc}")
+                continue
+            res.add(int8_record(r, src, q, time.perf_counter() - t0), write=False)
+        files: Dict[str, Dict[str, str]] = {}
+        for rec in sorted((x for x in res.runs if is_int8(x["role"])), key=lambda x: int(x["seed"])):
+            files.setdefault(rec["arch"], {"fp32": rec["fp32_onnx"], "int8": rec["onnx"]})
+        timing = {"runs": args.ort_runs, "warmup": args.ort_warmup, "files": files}
+        if files and (args.force or res.payload.get("int8_latency_settings") != timing):
+            paths = {f"{arch}.{kind}": Path(f[kind]) for arch, f in files.items() for kind in ("fp32", "int8")}
+            imgsz = int(cfgs["student"]["data"]["imgsz"])
+            log(f"timing {len(paths)} INT8 and FP32 files in onnxruntime (1 thread, batch 16 and 1, {imgsz} px)")
+            lat = ort_latency(paths, imgsz, args.ort_runs, args.ort_warmup)
+            int8_latency.clear()
+            int8_latency.update({arch: {kind: lat[f"{arch}.{kind}"] for kind in ("fp32", "int8")} for arch in files})
+            res.payload["int8_latency_settings"] = timing
+        for rec in res.runs:
+            rec.update(enrich(rec))
+        refresh()
 
     lines, summary = verdicts(res.runs)
     return res.finish(lines, summary=summary)

@@ -260,12 +260,13 @@ def val_images(cfg: Dict[str, Any], task: Any, n: int = CHECK_IMAGES) -> torch.T
 
 def export_checkpoint(cfg: Dict[str, Any], ckpt: str | Path, out: str | Path, *, fmt: str = "onnx",
                       opset: int = DEFAULT_OPSET, simplify: bool = True, int8: bool = False,
-                      calib: Optional[int] = None, parity_images: Optional[int] = None) -> Dict[str, Any]:
+                      calib: Optional[int] = None, parity_images: Optional[int] = None,
+                      parity_split: str = "val") -> Dict[str, Any]:
     """``mtkd export``: the checkpoint's model (pruned or not) as one ONNX file at ``out``, parity-checked.
 
     With ``int8`` the file is then quantised (:func:`mtkd.export.quantize.quantize_int8`, calibrated on
-    ``calib`` train images, its metric drop measured on ``parity_images`` val images); its report is
-    the result's ``"int8"``.
+    ``calib`` train images, its metric drop measured on the first ``parity_images`` images of
+    ``parity_split``); its report is the result's ``"int8"``.
     """
     from mtkd.engine.trainer import load_model
     from mtkd.export import quantize
@@ -294,7 +295,8 @@ def export_checkpoint(cfg: Dict[str, Any], ckpt: str | Path, out: str | Path, *,
     report = export_onnx(model, out, imgsz, images, opset=opset, simplify=simplify, conf=float(cfg["eval"]["conf"]),
                          iou=float(cfg["eval"]["iou"]), metadata=meta)
     if int8:
-        report["int8"] = quantize.quantize_int8(cfg, task, out, calib=calib, parity_images=parity_images)
+        report["int8"] = quantize.quantize_int8(cfg, task, out, calib=calib, parity_images=parity_images,
+                                                parity_split=parity_split)
     return report
 
 

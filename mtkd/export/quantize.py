@@ -16,8 +16,9 @@ The mtkd metadata of the fp32 file is kept (so ``mtkd predict --onnx`` runs
 the INT8 file alike), plus ``quantization``. Quantised outputs are not equal
 to the fp32 ones, so parity here is the metric drop: the fp32 and INT8 files
 are both scored in onnxruntime by :func:`mtkd.engine.evaluator.evaluate` on
-the first ``parity_images`` images of the val split, and
-``<stem>.int8.json`` records both and ``drop`` = fp32 - int8 per metric.
+the first ``parity_images`` images of the val split (``parity_split`` names
+another), and ``<stem>.int8.json`` records both and ``drop`` = fp32 - int8
+per metric.
 """
 from __future__ import annotations
 
@@ -87,22 +88,23 @@ def _calibration_reader(quantization: Any, dataset: Any, n: int) -> Any:
     return Calibration()
 
 
-def metric_drop(cfg: Dict[str, Any], task: Any, fp32: str | Path, int8: str | Path, n: int) -> Dict[str, Any]:
-    """Both files scored in onnxruntime on the first ``n`` val images; ``drop`` = fp32 - int8."""
+def metric_drop(cfg: Dict[str, Any], task: Any, fp32: str | Path, int8: str | Path, n: int,
+                split: str = "val") -> Dict[str, Any]:
+    """Both files scored in onnxruntime on the first ``n`` images of ``split``; ``drop`` = fp32 - int8."""
     from torch.utils.data import DataLoader, Subset
 
     from mtkd.export.runtime import OnnxModel
 
-    ds = task.build_dataset(cfg, "val", False)
+    ds = task.build_dataset(cfg, split, False)
     if len(ds) == 0:
-        raise MtkdError("data.val: the val split is empty; the INT8 parity report needs images")
+        raise MtkdError(f"data.{split}: the {split} split is empty; the INT8 parity report needs images")
     n = min(n, len(ds))
     t = cfg["train"]
-    report: Dict[str, Any] = {"split": "val", "images": n}
+    report: Dict[str, Any] = {"split": split, "images": n}
     for name, path in (("fp32", fp32), ("int8", int8)):
         model = OnnxModel(path)
         if list(ds.classes) != model.classes:
-            raise MtkdError(f"{path}: exported with classes {model.classes} but data.val has {list(ds.classes)}")
+            raise MtkdError(f"{path}: exported with classes {model.classes} but data.{split} has {list(ds.classes)}")
         loader = DataLoader(Subset(ds, range(n)), batch_size=t["batch"], num_workers=t["workers"],
                             collate_fn=task.collate)
         metrics = task.evaluate(model, loader, ds, cfg, torch.device("cpu"), False)
@@ -112,8 +114,9 @@ def metric_drop(cfg: Dict[str, Any], task: Any, fp32: str | Path, int8: str | Pa
 
 
 def quantize_int8(cfg: Dict[str, Any], task: Any, fp32: str | Path, *, calib: int = DEFAULT_CALIB,
-                  parity_images: int = DEFAULT_PARITY_IMAGES) -> Dict[str, Any]:
-    """Quantise the exported file ``fp32`` to ``<stem>.int8.onnx``, write ``<stem>.int8.json``; returns the report."""
+                  parity_images: int = DEFAULT_PARITY_IMAGES, parity_split: str = "val") -> Dict[str, Any]:
+    """Quantise the exported file ``fp32`` to ``<stem>.int8.onnx``, write ``<stem>.int8.json``; returns the report
+    (its ``parity``: :func:`metric_drop` on ``parity_split``)."""
     from mtkd.export.onnx import _require, write_bytes_atomic
 
     calib = check_count(calib, "--calib")
@@ -150,7 +153,7 @@ def quantize_int8(cfg: Dict[str, Any], task: Any, fp32: str | Path, *, calib: in
     write_bytes_atomic(data, int8_path)
     report = {"path": str(int8_path), "bytes": len(data), "fp32_path": str(fp32),
               "fp32_bytes": Path(fp32).stat().st_size, "quantization": setting}
-    report["parity"] = metric_drop(cfg, task, fp32, int8_path, parity_images)
+    report["parity"] = metric_drop(cfg, task, fp32, int8_path, parity_images, parity_split)
     with writing(report_path):
         report_path.write_text(json.dumps(report, indent=2))
     report["report_path"] = str(report_path)
@@ -164,7 +167,8 @@ def summary(report: Dict[str, Any]) -> str:
                       for k in par["drop"])
     return (f"wrote {report['path']} ({report['bytes'] / 1e6:.2f} MB, {report['bytes'] / report['fp32_bytes']:.2f}x "
             f"the fp32 file; calibrated on {report['quantization']['calib_images']} train images)\n"
-            f"INT8 parity on {par['images']} val images (fp32 -> int8): {drops}; report {report['report_path']}")
+            f"INT8 parity on {par['images']} {par['split']} images (fp32 -> int8): {drops}; "
+            f"report {report['report_path']}")
 
 
 __all__ = ["DEFAULT_CALIB", "DEFAULT_PARITY_IMAGES", "int8_paths", "metric_drop", "quantize_int8", "summary"]
