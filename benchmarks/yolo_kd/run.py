@@ -72,8 +72,9 @@ min, the sweep 10 runs, the main sitting 15 runs.
     python benchmarks/yolo_kd/run.py --sweep              # KD weights on val -> <out>/sweep/
     python benchmarks/yolo_kd/run.py                      # 5 roles x seeds 6 7 8, judged on test
 
-Tiny check (seconds per run): ``--quick`` (16/8/8 images at 64 px, yolov8n
-teacher, 1 epoch everywhere, seed 0, one job), e.g.
+Tiny check: ``--quick`` (16/8/8 images at 64 px, yolov8n teacher, 1 epoch
+everywhere, seed 0, one job; each run trains for seconds, about a minute with
+start-up and scoring on a shared 2-core CPU), e.g.
 ``python benchmarks/yolo_kd/run.py --quick --out /tmp/yk``.
 """
 from __future__ import annotations
@@ -127,7 +128,8 @@ def parse(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="only train (and time) the teacher and the student's starting weights")
     p.add_argument("--sweep", action="store_true", help="only the KD-weight sweep on val, into <out>/sweep")
     p.add_argument("--sweep-seeds", type=int, nargs="+", default=None, help="seeds of the sweep (default 100 101)")
-    p.add_argument("--quick", action="store_true", help="a tiny setting that runs every code path in seconds")
+    p.add_argument("--quick", action="store_true",
+                   help="a tiny setting that runs every code path (each run trains for seconds)")
     p.add_argument("--force", action="store_true",
                    help="re-run (role, seed) pairs already in results.json (the prepared teacher and starting "
                         "weights are kept: another --out trains new ones)")
@@ -498,7 +500,7 @@ def sweep_ranking(runs: Sequence[Mapping[str, Any]]) -> Tuple[List[str], Optiona
         if vals:
             rows.append((statistics.median(vals), min(vals), role))
     plain = next((r for r in rows if r[2] == "plain"), None)
-    kd = sorted((r for r in rows if r[2] != "plain"), reverse=True)
+    kd = sorted((r for r in rows if r[2] != "plain"), key=lambda r: r[:2], reverse=True)  # ties: first run first
     lines = [f"{i + 1}. {role}: median val mAP50-95 {med:.4f} (worst {worst:.4f})"
              + (f", {med - plain[0]:+.4f} vs plain" if plain else "") for i, (med, worst, role) in enumerate(kd)]
     if plain:
