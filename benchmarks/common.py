@@ -335,8 +335,9 @@ def interleaved_plan(roles: Sequence[str], seeds: Sequence[int]) -> List[Tuple[s
 
 
 def check_budget(path: str | Path, budget: Mapping[str, Any], keys: Sequence[str], name: str,
-                 force: bool = False) -> None:
-    """Stop (``SystemExit``, one line) when the runs stored in ``path`` used another value of one of ``keys``.
+                 force: bool = False, hint: str = "use the same settings, another --out, or --force") -> None:
+    """Stop (``SystemExit``, one line ending in ``hint``) when the runs stored in ``path`` used another
+    value of one of ``keys``.
 
     A key missing on either side is not compared; ``force`` or a missing file skips the check.
     """
@@ -350,7 +351,7 @@ def check_budget(path: str | Path, budget: Mapping[str, Any], keys: Sequence[str
     for key in keys:
         if key in prev and key in budget and prev[key] != budget[key]:
             raise SystemExit(f"[{name}] {path}: its runs used {key}={prev[key]!r}, this sitting {budget[key]!r}; "
-                             "use the same settings, another --out, or --force")
+                             + hint)
 
 
 def default_jobs() -> int:
