@@ -300,7 +300,8 @@ def recorder(res: "Results", name: str, refresh: Any, enrich: Any = None) -> Any
     """The ``on_done`` of :func:`run_jobs` for jobs keyed ``(role, seed, out[, extra dict])``.
 
     A finished run becomes :func:`make_record` (plus ``total_s``, the extra
-    dict and ``enrich(record)``'s keys) and is added to ``res``; then
+    dict, the report's own ``record`` dict (keys a job measures beyond the test
+    report) and ``enrich(record)``'s keys) and is added to ``res``; then
     ``refresh()`` rewrites the verdicts. A failed run (config or data error)
     is printed as one line and not recorded.
     """
@@ -310,11 +311,47 @@ def recorder(res: "Results", name: str, refresh: Any, enrich: Any = None) -> Any
             print(f"[{name}] {role} seed {seed} failed: {error}")
             return
         rec = make_record(role, seed, report, out=out, total_s=secs, **(key[3] if len(key) > 3 else {}))
+        rec.update(report.get("record") or {})
         if enrich is not None:
             rec.update(enrich(rec))
         res.add(rec)
         refresh()
     return on_done
+
+
+def interleaved_plan(roles: Sequence[str], seeds: Sequence[int]) -> List[Tuple[str, int]]:
+    """``(role, seed)`` pairs, seed-major, the role order rotated by one from each seed to the next.
+
+    Run in this order (``--jobs`` at a time), every role meets every position
+    and every neighbour on a shared machine, so slow drifts of its load do not
+    fall on one role.
+    """
+    roles = list(roles)
+    plan: List[Tuple[str, int]] = []
+    for i, seed in enumerate(seeds):
+        k = i % len(roles) if roles else 0
+        plan += [(role, seed) for role in roles[k:] + roles[:k]]
+    return plan
+
+
+def check_budget(path: str | Path, budget: Mapping[str, Any], keys: Sequence[str], name: str,
+                 force: bool = False, hint: str = "use the same settings, another --out, or --force") -> None:
+    """Stop (``SystemExit``, one line ending in ``hint``) when the runs stored in ``path`` used another
+    value of one of ``keys``.
+
+    A key missing on either side is not compared; ``force`` or a missing file skips the check.
+    """
+    path = Path(path)
+    if force or not path.is_file():
+        return
+    try:
+        prev = json.loads(path.read_text()).get("budget", {})
+    except json.JSONDecodeError as exc:
+        raise SystemExit(f"[{name}] {path}: not valid JSON ({exc}); move it away to start afresh") from None
+    for key in keys:
+        if key in prev and key in budget and prev[key] != budget[key]:
+            raise SystemExit(f"[{name}] {path}: its runs used {key}={prev[key]!r}, this sitting {budget[key]!r}; "
+                             + hint)
 
 
 def default_jobs() -> int:

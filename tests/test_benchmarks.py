@@ -163,46 +163,130 @@ def test_kd_overhead_tiny_run(tmp_path: Path) -> None:
     assert "overhead min / med / max" in (out / "results.md").read_text()
 
 
-def test_yolo_kd_keeps_runs_of_an_earlier_sitting_and_refuses_another_budget(tmp_path) -> None:
-    yk = _load("yolo_kd")
-    budget = {"epochs": 20, "imgsz": 96, "student": "yolov8n.yaml", "kd": {"kd_cls": "1.0"}}
+def test_interleaved_plan_is_seed_major_and_rotates_the_role_order() -> None:
+    plan = common.interleaved_plan(["a", "b", "c"], [5, 6, 7, 8])
+    assert plan[:3] == [("a", 5), ("b", 5), ("c", 5)]
+    assert plan[3:6] == [("b", 6), ("c", 6), ("a", 6)]
+    assert plan[6:9] == [("c", 7), ("a", 7), ("b", 7)]
+    assert plan[9:] == [("a", 8), ("b", 8), ("c", 8)]
+    assert common.interleaved_plan([], [0]) == []
+
+
+def test_check_budget_stops_on_a_changed_key_only(tmp_path: Path) -> None:
     path = tmp_path / "results.json"
-    assert yk.load_previous(path, budget) == []
-    run = {"role": "plain", "seed": 0, "map50_95": 0.01}
-    path.write_text(json.dumps({"budget": {**budget, "seeds": [0], "total_s": 12.0}, "runs": [run]}))
-    assert yk.load_previous(path, dict(budget)) == [run]  # seeds and total_s may differ
-    with pytest.raises(SystemExit, match="epochs differ"):
-        yk.load_previous(path, {**budget, "epochs": 5})
+    common.check_budget(path, {"epochs": 5}, ("epochs",), "x")  # no file: nothing to compare
+    path.write_text(json.dumps({"budget": {"epochs": 5, "jobs": 2, "kd": {"kd_cls": 0.5}}}))
+    common.check_budget(path, {"epochs": 5, "jobs": 1}, ("epochs", "kd"), "x")  # jobs not checked, kd absent here
+    with pytest.raises(SystemExit, match=r"\[x\] .*results.json: its runs used epochs=5, this sitting 6"):
+        common.check_budget(path, {"epochs": 6}, ("epochs",), "x")
+    with pytest.raises(SystemExit, match="kd="):
+        common.check_budget(path, {"kd": {"kd_cls": 1.0}}, ("kd",), "x")
+    common.check_budget(path, {"epochs": 6}, ("epochs",), "x", force=True)
     path.write_text("{not json")
     with pytest.raises(SystemExit, match="not valid JSON"):
-        yk.load_previous(path, budget)
+        common.check_budget(path, {"epochs": 5}, ("epochs",), "x")
 
 
-def test_yolo_kd_train_args_are_typed_and_a_bad_item_names_the_flag() -> None:
+def test_yolo_kd_plan_interleaves_roles_and_runs_plain_wall_after_its_reference() -> None:
     yk = _load("yolo_kd")
-    assert yk.parse_kv("optimizer=AdamW, lr0=0.002,cos_lr=true,", "--train-args") == {
+    first, second = yk.plan(list(yk.ROLES), [6, 7])
+    assert first[:4] == [("plain", 6), ("ultralytics_kd", 6), ("mtkd_out", 6), ("mtkd_out_feat", 6)]
+    assert first[4:] == [("ultralytics_kd", 7), ("mtkd_out", 7), ("mtkd_out_feat", 7), ("plain", 7)]
+    assert second == [("plain_wall", 6), ("plain_wall", 7)]
+    assert yk.plan(["plain", "mtkd_out"], [0])[1] == []
+
+
+def test_yolo_kd_role_args() -> None:
+    yk = _load("yolo_kd")
+    base = {"model": "s.pt", "epochs": 20, "seed": 6}
+    kd = {"kd_cls": 0.25, "kd_t": 2.0}
+    t = Path("/t.pt")
+    assert yk.role_args("plain", base, t, kd, 1.0) == base
+    assert yk.role_args("ultralytics_kd", base, t, kd, 1.0) == {**base, "distill_model": "/t.pt"}
+    assert yk.role_args("mtkd_out", base, t, kd, 1.0) == {**base, **kd, "kd_teacher": "/t.pt", "kd_feat": 0.0}
+    assert yk.role_args("mtkd_out_feat", base, t, kd, 1.5)["kd_feat"] == 1.5
+    assert yk.role_args("plain_wall", base, t, kd, 1.0, {"loop_s": 360.0})["time"] == pytest.approx(0.1)
+    assert yk.role_args("plain_wall", base, t, kd, 1.0, None) is None
+    # what a run is given is what mtkd yolo train parses back
+    assert yk.parse_tokens(yk.tokens({**base, **kd, "val": False}), "run") == {**base, **kd, "val": False}
+
+
+def test_yolo_kd_tokens_are_typed_by_the_cli_parser_and_a_bad_one_names_the_flag() -> None:
+    yk = _load("yolo_kd")
+    assert yk.parse_tokens(["optimizer=AdamW", "lr0=0.002", "cos_lr=true"], "--train-args") == {
         "optimizer": "AdamW", "lr0": 0.002, "cos_lr": True}
-    assert yk.parse_kv("", "--train-args") == {}
-    with pytest.raises(SystemExit, match="--train-args: 'lr0' is not key=value"):
-        yk.parse_kv("optimizer=SGD,lr0", "--train-args")
+    assert yk.parse_tokens([], "--train-args") == {}
+    with pytest.raises(ConfigError, match="--train-args: lr0: expected key=value"):
+        yk.parse_tokens(["optimizer=SGD", "lr0"], "--train-args")
 
 
-def test_yolo_kd_summary_judges_mtkd_best_against_ultralytics_and_the_plain_baselines() -> None:
+def test_yolo_kd_needs_a_test_split_in_the_users_data(tmp_path: Path) -> None:
     yk = _load("yolo_kd")
+    data = tmp_path / "data.yaml"
+    data.write_text("path: .\ntrain: images/train\nval: images/val\nnames: [a, b]\n")
+    args = yk.parse(["--data", str(data)])
+    with pytest.raises(ConfigError, match="data.yaml: no 'test' entry"):
+        yk.ensure_data(args, tmp_path)
+    data.write_text("path: .\ntrain: images/train\nval: images/val\ntest: images/test\nnames: [a, b]\n")
+    assert yk.ensure_data(args, tmp_path) == (data.resolve(), 2)
 
-    def run(role, seed, m, epochs=20):
-        return {"role": role, "seed": seed, "epochs": epochs, "wall_s": 10.0, "epoch_s": 1.0, "epoch_cpu_s": 1.0,
-                "map50_95": m, "map50": 2 * m}
 
-    runs = [run("plain", 0, 0.010), run("plain", 1, 0.014),
-            run("ultralytics_kd", 0, 0.008), run("ultralytics_kd", 1, 0.012),
-            run("mtkd_out", 0, 0.013), run("mtkd_out", 1, 0.016),  # median above plain, worst seed below its best
-            run("mtkd_out_feat", 0, 0.011), run("mtkd_out_feat", 1, 0.012),
-            run("plain_wall", 0, 0.009, 34), run("plain_wall", 1, 0.0125, 34)]
-    t = yk.summarise(runs)["target"]
-    assert t["mtkd_best"] == "mtkd_out" and t["beats_median"] and t["beats_worst_seed"]
-    assert t["vs_plain"] == {"beats_median": True, "worst_above_best": False}
-    assert t["vs_plain_wall"] == {"beats_median": True, "worst_above_best": True}
+def test_yolo_kd_weights_come_from_kd_then_the_val_sweep_then_mtkds_defaults(tmp_path: Path) -> None:
+    from mtkd.yolo.trainer import KD_DEFAULTS
+
+    yk = _load("yolo_kd")
+    kd, source = yk.resolve_kd(None, tmp_path)
+    assert kd == {k: KD_DEFAULTS[k] for k in ("kd_cls", "kd_dfl", "kd_obj", "kd_t")} and source.startswith("mtkd")
+    (tmp_path / "sweep").mkdir()
+    (tmp_path / "sweep" / "results.json").write_text(json.dumps(
+        {"runs": [], "choice": {"setting": "x0.5", "kd": yk.sweep_kd(0.5)}}))
+    kd, source = yk.resolve_kd(None, tmp_path)
+    assert kd == {**yk.sweep_kd(0.5), "kd_t": KD_DEFAULTS["kd_t"]} and source.endswith(": x0.5")
+    assert yk.resolve_kd(["kd_cls=0.3", "kd_t=1"], tmp_path) == ({"kd_cls": 0.3, "kd_t": 1}, "--kd")
+    for bad in (["kd_feat=1"], ["lr0=0.1"], ["kd_bogus=1"]):
+        with pytest.raises(ConfigError, match="--kd: .* is not an output KD argument"):
+            yk.resolve_kd(bad, tmp_path)
+
+
+def _yk_run(role, seed, test, val=None, epoch_s=1.0):
+    """A yolo_kd record: test mAP50-95 ``test``, val mAP50-95 ``val`` (default the same)."""
+    return {"role": role, "seed": seed, "epochs": 20, "map50_95": test, "map50": 2 * test,
+            "val_map50_95": test if val is None else val, "epoch_s": epoch_s}
+
+
+def test_yolo_kd_verdict_needs_the_worst_mtkd_out_seed_above_the_best_plain_seed_on_test() -> None:
+    yk = _load("yolo_kd")
+    runs = [_yk_run("teacher", 0, 0.08), _yk_run("plain", 6, 0.010), _yk_run("plain", 7, 0.014),
+            _yk_run("ultralytics_kd", 6, 0.008, epoch_s=2.0), _yk_run("ultralytics_kd", 7, 0.012, epoch_s=2.0),
+            _yk_run("mtkd_out", 6, 0.015, val=0.0, epoch_s=1.8), _yk_run("mtkd_out", 7, 0.016, val=0.0, epoch_s=1.8),
+            _yk_run("mtkd_out_feat", 6, 0.013), _yk_run("mtkd_out_feat", 7, 0.020),
+            _yk_run("plain_wall", 6, 0.03), _yk_run("plain_wall", 7, 0.03)]
+    lines, summary = yk.verdicts(runs, prepare_s=120.0)
+    assert summary["target_met"] is True  # judged on test: the val metrics (0.0) do not enter
+    assert summary["mtkd_out"]["vs_ultralytics_kd"]["beats_worst_seed"] is True
+    assert summary["mtkd_out"]["vs_ultralytics_kd"]["epoch_time_ratio"] == pytest.approx(0.9)
+    assert summary["mtkd_out"]["vs_plain_wall"] == {"beats_median": False, "worst_above_best": False}
+    assert summary["mtkd_out_feat"]["worst_above_best_plain"] is False
+    assert any("target: MET" in x and "0.0150 vs 0.0140" in x for x in lines)
+    assert any("mtkd_out_feat" in x and "reported only" in x for x in lines)
+    assert lines[0].startswith("prepare (once, side by side, 2.0 min wall): teacher reused, test mAP50-95 0.08")
+    runs[0].update(wall_s=60.0, total_s=90.0)
+    assert "teacher 20 epochs, training 1.0 min (1.5 min in all)" in yk.verdicts(runs)[0][0]
+    runs[5]["map50_95"] = 0.014  # a tie with plain's best seed is not above it
+    assert yk.verdicts(runs)[1]["target_met"] is False
+    assert yk.verdicts([_yk_run("mtkd_out", 6, 0.1)])[0] == ["target: not yet measurable (no plain runs)"]
+
+
+def test_yolo_kd_sweep_chooses_on_val_only() -> None:
+    yk = _load("yolo_kd")
+    runs = [_yk_run("plain", 100, 0.9, val=0.010),
+            _yk_run("mtkd_out@x0.5", 100, 0.0, val=0.014), _yk_run("mtkd_out@x0.5", 101, 0.0, val=0.012),
+            _yk_run("mtkd_out@x2", 100, 0.9, val=0.011), _yk_run("mtkd_out@x2", 101, 0.9, val=0.013)]
+    lines, winner = yk.sweep_ranking(runs)
+    assert winner == "x0.5"  # median 0.013 vs 0.012; the test metrics favour x2 and are ignored
+    assert lines[0].startswith("chosen on val: x0.5 (kd_cls=0.25 kd_dfl=0.125 kd_obj=0.05)")
+    assert "+0.0030 vs plain" in lines[1]
+    assert yk.sweep_ranking([]) == ([], None)
 
 
 def test_best_val_metrics_reads_the_best_epochs_row(tmp_path: Path) -> None:
@@ -256,11 +340,13 @@ def test_recorder_adds_finished_runs_with_extras_and_skips_failed_ones(tmp_path:
     refreshed = []
     on_done = common.recorder(res, "fake", lambda: refreshed.append(len(res.runs)),
                               lambda rec: {"double_map50": 2 * rec["map50"]})
-    on_done(("kd", 1, tmp_path / "r", {"time_budget_s": 5.0}), {"map50": 0.25, "steps": 3}, 7.0, None)
+    on_done(("kd", 1, tmp_path / "r", {"time_budget_s": 5.0}),
+            {"map50": 0.25, "steps": 3, "record": {"epoch_s": 0.5}}, 7.0, None)
     on_done(("kd", 2, tmp_path / "r2"), None, 0.0, ConfigError("data.root: missing"))
     assert [(r["role"], r["seed"]) for r in res.runs] == [("kd", 1)]
     rec = res.runs[0]
     assert rec["time_budget_s"] == 5.0 and rec["total_s"] == 7.0 and rec["double_map50"] == 0.5
+    assert rec["epoch_s"] == 0.5  # the job's own measurements join the record
     assert refreshed == [1]
     assert "[fake] kd seed 2 failed: data.root: missing" in capsys.readouterr().out
 
@@ -280,3 +366,34 @@ def test_plateau_reuses_only_identically_trained_runs(tmp_path) -> None:
         plateau.reusable(str(src), "d", {"plain": 6}, [], [0])
     with pytest.raises(MtkdError, match="data"):
         plateau.reusable(str(src), "other", {"plain": 6}, ["a=1"], [0])
+
+
+@pytest.mark.slow
+def test_yolo_kd_quick_run_scores_deployed_students_on_test(tmp_path: Path) -> None:
+    """``--quick`` end to end with a reused (random) teacher: each role through the users' path, scored on test."""
+    import torch
+    from ultralytics.nn.tasks import DetectionModel
+
+    yk = _load("yolo_kd")
+    out = tmp_path / "yk"
+    data, _ = yk.ensure_data(yk.parse(["--quick", "--out", str(out)]), out)
+    teacher = yk.save_init("yolov8s.yaml", data, 1, tmp_path / "teacher.pt")
+    payload = yk.main(["--quick", "--out", str(out), "--teacher", str(teacher), "--pretrain-epochs", "0",
+                       "--roles", "plain", "ultralytics_kd", "mtkd_out"])
+    runs = {r["role"]: r for r in payload["runs"]}
+    assert set(runs) == {"teacher", "plain", "ultralytics_kd", "mtkd_out"}
+    student = sum(p.numel() for p in DetectionModel("yolov8n.yaml", nc=12, verbose=False).parameters())
+    for role in ("plain", "ultralytics_kd", "mtkd_out"):
+        r = runs[role]
+        assert r["epochs"] == 1 and r["steps"] == 2 and r["wall_s"] > 0 and r["epoch_s"] > 0
+        assert r["params"] == student  # the deployed student, not Ultralytics' distillation wrapper
+        assert (Path(r["out"]) / "test").is_dir() and r["map50_95"] is not None and r["val_map50_95"] is not None
+    assert runs["teacher"]["reused"] and runs["teacher"]["params"] > student
+    assert torch.load(runs["mtkd_out"]["weights"], weights_only=False)["mtkd"]["distilled"]  # ran mtkd yolo train
+    assert payload["budget"]["kd_source"].startswith("mtkd defaults")
+    assert any("target: NOT MET" in x or "target: MET" in x for x in payload["derived"])
+    # a second sitting keeps the runs; another budget stops
+    assert yk.main(["--quick", "--out", str(out), "--teacher", str(teacher), "--pretrain-epochs", "0",
+                    "--roles", "plain"])["runs"] == payload["runs"]
+    with pytest.raises(SystemExit, match="epochs=1, this sitting 2"):
+        yk.main(["--quick", "--out", str(out), "--teacher", str(teacher), "--pretrain-epochs", "0", "--epochs", "2"])

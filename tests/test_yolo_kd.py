@@ -69,8 +69,15 @@ def run(tree):
     from mtkd.yolo.cli import parse_args, train
 
     teacher_before = torch.load(tree["teacher"], weights_only=False)["model"].state_dict()
-    trainer = train(parse_args(_args(tree, "kd", kd_feat=1.0)))
-    return {"trainer": trainer, "teacher_before": teacher_before}
+    events = []
+    callbacks = {"on_train_epoch_start": [lambda t: events.append(("start", t.epoch))],
+                 "on_train_epoch_end": [lambda t: events.append(("end", t.epoch, type(t).__name__))]}
+    trainer = train(parse_args(_args(tree, "kd", kd_feat=1.0)), callbacks=callbacks)
+    return {"trainer": trainer, "teacher_before": teacher_before, "events": events}
+
+
+def test_callbacks_reach_the_kd_trainer(run):
+    assert run["events"] == [("start", 0), ("end", 0, "KDDetectionTrainer")]
 
 
 def test_results_csv_has_kd_columns(run):

@@ -24,7 +24,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 from mtkd.errors import ConfigError, MtkdError
 
@@ -46,9 +46,14 @@ def parse_args(argv: Sequence[str]) -> Dict[str, Any]:
     return args
 
 
-def train(args: Dict[str, Any]) -> Any:
+def train(args: Dict[str, Any], callbacks: Optional[Mapping[str, Sequence[Callable[[Any], None]]]] = None) -> Any:
     """Run one distillation from parsed args; returns the finished ``KDDetectionTrainer``
-    (``.save_dir``, ``.best``, ``.metrics``)."""
+    (``.save_dir``, ``.best``, ``.metrics``).
+
+    ``callbacks`` (``{event: [fn, ...]}``, Ultralytics' event names such as
+    ``on_train_epoch_end``) are added to the student model before training;
+    Ultralytics hands them to the trainer, which calls ``fn(trainer)``.
+    """
     from ultralytics.utils import DEFAULT_CFG_DICT
 
     from mtkd.yolo.trainer import KDDetectionTrainer, split_kd_args
@@ -67,6 +72,9 @@ def train(args: Dict[str, Any]) -> Any:
     model = _student(str(ultra.pop("model")))
     if model.task != "detect":
         raise ConfigError(f"model: {model.model_name} is a {model.task} model; distillation needs a detect model")
+    for event, fns in (callbacks or {}).items():
+        for fn in fns:
+            model.add_callback(event, fn)
     model.train(trainer=KDDetectionTrainer, **ultra, **kd)
     return model.trainer
 
