@@ -247,5 +247,34 @@ def test_kd_unlabeled_tiny_end_to_end(tmp_path: Path) -> None:
     assert [(r["role"], r["seed"]) for r in again["runs"]] == [(r["role"], r["seed"]) for r in saved["runs"]]
     assert (out / "runs" / "kd_s0" / "test_metrics.json").stat().st_mtime_ns == stamp
     assert (pv / "pseudo.json").stat().st_mtime_ns == tree
-    with pytest.raises(SystemExit, match="pseudo_conf"):
-        ku.main(argv + ["--pseudo-conf", "0.4"])
+    assert saved["budget"]["pseudo_conf"] == "auto" and len(info["val_f1_by_conf"]) == len(ku.CONF_GRID)
+    assert info["pseudo_conf"] in ku.CONF_GRID
+    # other pseudo-label settings redo the pseudo role only
+    kd_stamp = (out / "runs" / "kd_s0" / "test_metrics.json").stat().st_mtime_ns
+    redone = ku.main(argv + ["--pseudo-conf", "0.4"])
+    assert sorted((r["role"], r["seed"]) for r in redone["runs"]) == sorted((r["role"], r["seed"]) for r in saved["runs"])
+    assert (out / "runs" / "kd_s0" / "test_metrics.json").stat().st_mtime_ns == kd_stamp
+    assert json.loads((pv / "pseudo.json").read_text())["pseudo_conf"] == 0.4
+    assert redone["budget"]["pseudo_conf"] == 0.4
+    with pytest.raises(SystemExit, match="unlabeled_ratio"):
+        ku.main(argv + ["--pseudo-conf", "0.4", "--unlabeled-ratio", "0.25"])
+
+
+def test_f1_by_threshold_matches_greedily_by_score_and_class() -> None:
+    boxes = np.array([[0, 0, 10, 10], [0, 0, 10, 10], [20, 20, 30, 30], [50, 50, 60, 60]], np.float32)
+    scores = np.array([0.9, 0.8, 0.3, 0.6], np.float32)
+    labels = np.array([0, 0, 1, 0])
+    truth = (np.array([[0, 0, 10, 10], [20, 20, 30, 30]], np.float32), np.array([0, 1]))
+    f1 = ku.f1_by_threshold([(boxes, scores, labels)], [truth], [0.2, 0.5, 0.85, 0.95])
+    # 0.2: 4 kept, 2 hits (the duplicate and the far box miss); 0.5: 3 kept, 1 hit; 0.85: 1 kept, 1 hit
+    assert f1 == pytest.approx({0.2: 2 * 2 / (4 + 2), 0.5: 2 * 1 / (3 + 2), 0.85: 2 * 1 / (1 + 2), 0.95: 0.0})
+    wrong_class = ku.f1_by_threshold([(boxes[:1], scores[:1], np.array([1]))], [truth], [0.5])
+    assert wrong_class == {0.5: 0.0}
+    assert ku.f1_by_threshold([(np.zeros((0, 4)), np.zeros(0), np.zeros(0))], [truth], [0.5]) == {0.5: 0.0}
+
+
+def test_pseudo_conf_argument() -> None:
+    assert ku._conf_arg("auto") == "auto" and ku._conf_arg("0.25") == 0.25
+    for bad in ("0", "1.5", "high"):
+        with pytest.raises(Exception, match="auto|\\(0, 1\\]"):
+            ku._conf_arg(bad)

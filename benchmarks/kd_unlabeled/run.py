@@ -40,15 +40,21 @@ Protocol (small testbed by default: ``data/small``, ``mtkd/configs/small/``):
     pseudo-labels of the 90%: the teacher is run once over the ``train_u90``
     images (eval transform, the teacher config's ``eval.iou``/``max_det``
     NMS, boxes and logits mapped back to original pixels as the evaluator
-    does); detections with score >= ``--pseudo-conf`` (default 0.5) are kept
-    as boxes, and each pixel gets the teacher's arg-max class where its
-    softmax maximum is >= ``--pseudo-conf``, else void (255). Boxes are
+    does); detections with score >= ``--pseudo-conf`` are kept as boxes,
+    and each pixel gets the teacher's arg-max class where its softmax
+    maximum is >= ``--pseudo-pixel-conf`` (0.5), else void (255). The box
+    threshold ``auto`` (the default) is the one of :data:`CONF_GRID` whose
+    teacher detections have the best F1 on the VAL split's labels (IoU >=
+    0.5, same class; :func:`choose_box_conf`): the score scale of a
+    detector's ``cls x obj`` product is not a probability, and a fixed 0.5
+    can keep a fraction of the objects, teaching the student that the rest
+    are background. Boxes are
     rounded to 0.01 px; one that is then empty (no VOC file can hold it) is
     dropped. ``JPEGImages`` is a symlink to the student's; the real labels
     (the 10% and the ``val``/``test`` splits, so students are still selected
     and scored on the real val/test labels) are symlinked file by file.
-    ``pseudo_voc/pseudo.json`` records the teacher's SHA-256, the threshold,
-    the splits and counts (boxes per image, void share, pixel accuracy of the
+    ``pseudo_voc/pseudo.json`` records the teacher's SHA-256, the thresholds
+    (and the val F1 of every candidate), the splits and counts (boxes per image, void share, pixel accuracy of the
     confident pixels against the withheld labels); the tree is rebuilt only
     when one of those inputs changed;
   - ``plain_all``: the student config on every label (``data.train=train``),
@@ -79,9 +85,10 @@ Runs go ``--jobs`` at a time (default 2 on 2+ cores), one torch thread each,
 seed-major so the roles interleave, each into ``<out>/runs/<role>_s<seed>``;
 records go to ``<out>/results.json`` as they finish and a (role, seed)
 already there is skipped, so the benchmark resumes across sittings
-(``--force`` re-runs). A sitting whose steps, split, ratio, threshold,
-``--set`` overrides or teacher (SHA-256) differ from the stored runs' stops
-with an error instead of mixing them.
+(``--force`` re-runs). A sitting whose steps, split, ratio, ``--set``
+overrides or teacher (SHA-256) differ from the stored runs' stops with an
+error instead of mixing them; one whose pseudo-label thresholds differ
+re-runs the ``pseudo`` role only.
 
     python benchmarks/kd_unlabeled/run.py                     # small testbed -> benchmarks/kd_unlabeled/
     python benchmarks/kd_unlabeled/run.py --seeds 0           # one seed first; later sittings add the rest
@@ -137,7 +144,23 @@ TARGET_METRICS = ("map50_95", "miou")
 METRIC_NAMES = {"map50_95": "mAP50-95", "map50": "mAP50", "miou": "mIoU"}
 VAL_STEPS = 250
 VOID = 255
-CHECKED = ("steps", "labeled_fraction", "split_seed", "unlabeled_ratio", "pseudo_conf", "overrides")
+CHECKED = ("steps", "labeled_fraction", "split_seed", "unlabeled_ratio", "pseudo_conf", "pseudo_pixel_conf",
+           "overrides")
+#: Box-score thresholds ``--pseudo-conf auto`` chooses from.
+CONF_GRID = tuple(round(0.05 * k, 2) for k in range(1, 19))
+
+
+def _conf_arg(text: str) -> Any:
+    """``--pseudo-conf``: ``auto`` or a number in (0, 1]."""
+    if text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a number in (0, 1], got {text!r}") from None
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
+    return value
 """Budget keys that must match the stored runs' for a sitting to add to them."""
 
 
@@ -165,9 +188,12 @@ def parse(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--split-seed", type=int, default=0, help="seed of the labelled/unlabelled permutation (0)")
     p.add_argument("--unlabeled-ratio", type=float, default=0.5,
                    help="kd: data.unlabeled_ratio, the unlabelled share of each batch (default 0.5)")
-    p.add_argument("--pseudo-conf", type=float, default=0.5,
-                   help="pseudo: keep detections with score >= this and pixels whose softmax max is >= this "
-                        "(default 0.5)")
+    p.add_argument("--pseudo-conf", type=_conf_arg, default="auto",
+                   help="pseudo: keep detections with score >= this; 'auto' (default) takes the threshold of "
+                        "the grid 0.05, 0.10, ..., 0.90 whose detections have the best F1 against the VAL "
+                        "labels (IoU >= 0.5, same class)")
+    p.add_argument("--pseudo-pixel-conf", type=float, default=0.5,
+                   help="pseudo: label the pixels whose softmax maximum is >= this, void elsewhere (default 0.5)")
     p.add_argument("--steps", type=int, default=None,
                    help="optimizer steps of every student (default: the student config's epochs x steps per "
                         "epoch of the full training set)")
@@ -187,8 +213,8 @@ def parse(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args.kd_config = args.kd_config or tb["kd"]
     if not 0.0 < args.labeled_fraction < 1.0:
         p.error(f"--labeled-fraction: must be in (0, 1), got {args.labeled_fraction}")
-    if not 0.0 < args.pseudo_conf <= 1.0:
-        p.error(f"--pseudo-conf: must be in (0, 1], got {args.pseudo_conf}")
+    if not 0.0 < args.pseudo_pixel_conf <= 1.0:
+        p.error(f"--pseudo-pixel-conf: must be in (0, 1], got {args.pseudo_pixel_conf}")
     if args.steps is not None and args.steps < 1:
         p.error("--steps: must be at least 1")
     if args.val_steps < 1:
@@ -268,21 +294,22 @@ def write_splits(voc_root: str | Path, source: str, fraction: float, seed: int) 
 
 
 # -- pseudo-labels ------------------------------------------------------------------------------
-def threshold_pseudo(boxes: Any, scores: Any, labels: Any, seg_logits: Any,
-                     conf: float) -> Tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
+def threshold_pseudo(boxes: Any, scores: Any, labels: Any, seg_logits: Any, conf: float,
+                     pixel_conf: Optional[float] = None) -> Tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
     """Hard pseudo-labels of one image from the teacher's outputs in original pixels.
 
     Args:
         boxes, scores, labels: the detections after NMS, ``(N, 4)`` xyxy pixels,
             ``(N,)``, ``(N,)`` class indices ``0..nc-1`` (tensors or arrays).
         seg_logits: ``(nc + 1, h, w)`` logits (channel 0 background), or ``None``.
-        conf: the threshold for both.
+        conf: the box-score threshold.
+        pixel_conf: the pixels' softmax threshold (default ``conf``).
 
     Returns ``(boxes (M, 4) float32, labels (M,) int64, mask (h, w) uint8 or None)``:
     the detections with score >= ``conf``, their boxes rounded to 0.01 px and
     those left with no width or height dropped; the mask holds the arg-max
     class (``0`` background, ``k + 1`` class ``k``) where the softmax maximum
-    is >= ``conf`` and ``255`` (void) elsewhere.
+    is >= ``pixel_conf`` and ``255`` (void) elsewhere.
     """
     import torch
 
@@ -296,7 +323,7 @@ def threshold_pseudo(boxes: Any, scores: Any, labels: Any, seg_logits: Any,
     if seg_logits is not None:
         prob = torch.as_tensor(seg_logits).float().softmax(0)
         pmax, arg = prob.max(0)
-        mask = torch.where(pmax >= conf, arg, torch.full_like(arg, VOID)).to(torch.uint8).cpu().numpy()
+        mask = torch.where(pmax >= (conf if pixel_conf is None else pixel_conf), arg, torch.full_like(arg, VOID)).to(torch.uint8).cpu().numpy()
     return b[ok].numpy().astype(np.float32), lab[ok].numpy().astype(np.int64), mask
 
 
@@ -311,14 +338,14 @@ def teacher_config(ckpt: Path, data_ov: Sequence[str], extra: Sequence[str]) -> 
     return build_config(own, list(data_ov) + ["train.resume=null"] + list(extra))
 
 
-def teacher_predictions(cfg: Dict[str, Any], ckpt: Path, images: Sequence[Tuple[str, Path]],
-                        conf: float) -> Iterator[Tuple[str, int, int, np.ndarray, np.ndarray, Optional[np.ndarray]]]:
-    """``(id, h, w, boxes, labels, mask)`` hard pseudo-labels of each image (see :func:`threshold_pseudo`).
+def teacher_outputs(cfg: Dict[str, Any], ckpt: Path, images: Sequence[Tuple[str, Path]],
+                    min_conf: float) -> Iterator[Tuple[str, int, int, Any, Any, Any, Any]]:
+    """``(id, h, w, boxes, scores, labels, seg_logits)`` of the teacher on each image, in original pixels.
 
     Each image goes through the eval transform of the teacher's ``data``
     config, one at a time (sizes may differ); detections are decoded with the
     usual NMS (:func:`mtkd.heads.decode.decode` at ``eval.iou``/``max_det``,
-    candidates from ``min(eval.conf, conf)``) and mapped back to original
+    candidates from ``min(eval.conf, min_conf)``) and mapped back to original
     pixels like :mod:`mtkd.engine.predict` does.
     """
     import torch
@@ -345,10 +372,80 @@ def teacher_predictions(cfg: Dict[str, Any], ckpt: Path, images: Sequence[Tuple[
             from mtkd.errors import MtkdError
 
             raise MtkdError(f"{ckpt}: the teacher needs a detection and a segmentation head for pseudo-labels")
-        det = decode(out["det"], min(float(e["conf"]), conf), e["iou"], e["max_det"])[0]
+        det = decode(out["det"], min(float(e["conf"]), min_conf), e["iou"], e["max_det"])[0]
         boxes = boxes_to_original(det["boxes"].float().cpu(), item["letterbox"], (h, w))
         logits = seg_logits_to_original(out["seg"][0], item["letterbox"], (h, w))
-        yield (img_id, h, w) + threshold_pseudo(boxes, det["scores"], det["labels"], logits, conf)
+        yield img_id, h, w, boxes, det["scores"].float().cpu(), det["labels"].cpu(), logits
+
+
+def teacher_predictions(cfg: Dict[str, Any], ckpt: Path, images: Sequence[Tuple[str, Path]], conf: float,
+                        pixel_conf: Optional[float] = None
+                        ) -> Iterator[Tuple[str, int, int, np.ndarray, np.ndarray, Optional[np.ndarray]]]:
+    """``(id, h, w, boxes, labels, mask)`` hard pseudo-labels of each image (:func:`teacher_outputs`
+    thresholded by :func:`threshold_pseudo`)."""
+    for img_id, h, w, boxes, scores, labels, logits in teacher_outputs(cfg, ckpt, images, conf):
+        yield (img_id, h, w) + threshold_pseudo(boxes, scores, labels, logits, conf, pixel_conf)
+
+
+def f1_by_threshold(detections: Sequence[Tuple[Any, Any, Any]], truths: Sequence[Tuple[Any, Any]],
+                    grid: Sequence[float], iou: float = 0.5) -> Dict[float, float]:
+    """F1 of the detections kept at each score threshold of ``grid`` against the true boxes.
+
+    ``detections[i] = (boxes (N, 4), scores (N,), labels (N,))`` and
+    ``truths[i] = (boxes (M, 4), labels (M,))`` of image ``i``. Per image,
+    detections are matched greedily in descending score to the unmatched
+    true box of their class with the highest IoU >= ``iou``; as a
+    detection's match depends only on higher-scored ones, one matching at
+    the lowest threshold serves every threshold.
+    """
+    import torch
+    from torchvision.ops import box_iou
+
+    scores, hits, n_true = [], [], 0
+    for (boxes, sc, lab), (t_boxes, t_lab) in zip(detections, truths):
+        boxes, sc, lab = torch.as_tensor(boxes).float().reshape(-1, 4), torch.as_tensor(sc).float(), torch.as_tensor(lab)
+        t_boxes, t_lab = torch.as_tensor(t_boxes).float().reshape(-1, 4), torch.as_tensor(t_lab)
+        n_true += len(t_lab)
+        ious = box_iou(boxes, t_boxes) if len(boxes) and len(t_boxes) else torch.zeros(len(boxes), len(t_boxes))
+        ious[lab[:, None] != t_lab[None, :]] = 0.0
+        taken = torch.zeros(len(t_lab), dtype=torch.bool)
+        for j in torch.argsort(sc, descending=True).tolist():
+            cand = ious[j].masked_fill(taken, 0.0)
+            k = int(cand.argmax()) if len(cand) else -1
+            hit = k >= 0 and float(cand[k]) >= iou
+            if hit:
+                taken[k] = True
+            scores.append(float(sc[j]))
+            hits.append(hit)
+    out = {}
+    for t in grid:
+        kept = [h for s, h in zip(scores, hits) if s >= t]
+        out[float(t)] = 2.0 * sum(kept) / max(len(kept) + n_true, 1)
+    return out
+
+
+def choose_box_conf(cfg: Dict[str, Any], ckpt: Path, voc_root: Path, split: str, classes: Sequence[str],
+                    grid: Sequence[float] = CONF_GRID) -> Tuple[float, Dict[float, float]]:
+    """``(threshold, {threshold: F1})``: the box-score threshold of ``grid`` whose teacher detections
+    have the best F1 on the VOC ``split`` (the first of equals)."""
+    from mtkd.datasets.voc import parse_voc_xml
+
+    ids = read_split_lists(voc_root, split)["Main"] or []
+    if not ids:
+        from mtkd.errors import MtkdError
+
+        raise MtkdError(f"{voc_root}: split {split!r} has no detection ids to choose --pseudo-conf on")
+    index = {c: k for k, c in enumerate(classes)}
+    images = [(i, voc_root / "JPEGImages" / f"{i}.jpg") for i in ids]
+    dets, truths = [], []
+    for img_id, _h, _w, boxes, scores, labels, _logits in teacher_outputs(cfg, ckpt, images, min(grid)):
+        objs = parse_voc_xml(voc_root / "Annotations" / f"{img_id}.xml")[1]
+        dets.append((boxes, scores, labels))
+        truths.append((np.array([o["box"] for o in objs], np.float32).reshape(-1, 4),
+                       np.array([index[o["name"]] for o in objs], np.int64)))
+    f1 = f1_by_threshold(dets, truths, grid)
+    best = max(f1, key=lambda t: (f1[t], -t))
+    return best, f1
 
 
 def voc_xml(img_id: str, h: int, w: int, boxes: np.ndarray, labels: np.ndarray, classes: Sequence[str]) -> bytes:
@@ -385,15 +482,16 @@ def _ids_digest(ids: Sequence[str]) -> str:
 
 
 def build_pseudo_voc(dest: str | Path, src_root: str | Path, split: Dict[str, Any], eval_splits: Sequence[str],
-                     ckpt: Path, digest: str, cfg: Dict[str, Any], conf: float,
-                     classes: Sequence[str]) -> Dict[str, Any]:
+                     ckpt: Path, digest: str, cfg: Dict[str, Any], conf: float, pixel_conf: float,
+                     classes: Sequence[str], notes: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """Write (or reuse) the ``pseudo`` role's VOC tree at ``dest``; returns its ``pseudo.json`` content.
 
     ``train`` = the labelled ids with their real labels + the unlabelled ids
     with the teacher's pseudo-labels; ``eval_splits`` (val, test) = the
     source tree's lists and labels. The tree is built next to ``dest`` and
     moved into place when complete, so an interrupted build leaves no
-    half-written tree behind.
+    half-written tree behind. ``notes`` (e.g. how ``conf`` was chosen) are
+    recorded in ``pseudo.json`` beside the counts.
     """
     from PIL import Image
 
@@ -401,7 +499,7 @@ def build_pseudo_voc(dest: str | Path, src_root: str | Path, split: Dict[str, An
     from mtkd.errors import MtkdError
 
     dest, src = Path(dest), Path(src_root).resolve()
-    key = {"teacher_sha256": digest, "pseudo_conf": conf, "source": str(src), "classes": list(classes),
+    key = {"teacher_sha256": digest, "pseudo_conf": conf, "pseudo_pixel_conf": pixel_conf, "source": str(src), "classes": list(classes),
            "labeled": split["labeled"], "labeled_ids": _ids_digest(split["labeled_ids"]),
            "unlabeled": split["unlabeled"], "unlabeled_ids": _ids_digest(split["unlabeled_ids"]),
            "eval_splits": list(eval_splits), "imgsz": cfg["data"]["imgsz"], "iou": cfg["eval"]["iou"],
@@ -415,7 +513,7 @@ def build_pseudo_voc(dest: str | Path, src_root: str | Path, split: Dict[str, An
     if dest.exists() and not marker.is_file():
         raise MtkdError(f"{dest}: exists but is not a pseudo-label tree of this benchmark (no pseudo.json); "
                         "move it away or use another --out")
-    log(f"writing the teacher's pseudo-labels (conf >= {conf}) of {len(split['unlabeled_ids'])} images to {dest}")
+    log(f"writing the teacher's pseudo-labels (boxes >= {conf}, pixels >= {pixel_conf}) of {len(split['unlabeled_ids'])} images to {dest}")
     tmp = dest.with_name(dest.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -442,7 +540,7 @@ def build_pseudo_voc(dest: str | Path, src_root: str | Path, split: Dict[str, An
     images = [(i, src / "JPEGImages" / f"{i}.jpg") for i in split["unlabeled_ids"]]
     n_boxes, void, pixels, agree, judged, true_boxes = 0, 0, 0, 0, 0, 0
     truth = {sub: set(source_lists[sub] or []) for sub in source_lists}
-    for img_id, h, w, boxes, labels, mask in teacher_predictions(cfg, ckpt, images, conf):
+    for img_id, h, w, boxes, labels, mask in teacher_predictions(cfg, ckpt, images, conf, pixel_conf):
         (tmp / "Annotations" / f"{img_id}.xml").write_bytes(voc_xml(img_id, h, w, boxes, labels, classes))
         png = Image.fromarray(mask)  # mode "L"; the palette makes it "P" with the indices kept
         png.putpalette(palette)
@@ -467,7 +565,7 @@ def build_pseudo_voc(dest: str | Path, src_root: str | Path, split: Dict[str, An
     info = dict(key, source_split=split["source"], images=len(images), boxes=n_boxes, boxes_per_image=n_boxes / n,
                 true_boxes_per_image=true_boxes / n if truth["Main"] else None,
                 void_fraction=void / max(pixels, 1),
-                confident_pixel_accuracy=agree / judged if judged else None)
+                confident_pixel_accuracy=agree / judged if judged else None, **(notes or {}))
     (tmp / "pseudo.json").write_text(json.dumps(info, indent=2) + "\n")
     if dest.exists():
         shutil.rmtree(dest)  # ours (has pseudo.json); rmtree unlinks the symlinks, never their targets
@@ -586,19 +684,31 @@ def verdicts(runs: Sequence[Dict[str, Any]]) -> Tuple[List[str], Dict[str, Any]]
 
 
 # -- main ---------------------------------------------------------------------------------------
-def check_previous(path: Path, budget: Dict[str, Any], digest: str, force: bool) -> None:
-    """Stop when the stored runs used other settings or another teacher (unless ``force``)."""
+#: Settings only the ``pseudo`` role depends on: when only these changed, its runs are redone.
+PSEUDO_KEYS = ("pseudo_conf", "pseudo_pixel_conf")
+
+
+def check_previous(path: Path, budget: Dict[str, Any], digest: str, force: bool) -> List[str]:
+    """The roles whose stored runs used other pseudo-label settings (to be re-run); stops when the
+    stored runs used other settings of every role or another teacher (unless ``force``)."""
     if force or not path.is_file():
-        return
+        return []
     payload = json.loads(path.read_text())
     prev = payload.get("budget", {})
+    stale = []
     for key in CHECKED:
         if key in prev and prev[key] != budget[key]:
+            if key in PSEUDO_KEYS:
+                log(f"{path}: its pseudo runs used {key}={prev[key]!r}, this sitting {budget[key]!r}: "
+                    "re-running the pseudo role")
+                stale = ["pseudo"]
+                continue
             raise SystemExit(f"[{NAME}] {path}: its runs used {key}={prev[key]!r}, this sitting {budget[key]!r}; "
                              "use the same settings, another --out, or --force")
     if payload.get("teacher_sha256") not in (None, digest):
         raise SystemExit(f"[{NAME}] {path}: its runs used another teacher (SHA-256 {payload['teacher_sha256'][:12]}...,"
                          f" now {digest[:12]}...); use another --out or --force")
+    return stale
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
@@ -631,9 +741,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     digest = file_sha256(ckpt)
     budget = {"testbed": args.testbed, "steps": steps, "warmup_steps": warmup_steps, "val_steps": args.val_steps,
               "labeled_fraction": args.labeled_fraction, "split_seed": args.split_seed,
-              "unlabeled_ratio": args.unlabeled_ratio, "pseudo_conf": args.pseudo_conf, "seeds": args.seeds,
+              "unlabeled_ratio": args.unlabeled_ratio, "pseudo_conf": args.pseudo_conf,
+              "pseudo_pixel_conf": args.pseudo_pixel_conf, "seeds": args.seeds,
               "overrides": extra, "jobs": args.jobs}
-    check_previous(Path(args.out) / "results.json", budget, digest, args.force)
+    stale = check_previous(Path(args.out) / "results.json", budget, digest, args.force)
     splits_info = {"source": d["train"], "labeled": split["labeled"], "unlabeled": split["unlabeled"],
                    "n_labeled": n_l, "n_unlabeled": n_u, "split_seed": args.split_seed}
     res = Results(args.out, NAME, data=args.data, budget=budget, teacher=str(ckpt), teacher_sha256=digest,
@@ -645,8 +756,14 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
 
     pseudo_root = Path(args.out) / "pseudo_voc"
     tcfg = teacher_config(ckpt, data_ov, extra)
+    res.payload["runs"] = [r for r in res.runs if r["role"] not in stale]
+    conf, f1 = args.pseudo_conf, None
+    if conf == "auto":
+        conf, f1 = choose_box_conf(tcfg, ckpt, voc_root, d["val"], classes)
+        log(f"--pseudo-conf auto: {conf} (val F1 {f1[conf]:.3f}; 0.5 gives {f1.get(0.5, float('nan')):.3f})")
+    notes = None if f1 is None else {"val_f1_by_conf": {str(t): round(v, 4) for t, v in f1.items()}}
     pseudo_info = build_pseudo_voc(pseudo_root, voc_root, split, [d["val"], d["test"]], ckpt, digest, tcfg,
-                                   args.pseudo_conf, classes)
+                                   conf, args.pseudo_pixel_conf, classes, notes)
     res.write(pseudo_labels={k: v for k, v in pseudo_info.items() if k not in ("classes",)})
 
     teacher_ov = [f"teacher.ckpt={json.dumps(str(ckpt))}"]
