@@ -48,8 +48,8 @@ and never names a loss:
   (DML's peer), checkpointed with the run. Must hold only tensors/plain types
   so checkpoints load with ``weights_only=True``.
 * ``student_parameters()``: the parameters that join the student's
-  optimizer (default: all of this module's parameters). Parameters of an
-  auxiliary group are excluded here.
+  optimizer (default: this module's parameters outside its auxiliary
+  groups).
 * ``bind(student, teacher)``: called once by the trainer after the models are
   built, for losses that must run a model themselves (BSS's attack on the
   teacher, DML's peer fed the same images). Keep references out of
@@ -125,7 +125,8 @@ class Loss(nn.Module):
         raise NotImplementedError
 
     def student_parameters(self) -> Iterable[nn.Parameter]:
-        return self.parameters()
+        aux = {id(p) for group in self.aux_groups() for p in group.module.parameters()}
+        return (p for p in self.parameters() if id(p) not in aux)
 
     def bind(self, student: nn.Module, teacher: Optional[nn.Module]) -> None:
         return None
