@@ -4,9 +4,9 @@ Layout of a checkpoint dict (every value is a tensor, a state dict or a plain
 dict/list/number/string, so ``torch.load(weights_only=True)`` reads it):
 
 * ``"format"``: ``"mtkd-ckpt-3"`` (:data:`FORMAT`); versions 1 and 2 still
-  load (version 1 files never hold ``"pruning"``; in versions 1 and 2 the
-  losses' auxiliary optimizers were in ``extra_state``, so their
-  ``train_state`` resumes only runs without auxiliary groups);
+  load (version 1 files never hold ``"pruning"``; neither holds
+  ``"aux_optimizers"``, so their ``train_state`` resumes only runs without
+  auxiliary groups);
 * ``"model"``: the weights to evaluate and deploy (the EMA's where EMA is on);
 * ``"pruning"`` (pruned models only, since version 2): how to rebuild the
   pruned architecture without pickle, see :mod:`mtkd.models.restore`;

@@ -99,13 +99,16 @@ teacher's forward keeps its graph; ``input_grad``: the input images get
   the run then records it too. ``model.pretrained`` is not applied then.
 * **Resume.** ``train.resume`` (``--resume``) restores weights, optimizer,
   scheduler step, grad scaler, EMA, composer state and ``extra_state``, the
-  auxiliary groups' optimizers, RNG states and the results history, and continues at the next epoch (after an
-  interruption: inside the interrupted epoch, whose batches already trained
-  are drawn again but skipped, so data and augmentation streams stay as in an
-  uninterrupted run); a run resumed with the same config ends bit-identical
-  to an uninterrupted one on the CPU, for any ``train.workers`` (the same in
-  both runs). The schedule's length follows the *current* config, so raising
-  ``train.epochs`` on resume extends the run.
+  auxiliary groups' optimizers, RNG states and the results history, and
+  continues at the next epoch (after an interruption: inside the interrupted
+  epoch, whose batches already trained are drawn again but skipped, so data
+  and augmentation streams stay as in an uninterrupted run); a run resumed
+  with the same config ends bit-identical to an uninterrupted one on the
+  CPU, for any ``train.workers`` (the same in both runs). The schedule's
+  length follows the *current* config, so raising ``train.epochs`` on resume
+  extends the run. A ``last.pt`` of checkpoint format 1 or 2, which holds no
+  ``aux_optimizers``, resumes only a run without auxiliary groups; otherwise
+  a one-line error says to start fresh.
 * **DDP.** Only rank 0 validates, plots and writes files; the others wait at
   a barrier. Composer parameters outside DDP (adapters) are broadcast from
   rank 0 after the lazy forward and their gradients averaged by hand (they
