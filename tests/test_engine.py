@@ -278,6 +278,26 @@ def test_aux_schedule_and_aux_grad_clip_apply_the_run_s_schedule_and_clipping(tm
     assert all((r["critic"] - q["critic"]).abs().max() < 1e-5 for q, r in zip(rec, rec[1:]))
 
 
+def test_aux_step_goes_through_the_grad_scaler_and_clips_unscaled_gradients():
+    from mtkd.engine.aux import AuxOptimizers
+
+    out = {"seg": torch.randn(2, 2, 4, 4)}
+    plain, scaled = ToyAuxLoss(lr=0.1), ToyAuxLoss(lr=0.1)
+    scaled.load_state_dict(plain.state_dict())
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
+    for grad_clip in (0.0, 0.05):
+        a = AuxOptimizers([("", plain)]).step(1, out, None, {}, grad_clip=grad_clip)
+        b = AuxOptimizers([("", scaled)]).step(1, out, None, {}, scaler, grad_clip)
+        scaler.update()
+        assert a == b
+        for x, y in zip(plain.parameters(), scaled.parameters()):
+            assert torch.allclose(x, y, atol=1e-7)
+    inf = {"seg": torch.full((2, 2, 4, 4), float("inf"))}
+    before = [p.detach().clone() for p in scaled.parameters()]
+    AuxOptimizers([("", scaled)]).step(1, inf, None, {}, scaler)
+    assert all(torch.equal(x, y) for x, y in zip(before, scaled.parameters()))  # skipped, as the scaler does
+
+
 def test_resume_with_more_epochs_extends_the_schedule(tmp_path):
     # a finished 2-epoch run ends at lr * lrf; resumed to 6 epochs it must train at the
     # longer schedule's (higher) rate, not stay at the old run's final rate
