@@ -1,9 +1,11 @@
 """DDP through torchrun: two CPU processes (gloo) train the toy task together.
 
 Checks that both ranks trained the same number of steps, ended with identical
-student *and* loss-adapter parameters (DDP for the model; broadcast + averaged
-gradients for composer parameters), and that only rank 0 wrote files.
-Takes ~15-30 s (process start-up dominates).
+student, loss-adapter and auxiliary-group parameters (DDP for the model;
+broadcast + averaged gradients for composer parameters; a DDP wrapper per
+auxiliary group), and that only rank 0 wrote files; and that feat_gan's
+discriminators (R1 penalty on) stay identical across ranks that see different
+features. Each takes ~15-30 s (process start-up dominates).
 """
 from __future__ import annotations
 
@@ -30,7 +32,9 @@ SCRIPT = textwrap.dedent("""
 
     out = Path(sys.argv[1])
     rank = int(os.environ["RANK"])
-    trainer = Trainer(test_engine.toy_cfg(out / "run", epochs=2, batch=4))
+    cfg = test_engine.toy_cfg(out / "run", epochs=2, batch=4)
+    cfg["loss"]["extra"] = [{{"name": "toy_aux"}}]  # an auxiliary group (its critic is a composer parameter)
+    trainer = Trainer(cfg)
     teardown = trainer._teardown
 
     def record(clean):
@@ -47,14 +51,57 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
+GAN_SCRIPT = textwrap.dedent("""
+    import os, sys
+    import torch
+    torch.set_num_threads(1)
+    from mtkd.engine import distributed as ddp
+    from mtkd.engine.aux import AuxOptimizers
+    from mtkd.losses import build_loss
+
+    info = ddp.setup("cpu")
+    torch.manual_seed(0)  # the same D on every rank; features differ by rank below
+    gan = build_loss("feat_gan", feats=["p3"], d_channels=4, r1=1.0, lr_d=1e-2)
+    g = torch.Generator().manual_seed(100 + info.rank)
+
+    def feats():
+        return ({{"feats": {{"p3": torch.randn(2, 4, 6, 6, generator=g)}}}},
+                {{"feats": {{"p3": torch.randn(2, 6, 6, 6, generator=g) + 1}}}})
+
+    gan(*feats(), {{}})  # the dry forward builds adapter and D
+    aux = AuxOptimizers([("extra/feat_gan", gan)], info)
+    for step in range(1, 4):
+        logs = aux.step(step, *feats(), {{}})
+    torch.save({{"disc": dict(gan.disc.named_parameters()), "logs": logs}}, sys.argv[1] + f"/gan{{info.rank}}.pt")
+    ddp.shutdown(info)
+""")
+
+
+def _torchrun(script: Path, *args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1")  # with conftest's offline switches
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), *args],
+        capture_output=True, text=True, env=env, timeout=120)
+
+
+@pytest.mark.slow
+def test_torchrun_feat_gan_discriminators_stay_in_sync(tmp_path):
+    script = tmp_path / "gan_run.py"
+    script.write_text(GAN_SCRIPT.format())
+    proc = _torchrun(script, str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = (torch.load(tmp_path / f"gan{r}.pt", weights_only=True) for r in (0, 1))
+    assert r0["logs"]["extra/feat_gan/d_loss"] != r1["logs"]["extra/feat_gan/d_loss"]  # different features
+    assert r0["disc"].keys() == r1["disc"].keys()
+    for name, t in r0["disc"].items():
+        assert torch.equal(t, r1["disc"][name]), name
+
+
 @pytest.mark.slow
 def test_torchrun_two_ranks_gloo(tmp_path):
     script = tmp_path / "ddp_run.py"
     script.write_text(SCRIPT.format(tests=str(TESTS)))
-    env = dict(os.environ, OMP_NUM_THREADS="1")  # with conftest's offline switches
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
-         str(tmp_path)], capture_output=True, text=True, env=env, timeout=120)
+    proc = _torchrun(script, str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-3000:]
     infos = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     # 24 images over 2 ranks, batch 4 -> 3 steps per epoch on each rank

@@ -6,6 +6,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from mtkd.engine.aux import AuxOptimizers
 from mtkd.errors import ConfigError
 from mtkd.losses import build_loss
 from mtkd.losses.distill.common import letterbox_content, seg_valid_mask
@@ -196,9 +197,16 @@ def bound_gan(**kw):
     return gan
 
 
+def d_stepper(gan):
+    """``step(student_out, teacher_out) -> logs``: one D step through the trainer's AuxOptimizers."""
+    aux = AuxOptimizers([("", gan)])
+    return lambda s, t: aux.step(1, s, t, {}), aux
+
+
 @pytest.mark.parametrize("kind", ["lsgan", "hinge"])
 def test_feat_gan_alternating_steps_stay_finite(kind):
     gan = bound_gan(loss=kind, lr_d=1e-3, r1=1.0 if kind == "hinge" else 0.0)
+    d_step, _ = d_stepper(gan)
     student_net = torch.nn.Conv2d(4, 8, 1)
     opt = torch.optim.Adam(list(student_net.parameters()) + list(gan.student_parameters()), lr=1e-2)
     _, teacher = gan_outputs()
@@ -209,20 +217,25 @@ def test_feat_gan_alternating_steps_stay_finite(kind):
         opt.zero_grad()
         g.backward()
         opt.step()
-        logs = gan.aux_step({"feats": {k: v.detach() for k, v in s_out["feats"].items()}}, teacher, {})
+        logs = d_step({"feats": {k: v.detach() for k, v in s_out["feats"].items()}}, teacher)
         assert math.isfinite(g.item()) and all(math.isfinite(v) for v in logs.values())
     assert all(torch.isfinite(p).all() for p in gan.parameters())
 
 
 def test_feat_gan_discriminator_learns_fixed_features():
     gan = bound_gan(lr_d=1e-3)
+    d_step, _ = d_stepper(gan)
     student, teacher = gan_outputs()
-    losses = [gan.aux_step(student, teacher, {})["d_loss"] for _ in range(30)]
+    losses = [d_step(student, teacher)["d_loss"] for _ in range(30)]
     assert losses[-1] < 0.5 * losses[0]
 
 
-def test_feat_gan_aux_step_trains_only_d_and_generator_grad_reaches_student():
+def test_feat_gan_d_step_trains_only_d_and_generator_grad_reaches_student():
     gan = bound_gan()
+    (group,) = gan.aux_groups()
+    assert (group.name, group.optimizer, group.lr, group.betas, group.every) == ("disc", "adam", 1e-4, (0.5, 0.999), 1)
+    assert {id(p) for p in group.module.parameters()} == {id(p) for p in gan.disc.parameters()}
+    d_step, _ = d_stepper(gan)
     student, teacher = gan_outputs(grad=True)
     g = gan(student, teacher, {})
     g.backward()
@@ -233,7 +246,7 @@ def test_feat_gan_aux_step_trains_only_d_and_generator_grad_reaches_student():
     assert adapter_ids and not adapter_ids & {id(p) for p in gan.disc.parameters()}
     d_before = [p.detach().clone() for p in gan.disc.parameters()]
     a_before = [p.detach().clone() for p in gan.student_parameters()]
-    gan.aux_step(student, teacher, {})
+    d_step(student, teacher)
     assert any(not torch.equal(a, b) for a, b in zip(d_before, gan.disc.parameters()))
     assert all(torch.equal(a, b) for a, b in zip(a_before, gan.student_parameters()))
     assert all(not p.requires_grad for p in gan.disc.parameters())
@@ -241,23 +254,25 @@ def test_feat_gan_aux_step_trains_only_d_and_generator_grad_reaches_student():
 
 def test_feat_gan_state_round_trips_weights_only():
     gan = bound_gan()
+    d_step, aux = d_stepper(gan)
     student, teacher = gan_outputs()
     gan(student, teacher, {})
-    gan.aux_step(student, teacher, {})
+    d_step(student, teacher)
     buf = io.BytesIO()
-    torch.save({"sd": gan.state_dict(), "extra": gan.extra_state()}, buf)
+    torch.save({"sd": gan.state_dict(), "aux": aux.state_dict()}, buf)
     buf.seek(0)
     loaded = torch.load(buf, weights_only=True)
     assert any(k.startswith("disc.") for k in loaded["sd"])
     other = bound_gan()
     other.load_state_dict(loaded["sd"])
-    other.load_extra_state(loaded["extra"])
-    assert other.extra_state()["d_optim"]["state"].keys() == gan.extra_state()["d_optim"]["state"].keys()
+    other_step, other_aux = d_stepper(other)
+    other_aux.load_state_dict(loaded["aux"])
+    assert other_aux.state_dict()["disc"]["state"].keys() == aux.state_dict()["disc"]["state"].keys()
     # Both continue identically.
-    gan.aux_step(student, teacher, {})
-    other.aux_step(student, teacher, {})
+    d_step(student, teacher)
+    other_step(student, teacher)
     for a, b in zip(gan.disc.parameters(), other.disc.parameters()):
-        assert torch.allclose(a, b)
+        assert torch.equal(a, b)
 
 
 def test_feat_gan_builds_on_first_forward_without_bind():
@@ -267,12 +282,31 @@ def test_feat_gan_builds_on_first_forward_without_bind():
     gan(student, teacher, {})
     assert set(gan.disc) == {"p3", "p4"} and set(gan.adapters.convs) == {"p3", "p4"}
     assert gan.adapters.convs["p3"].weight.shape == (16, 8, 1, 1)
-    assert gan.aux_step(student, teacher, {})["d_loss"] > 0
+    assert d_stepper(gan)[0](student, teacher)["d_loss"] > 0
+
+
+def test_feat_gan_d_every_steps_d_on_every_kth_main_step():
+    gan = bound_gan(d_every=2)
+    aux = AuxOptimizers([("extra/feat_gan", gan)])
+    student, teacher = gan_outputs()
+    stepped, keys = [], set()
+    for step in range(1, 6):
+        before = [p.detach().clone() for p in gan.disc.parameters()]
+        logs = aux.step(step, student, teacher, {})
+        changed = any(not torch.equal(a, b) for a, b in zip(before, gan.disc.parameters()))
+        assert changed == bool(logs)
+        if logs:
+            stepped.append(step)
+            keys |= set(logs)
+    assert stepped == [2, 4] and keys == {"extra/feat_gan/d_loss", "extra/feat_gan/d_real", "extra/feat_gan/d_fake"}
+    assert int(aux.state_dict()["extra/feat_gan/disc"]["state"][0]["step"]) == 2
 
 
 def test_feat_gan_config_errors():
     with pytest.raises(ConfigError, match="feat_gan.loss"):
         build_loss("feat_gan", loss="wgan")
+    with pytest.raises(ConfigError, match="feat_gan.d_every"):
+        build_loss("feat_gan", d_every=0)
     with pytest.raises(ConfigError, match="teacher has no feature 'p5'"):
         build_loss("feat_gan", feats=["p5"]).bind(stub(p5=8), stub(p3=16))
     student, teacher = gan_outputs()

@@ -4,7 +4,9 @@ The stand-in ("toy") task is a 1-class segmentation problem on 16x16 random
 images whose label is a fixed function of the pixels, with a BatchNorm model
 and a registered loss that carries a lazy adapter (so the trainer's lazy
 forward and ``student_parameters`` are exercised) and counts optimizer steps
-through ``aux_step`` (so it can emit a NaN at a chosen step).
+through ``aux_step`` (so it can emit a NaN at a chosen step). ``toy_aux``
+declares an auxiliary group (a 1x1 critic on the detached seg logits) for
+the trainer to step.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from mtkd.engine.ema import ModelEMA
 from mtkd.engine.tasks import register_task
 from mtkd.engine.trainer import Trainer, WarmupDecay, evaluate_checkpoint
 from mtkd.errors import ConfigError, MtkdError
-from mtkd.losses.base import Loss, register
+from mtkd.losses.base import AuxGroup, Loss, register
 
 
 class ToyData(torch.utils.data.Dataset):
@@ -129,6 +131,33 @@ class ToySegLoss(Loss):
         return {"steps": self.steps}
 
 
+@register("toy_aux")
+class ToyAuxLoss(Loss):
+    """Zero for the student; its auxiliary group ``critic`` (SGD, ``lr``, every ``every`` steps)
+    fits a 1x1 conv on the detached seg logits to 1 and counts its steps."""
+
+    def __init__(self, lr: float = 0.5, every: int = 1):
+        super().__init__()
+        self.critic = nn.Conv2d(2, 1, 1)
+        self.lr, self.every = lr, every
+        self.stepped = 0
+
+    def forward(self, student_out, teacher_out, batch):
+        return 0.0 * student_out["seg"].sum()
+
+    def aux_groups(self):
+        return [AuxGroup("critic", self.critic, self.fit, optimizer="sgd", lr=self.lr, momentum=0.9,
+                         every=self.every, after=self.count)]
+
+    def fit(self, student_out, teacher_out, batch):
+        assert not student_out["seg"].requires_grad  # detached outputs
+        loss = (self.critic(student_out["seg"]) - 1).pow(2).mean()
+        return loss, {"critic_loss": float(loss.detach())}
+
+    def count(self):
+        self.stepped += 1
+
+
 def toy_cfg(out: Path, **train: Any) -> Dict[str, Any]:
     t = {"epochs": 2, "batch": 8, "lr": 0.02, "workers": 0, "device": "cpu", "warmup_epochs": 0.5,
          "tensorboard": False, "plots": False, "ema_tau": 3.0, "ema_decay": 0.9}
@@ -197,6 +226,76 @@ def test_resume_matches_uninterrupted_run(tmp_path):
     assert torch.equal(a["train_state"]["composer"]["hard.seg.adapter.weight"],
                        b["train_state"]["composer"]["hard.seg.adapter.weight"])
     assert [r["epoch"] for r in read_rows(tmp_path / "part" / "results.csv")] == ["1", "2"]
+
+
+def _aux_cfg(out: Path, every: int = 1, **train: Any) -> Dict[str, Any]:
+    cfg = toy_cfg(out, **train)
+    cfg["loss"]["extra"] = [{"name": "toy_aux", "every": every}]
+    return cfg
+
+
+def _recorded_run(cfg: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """Fit ``cfg``; per main step: the logs, the toy_aux group's step count, lr, the student's
+    schedule factor of that step and the critic's weight."""
+    trainer, records = Trainer(cfg), []
+    train_step = trainer.train_step
+
+    def record(batch):
+        logs = train_step(batch)
+        entry = trainer.aux.entries[0]
+        records.append({"logs": logs, "stepped": trainer.composer.extra["toy_aux"].stepped,
+                        "lr": entry.optimizer.param_groups[0]["lr"],
+                        "factor": trainer.schedule(trainer.scheduler.last_epoch - 1),  # this step's
+                        "critic": entry.group.module.weight.detach().clone()})
+        return logs
+
+    trainer.train_step = record
+    trainer.fit()
+    return records
+
+
+def test_trainer_steps_and_checkpoints_declared_aux_groups(tmp_path):
+    # every 2nd step, at its constant lr, not clipped to the student's (tiny) grad_clip
+    rec = _recorded_run(_aux_cfg(tmp_path / "run", every=2, epochs=2, grad_clip=1e-6))
+    assert [r["stepped"] for r in rec] == [0, 1, 1, 2, 2, 3]
+    assert ["extra/toy_aux/critic_loss" in r["logs"] for r in rec] == [False, True] * 3
+    assert all(r["lr"] == 0.5 for r in rec)
+    assert (rec[1]["critic"] - rec[0]["critic"]).abs().max() > 1e-3
+    assert torch.equal(rec[2]["critic"], rec[1]["critic"])
+    last = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert last["format"] == ckpt_io.FORMAT == "mtkd-ckpt-3"
+    st = last["train_state"]
+    assert set(st["aux_optimizers"]) == {"extra/toy_aux/critic"}
+    assert st["aux_optimizers"]["extra/toy_aux/critic"]["state"][0]["momentum_buffer"].shape == (1, 2, 1, 1)
+    n_main = sum(len(g["params"]) for g in st["optimizer"]["param_groups"])
+    assert n_main == len(list(ToyNet().parameters())) + 2  # the critic is not in the student's optimizer
+
+
+def test_aux_schedule_and_aux_grad_clip_apply_the_run_s_schedule_and_clipping(tmp_path):
+    rec = _recorded_run(_aux_cfg(tmp_path / "run", epochs=2, grad_clip=1e-6, aux_schedule=True, aux_grad_clip=True))
+    assert [r["lr"] for r in rec] == pytest.approx([0.5 * r["factor"] for r in rec])
+    assert rec[-1]["lr"] < 0.5 * 0.02
+    assert all((r["critic"] - q["critic"]).abs().max() < 1e-5 for q, r in zip(rec, rec[1:]))
+
+
+def test_aux_step_goes_through_the_grad_scaler_and_clips_unscaled_gradients():
+    from mtkd.engine.aux import AuxOptimizers
+
+    out = {"seg": torch.randn(2, 2, 4, 4)}
+    plain, scaled = ToyAuxLoss(lr=0.1), ToyAuxLoss(lr=0.1)
+    scaled.load_state_dict(plain.state_dict())
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
+    for grad_clip in (0.0, 0.05):
+        a = AuxOptimizers([("", plain)]).step(1, out, None, {}, grad_clip=grad_clip)
+        b = AuxOptimizers([("", scaled)]).step(1, out, None, {}, scaler, grad_clip)
+        scaler.update()
+        assert a == b
+        for x, y in zip(plain.parameters(), scaled.parameters()):
+            assert torch.allclose(x, y, atol=1e-7)
+    inf = {"seg": torch.full((2, 2, 4, 4), float("inf"))}
+    before = [p.detach().clone() for p in scaled.parameters()]
+    AuxOptimizers([("", scaled)]).step(1, inf, None, {}, scaler)
+    assert all(torch.equal(x, y) for x, y in zip(before, scaled.parameters()))  # skipped, as the scaler does
 
 
 def test_resume_with_more_epochs_extends_the_schedule(tmp_path):

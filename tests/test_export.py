@@ -163,7 +163,7 @@ def pruned(tmp_path_factory):
 
 def test_pruned_checkpoint_needs_no_pickle_and_round_trips_in_a_fresh_process(pruned):
     ck = torch.load(pruned["ckpt"], weights_only=True)
-    assert ck["format"] == ckpt_io.FORMAT == "mtkd-ckpt-2"
+    assert ck["format"] == ckpt_io.FORMAT == "mtkd-ckpt-3"
     assert ck["pruning"]["model"]["backbone"] == "cnn_w12" and ck["pruning"]["rewrites"] == ["c2f_split"]
     assert json.loads((pruned["ckpt"].parent / "prune.json").read_text())["params_after"] == \
         pruned["report"]["params_after"]

@@ -2,8 +2,9 @@
 
 The teacher is a randomly initialised student-preset model saved as a
 checkpoint (:func:`benchmarks.common.random_checkpoint`): the tests check
-the mechanics (losses fall as the student fits the teacher, resume restores
-the discriminator, partial labels, class checks), not the teacher's quality.
+the mechanics (losses fall as the student fits the teacher, a killed GAN run
+resumes exactly, older checkpoints load, partial labels, class checks), not
+the teacher's quality.
 """
 from __future__ import annotations
 
@@ -18,8 +19,8 @@ import torch
 from mtkd.datasets import SYNTHETIC_CLASSES, make_synthetic
 from mtkd.engine import checkpoint as ckpt_io
 from mtkd.engine.config import load_config
-from mtkd.engine.logger import RunLogger
-from mtkd.engine.trainer import Trainer, train
+from mtkd.engine.tasks import get_task
+from mtkd.engine.trainer import Trainer, evaluate_checkpoint, predict_checkpoint, train
 from mtkd.errors import ConfigError, MtkdError
 from mtkd.losses.composer import LossComposer
 from mtkd.structures import VOID
@@ -81,42 +82,69 @@ def test_yolo_kd_losses_train_from_a_multitask_config(tiny: dict) -> None:
         assert math.isfinite(float(row[f"train/extra/{term}"])) and float(row[f"train/extra/{term}"]) > 0, term
 
 
-def test_resume_restores_discriminator_and_its_optimizer(tiny: dict) -> None:
-    out = tiny["root"] / "gan"
-    loss = ("loss.extra=[{name: feat_gan, weight: 1.0, d_channels: 8}]")
-    train(load_config(KD_CONFIG, _overrides(tiny, out, "train.epochs=1", loss)))
-    saved = ckpt_io.load_checkpoint(out / "last.pt")
-    st = saved["train_state"]
-    d_keys = [k for k in st["composer"] if ".disc." in k]
-    assert d_keys, "no discriminator weights in the checkpoint"
-    d_optim = st["composer_extra"]["extra/feat_gan"]["d_optim"]
-    steps_epoch1 = saved["step"]
-    assert all(int(s["step"]) == steps_epoch1 for s in d_optim["state"].values())
+class _Killed(Exception):
+    pass
 
-    # restored state, before any further training
-    cfg = load_config(KD_CONFIG, _overrides(tiny, out, "train.epochs=2", loss, "train.resume=true"))
-    tr = Trainer(cfg)
-    tr.build()
-    tr.logger = RunLogger(out, enabled=False, tensorboard=False)
-    assert tr._resume() == 1
-    now = tr.composer.state_dict()
-    for k in d_keys:
-        assert torch.equal(now[k], st["composer"][k]), k
-    restored = tr.composer.extra_state()["extra/feat_gan"]["d_optim"]
-    for idx, s in d_optim["state"].items():
+
+def test_killed_feat_gan_run_resumes_exactly_and_old_format_checkpoint_loads(tiny: dict) -> None:
+    gan = "loss.extra=[{name: feat_gan, weight: 1.0, d_channels: 8}]"
+    straight = tiny["root"] / "gan_straight"
+    train(load_config(KD_CONFIG, _overrides(tiny, straight, "train.epochs=2", gan)))  # 2 x 2 steps
+
+    # the same run killed in epoch 2 (after last.pt of epoch 1), then resumed
+    part = tiny["root"] / "gan_part"
+    cfg = load_config(KD_CONFIG, _overrides(tiny, part, "train.epochs=2", gan))
+    killed = Trainer(cfg)
+    step = killed.train_step
+
+    def dies_at_step_3(batch):
+        if killed.step == 2:
+            raise _Killed
+        return step(batch)
+
+    killed.train_step = dies_at_step_3
+    with pytest.raises(_Killed):
+        killed.fit()
+    st1 = ckpt_io.load_checkpoint(part / "last.pt")["train_state"]
+    assert int(st1["aux_optimizers"]["extra/feat_gan/disc"]["state"][0]["step"]) == 2
+    resumed = Trainer(load_config(KD_CONFIG, _overrides(tiny, part, "train.epochs=2", gan, "train.resume=true")))
+    assert resumed.fit()["epochs_run"] == 2 and resumed.start_epoch == 1
+
+    a, b = (ckpt_io.load_checkpoint(d / "last.pt") for d in (straight, part))
+    assert a["step"] == b["step"] == 4
+    sa, sb = a["train_state"], b["train_state"]
+    assert any(".disc." in k for k in sa["composer"])
+    for part_name in ("model", "composer"):
+        for k, t in sa[part_name].items():
+            assert torch.equal(t, sb[part_name][k]), (part_name, k)
+    (key,) = sa["aux_optimizers"]
+    assert key == "extra/feat_gan/disc"
+    da, db = sa["aux_optimizers"][key], sb["aux_optimizers"][key]
+    assert int(da["state"][0]["step"]) == 4 and da["state"].keys() == db["state"].keys()
+    for i, s in da["state"].items():
         for name, v in s.items():
-            assert torch.equal(torch.as_tensor(restored["state"][idx][name]), torch.as_tensor(v)), (idx, name)
+            assert torch.equal(torch.as_tensor(v), torch.as_tensor(db["state"][i][name])), (i, name)
 
-    # the resumed run continues the same D optimizer and ends at epoch 2
-    report = train(cfg)
-    assert report["epochs_run"] == 2
-    assert [int(r["epoch"]) for r in _csv(out / "results.csv")] == [1, 2]
-    final = ckpt_io.load_checkpoint(out / "last.pt")
-    steps = final["step"]
-    assert steps > steps_epoch1
-    d_final = final["train_state"]["composer_extra"]["extra/feat_gan"]["d_optim"]
-    assert all(int(s["step"]) == steps for s in d_final["state"].values())
-    assert any(not torch.equal(final["train_state"]["composer"][k], st["composer"][k]) for k in d_keys)
+    # the previous format (D's Adam state in the loss's extra_state): eval, predict, teacher; resume refused
+    old = dict(a, format="mtkd-ckpt-2")
+    old_state = dict(sa, composer_extra={"extra/feat_gan": {"d_optim": sa["aux_optimizers"][key]}})
+    del old_state["aux_optimizers"]
+    old["train_state"] = old_state
+    ckpt_io.save_atomic(old, tiny["root"] / "old.pt")
+    old_path = tiny["root"] / "old.pt"
+    ev_cfg = load_config(KD_CONFIG, _overrides(tiny, tiny["root"] / "old_eval", gan))
+    assert "map50" in evaluate_checkpoint(ev_cfg, old_path, "val")
+    image = next(Path(tiny["voc"]).rglob("*.jpg"))
+    predict_checkpoint(ev_cfg, old_path, image, tiny["root"] / "old_pred")
+    assert any((tiny["root"] / "old_pred").iterdir())
+    as_teacher = load_config(KD_CONFIG, _overrides(tiny, tiny["root"] / "old_teacher", f"teacher.ckpt={old_path}"))
+    student = get_task("multitask").build_model(as_teacher, len(SYNTHETIC_CLASSES))
+    teacher = get_task("multitask").build_teacher(as_teacher, len(SYNTHETIC_CLASSES), student)
+    assert teacher is not None
+    with pytest.raises(MtkdError, match="start the run fresh") as err:
+        Trainer(load_config(KD_CONFIG, _overrides(tiny, tiny["root"] / "old_resume", gan,
+                                                  f"train.resume={old_path}"))).fit()
+    assert "\n" not in str(err.value) and "mtkd-ckpt-2" in str(err.value) and str(old_path) in str(err.value)
 
 
 def test_partial_labels_hard_seg_masked_but_seg_kl_supervises() -> None:

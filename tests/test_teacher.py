@@ -160,5 +160,7 @@ def test_distillation_losses_run_on_real_student_and_composite_teacher(composite
     assert next(student.backbone.parameters()).grad is not None
     assert all(p.grad is not None for p in composer.student_parameters())
     assert not any(p.grad is not None for p in composite.parameters())
-    aux = composer.aux_step(s_out, t_out, batch)
+    from mtkd.engine.aux import AuxOptimizers
+
+    aux = AuxOptimizers(composer.modules_flat()).step(1, s_out, t_out, batch)
     assert set(aux) == {"extra/feat_gan/d_loss", "extra/feat_gan/d_real", "extra/feat_gan/d_fake"}

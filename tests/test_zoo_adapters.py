@@ -3,12 +3,13 @@
 Built by name on dense (seg logits, neck maps p3..p5) and classifier
 (logits, embed, f1..f4) outputs: gradients reach the student and never the
 teacher, student and teacher widths may differ, trainable parts are
-registered, batch size 1 works, hooks (bind, aux_step, extra_state, index)
+registered, batch size 1 works, hooks (bind, aux_groups, extra_state, index)
 behave, and misuse raises ConfigError. First sp, cc, irg, vid, ofd, afd, crd,
 dml, bss, sobolev, lwm on tiny models, then logits, st, at, fitnet, nst, pkt,
 fsp, ft, rkd, ab on random output dicts. The tensor-level formulas are in
 test_zoo_formulas.py.
 """
+import copy
 import io
 
 import pytest
@@ -16,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mtkd.engine.aux import AuxOptimizers
 from mtkd.errors import ConfigError
 from mtkd.losses import build_loss
 from mtkd.losses.zoo.pkt import PKTCosSim
@@ -198,7 +200,7 @@ def test_dml_peer_hard_is_configurable():
     loss.bind(student, None)
     before = [p.detach().clone() for p in loss.peer.parameters()]
     _, s_out, _ = step(loss, student, None, batch)
-    logs = loss.aux_step(s_out, None, batch)
+    logs = AuxOptimizers([("", loss)]).step(1, s_out, None, batch)
     assert logs["peer_loss"] == 0.0
     assert all(torch.equal(b, p) for b, p in zip(before, loss.peer.parameters()))  # zero-weighted terms
     with pytest.raises(ConfigError, match="peer_hard"):
@@ -218,30 +220,37 @@ def test_vid_ofd_afd_parts_match_widths():
 
 
 @pytest.mark.parametrize("kind", ["cls", "dense"])
-def test_dml_aux_step_trains_peer_and_state_round_trips(kind):
+def test_dml_peer_group_trains_peer_and_state_round_trips(kind):
     student, _ = models(kind)
     batch = dense_batch(2) if kind == "dense" else cls_batch(2)
     loss = build_loss("dml", lr=0.05)
     assert not loss.requires  # DML needs no teacher
     loss.bind(student, None)
+    (group,) = loss.aux_groups()
+    assert (group.name, group.optimizer, group.lr, group.momentum, group.weight_decay, group.nesterov) == \
+        ("peer", "sgd", 0.05, 0.9, 1e-4, True)
+    aux = AuxOptimizers([("", loss)])
     before = [p.detach().clone() for p in loss.peer.parameters()]
     value, s_out, _ = step(loss, student, None, batch)
     assert value.item() > 0  # re-initialised peer disagrees with the student
-    logs = loss.aux_step({k: v for k, v in s_out.items() if k != "feats"}, None, batch)
+    logs = aux.step(1, {k: v for k, v in s_out.items() if k != "feats"}, None, batch)
     assert set(logs) == {"peer_loss", "peer_kd"}
     assert any(not torch.equal(b, p) for b, p in zip(before, loss.peer.parameters()))
     assert not list(loss.parameters())  # the peer is not trained by the student's optimiser
 
     buf = io.BytesIO()
-    torch.save(loss.extra_state(), buf)
+    torch.save({"extra": loss.extra_state(), "aux": aux.state_dict()}, buf)
     buf.seek(0)
     state = torch.load(buf, weights_only=True)
+    assert set(state["extra"]) == {"peer"}
     other = build_loss("dml", lr=0.05)
-    other.load_extra_state(state)  # before bind: applied when bound
+    other.load_extra_state(state["extra"])  # before bind: applied when bound
     other.bind(student, None)
     for a, b in zip(loss.peer.state_dict().values(), other.peer.state_dict().values()):
         assert torch.equal(a, b)
-    assert other._opt[0].state_dict()["state"].keys() == loss._opt[0].state_dict()["state"].keys()
+    other_aux = AuxOptimizers([("", other)])
+    other_aux.load_state_dict(state["aux"])
+    assert other_aux.state_dict()["peer"]["state"].keys() == aux.state_dict()["peer"]["state"].keys()
 
 
 def test_usable_from_composer_config():
@@ -387,23 +396,26 @@ def test_ft_translator_trains_with_student_paraphraser_on_its_own():
     s, t = dense_out(2, (8, 16, 32)), dense_out(2, (12, 24, 48))
     loss = build_loss("ft", feats=["p4"], para_steps=2)
     before = loss(s, t, {})
+    aux = AuxOptimizers([("", loss)])
+    (group,) = loss.aux_groups()
+    assert (group.name, group.optimizer, group.lr, group.momentum, group.weight_decay, group.nesterov) == \
+        ("paraphraser", "sgd", 0.01, 0.9, 1e-4, False)
     assert before.item() == 0.0  # inactive until the paraphraser is pre-trained
     assert set(loss.translators) == {"p4"} and set(loss.paraphrasers) == {"p4"}
     student_ids = {id(p) for p in loss.student_parameters()}
     assert student_ids == {id(p) for p in loss.translators.parameters()}
     assert not student_ids & {id(p) for p in loss.paraphrasers.parameters()}
     w0 = loss.paraphrasers["p4"].encoder[0].weight.detach().clone()
-    logs = loss.aux_step(s, t, {})
+    logs = aux.step(1, s, t, {})
     assert "para_loss" in logs and logs["para_loss"] > 0
     assert not torch.equal(w0, loss.paraphrasers["p4"].encoder[0].weight)
-    state = loss.extra_state()
-    assert "para_optimizer" in state
-    loss.aux_step(s, t, {})
+    assert aux.state_dict()["paraphraser"]["state"]
+    aux.step(2, s, t, {})
     assert loss.paraphraser_ready and int(loss.para_done) == 2
     assert not any(p.requires_grad for p in loss.paraphrasers.parameters())
     loss.train()
     assert not loss.paraphrasers.training  # stays frozen in eval mode
-    assert loss.aux_step(s, t, {}) == {}
+    assert aux.step(3, s, t, {}) == {}
     value = loss(s, t, {})
     assert value.item() > 0
     value.backward()
@@ -415,15 +427,19 @@ def test_ft_resume_restores_optimizer_state():
     s, t = dense_out(2, (8, 16, 32)), dense_out(2, (12, 24, 48))
     a = build_loss("ft", feats=["p5"], para_steps=5)
     a(s, t, {})
-    a.aux_step(s, t, {})
+    a_aux = AuxOptimizers([("", a)])
+    a_aux.step(1, s, t, {})
     b = build_loss("ft", feats=["p5"], para_steps=5)
     b(s, t, {})  # dry forward builds the modules
+    b_aux = AuxOptimizers([("", b)])
     b.load_state_dict(a.state_dict())
-    b.load_extra_state(a.extra_state())
+    b_aux.load_state_dict(copy.deepcopy(a_aux.state_dict()))  # as through a file: no shared tensors
     assert int(b.para_done) == 1
-    b.aux_step(s, t, {})
-    mom = b._optimizer().state_dict()["state"]
-    assert mom and int(b.para_done) == 2
+    a_aux.step(2, s, t, {})
+    b_aux.step(2, s, t, {})
+    assert int(b.para_done) == 2
+    for pa, pb in zip(a.paraphrasers.parameters(), b.paraphrasers.parameters()):
+        assert torch.equal(pa, pb)  # the momentum buffer came along
 
 
 def test_seg_logits_ignore_void():

@@ -3,8 +3,10 @@
 Layout of a checkpoint dict (every value is a tensor, a state dict or a plain
 dict/list/number/string, so ``torch.load(weights_only=True)`` reads it):
 
-* ``"format"``: ``"mtkd-ckpt-2"`` (:data:`FORMAT`; version 1 files, which
-  never hold ``"pruning"``, still load);
+* ``"format"``: ``"mtkd-ckpt-3"`` (:data:`FORMAT`); versions 1 and 2 still
+  load (version 1 files never hold ``"pruning"``; neither holds
+  ``"aux_optimizers"``, so their ``train_state`` resumes only runs without
+  auxiliary groups);
 * ``"model"``: the weights to evaluate and deploy (the EMA's where EMA is on);
 * ``"pruning"`` (pruned models only, since version 2): how to rebuild the
   pruned architecture without pickle, see :mod:`mtkd.models.restore`;
@@ -13,7 +15,9 @@ dict/list/number/string, so ``torch.load(weights_only=True)`` reads it):
   ``"best_score"``;
 * ``"train_state"`` (``last.pt`` only, what ``--resume`` needs): raw model
   weights, optimizer, scheduler, grad-scaler, EMA update count, composer
-  ``state_dict`` and ``extra_state``, RNG states, the results history.
+  ``state_dict`` and ``extra_state``, the auxiliary groups' optimizers
+  (``"aux_optimizers"``, by group key, since version 3), RNG states, the
+  results history.
 
 Saves write a temporary file in the destination's directory, fsync it and
 ``os.replace`` it over the target, so a crash never leaves a torn file. A
@@ -39,10 +43,10 @@ import torch
 
 from mtkd.errors import MtkdError, os_error_in_chain, write_error
 
-FORMAT = "mtkd-ckpt-2"
+FORMAT = "mtkd-ckpt-3"
 
 #: Formats :func:`load_checkpoint` reads (a file without ``"format"`` is taken as version 1).
-READABLE_FORMATS = ("mtkd-ckpt-1", "mtkd-ckpt-2")
+READABLE_FORMATS = ("mtkd-ckpt-1", "mtkd-ckpt-2", "mtkd-ckpt-3")
 
 #: Names of :func:`save_atomic`'s temporary files: ``tempfile.mkstemp`` with
 #: prefix ``.<name>.`` and suffix ``.tmp`` (8 random characters between).

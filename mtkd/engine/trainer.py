@@ -23,6 +23,14 @@ teacher's forward keeps its graph; ``input_grad``: the input images get
 * **Optimizer.** AdamW (``momentum`` is beta1) or SGD with Nesterov momentum
   over ``model.parameters()`` + ``composer.student_parameters()``; weight
   decay only on tensors with ``ndim > 1`` (no decay on biases and norms).
+* **Auxiliary groups.** What losses train apart from the student (a GAN
+  discriminator, FT's paraphraser, DML's peer) they declare as auxiliary
+  groups (``Loss.aux_groups``); the trainer builds their optimizers after the
+  dry forward (:class:`~mtkd.engine.aux.AuxOptimizers`) and steps them after
+  the student's step and EMA update, through the same grad scaler (updated
+  once both are done). They keep their own constant learning rate unless
+  ``train.aux_schedule`` scales it by the run's schedule, and are clipped to
+  ``train.grad_clip`` only with ``train.aux_grad_clip``.
 * **Schedule.** Per step: linear warm-up over ``warmup_epochs`` epochs, then
   cosine (or linear) decay to ``lr * lrf`` at the last step of the run:
   ``epochs`` x steps-per-epoch, or ``max_steps`` when smaller. With
@@ -90,18 +98,23 @@ teacher's forward keeps its graph; ``input_grad``: the input images get
   pruned architecture (:mod:`mtkd.models.restore`), and every checkpoint of
   the run then records it too. ``model.pretrained`` is not applied then.
 * **Resume.** ``train.resume`` (``--resume``) restores weights, optimizer,
-  scheduler step, grad scaler, EMA, composer state and ``extra_state``, RNG
-  states and the results history, and continues at the next epoch (after an
-  interruption: inside the interrupted epoch, whose batches already trained
-  are drawn again but skipped, so data and augmentation streams stay as in an
-  uninterrupted run); a run resumed with the same config ends bit-identical
-  to an uninterrupted one on the CPU, for any ``train.workers`` (the same in
-  both runs). The schedule's length follows the *current* config, so raising
-  ``train.epochs`` on resume extends the run.
+  scheduler step, grad scaler, EMA, composer state and ``extra_state``, the
+  auxiliary groups' optimizers, RNG states and the results history, and
+  continues at the next epoch (after an interruption: inside the interrupted
+  epoch, whose batches already trained are drawn again but skipped, so data
+  and augmentation streams stay as in an uninterrupted run); a run resumed
+  with the same config ends bit-identical to an uninterrupted one on the
+  CPU, for any ``train.workers`` (the same in both runs). The schedule's
+  length follows the *current* config, so raising ``train.epochs`` on resume
+  extends the run. A ``last.pt`` of checkpoint format 1 or 2, which holds no
+  ``aux_optimizers``, resumes only a run without auxiliary groups; otherwise
+  a one-line error says to start fresh.
 * **DDP.** Only rank 0 validates, plots and writes files; the others wait at
   a barrier. Composer parameters outside DDP (adapters) are broadcast from
-  rank 0 after the lazy forward and their gradients averaged by hand.
-  Auxiliary optimizers inside losses (``aux_step``) run per rank.
+  rank 0 after the lazy forward and their gradients averaged by hand (they
+  are used outside the student's forward, where DDP cannot see them). Each
+  auxiliary group's module has its own DDP wrapper, which broadcasts rank 0's
+  parameters and averages the group's gradients.
 """
 from __future__ import annotations
 
@@ -124,6 +137,7 @@ from tqdm import tqdm
 
 from mtkd.engine import checkpoint as ckpt_io
 from mtkd.engine import distributed as ddp
+from mtkd.engine.aux import AuxOptimizers
 from mtkd.engine.config import dump_config
 from mtkd.engine.ema import ModelEMA
 from mtkd.engine.logger import RunLogger
@@ -359,6 +373,7 @@ class Trainer:
         self.requires = self.composer.requires
         self._lazy_forward()
         ddp.broadcast_module(self.composer, self.dist)
+        self.aux = AuxOptimizers(self.composer.modules_flat(), self.dist)
 
         params, seen = [], set()
         for p in list(self.model.parameters()) + list(self.composer.student_parameters()):
@@ -519,13 +534,17 @@ class Trainer:
             self.scaler.unscale_(self.optimizer)
             nn.utils.clip_grad_norm_(self.params, self.tcfg["grad_clip"])
         self.scaler.step(self.optimizer)
-        self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
+        lr_factor = self.schedule(self.scheduler.last_epoch) if self.tcfg["aux_schedule"] else 1.0
         self.scheduler.step()
         self.step += 1
         if self.ema is not None:
             self.ema.update(self.model)
-        aux = self.composer.aux_step(detach_tree(s_out), detach_tree(t_out), batch)
+        s_out, t_out = detach_tree(s_out), detach_tree(t_out)
+        clip = self.tcfg["grad_clip"] if self.tcfg["aux_grad_clip"] else 0.0
+        aux = self.aux.step(self.step, s_out, t_out, batch, self.scaler, clip, lr_factor)
+        self.scaler.update()
+        aux.update(self.composer.aux_step(s_out, t_out, batch))
         out = {k: float(v) for k, v in logs.items()}
         out.update(aux)
         return out
@@ -615,6 +634,7 @@ class Trainer:
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                 "ema_updates": self.ema.updates if self.ema is not None else 0,
                 "composer": self.composer.state_dict(), "composer_extra": self.composer.extra_state(),
+                "aux_optimizers": self.aux.state_dict(),
                 "rng": ckpt_io.rng_state(), "history": self.logger.history, "skipped": self.skipped,
                 "train_wall": self.train_wall, "best_epoch": self.best_epoch,
                 "budget_step_time": self.budget_step_time, "total_steps": self.schedule.total}
@@ -628,6 +648,10 @@ class Trainer:
         st = ck.get("train_state")
         if st is None:
             raise MtkdError(f"{path}: has no training state to resume from (use last.pt)")
+        if "aux_optimizers" not in st and len(self.aux):
+            raise MtkdError(f"{path}: a {ck.get('format', ckpt_io.READABLE_FORMATS[0])} checkpoint, written "
+                            "before the trainer kept the losses' auxiliary optimizers, cannot resume this run's "
+                            f"{[e.key for e in self.aux.entries]}; start the run fresh")
         recorded = (ck.get("config") or {}).get("model")
         load_weights(self.model, st["model"], path,
                      lambda d: MtkdError(f"{path}: does not match this run's model: {d}"),
@@ -657,6 +681,8 @@ class Trainer:
         if self.ema is not None:
             self.ema.load_state_dict(ck["model"], st["ema_updates"])
         self.composer.load_extra_state(st["composer_extra"])
+        if "aux_optimizers" in st:
+            self.aux.load_state_dict(st["aux_optimizers"], path)
         ckpt_io.set_rng_state(st["rng"])
         self.logger.history = list(st["history"])
         self.step, self.skipped, self.train_wall = ck["step"], st["skipped"], st["train_wall"]
@@ -862,7 +888,7 @@ class Trainer:
     def _teardown(self, clean: bool) -> None:
         if getattr(self, "logger", None) is not None:
             self.logger.close()
-        for name in ("net", "model", "optimizer", "ema", "teacher", "composer"):
+        for name in ("net", "model", "optimizer", "aux", "ema", "teacher", "composer"):
             if hasattr(self, name):
                 delattr(self, name)
         ddp.shutdown(self.dist, barrier=clean)

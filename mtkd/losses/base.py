@@ -34,16 +34,22 @@ and never names a loss:
   normalisation (``x_norm = (x - mean) / std`` for ``x`` in 0..1 pixels;
   ``None`` when the task has none), for losses that perturb images in pixel
   space.
+* ``aux_groups() -> list of AuxGroup``: parameters the loss trains apart
+  from the student (a GAN discriminator, FT's paraphraser, DML's peer), each
+  with its optimizer settings and its own objective (:class:`AuxGroup`). The
+  trainer builds their optimizers (:class:`mtkd.engine.aux.AuxOptimizers`),
+  steps them after the student's step, checkpoints their state and, under
+  DDP, wraps each group's module in its own ``DistributedDataParallel``.
+  Called after the trainer's dry forward, so lazily built modules exist.
 * ``aux_step(student_out, teacher_out, batch) -> dict``: called once after the
-  main optimizer step with detached outputs; losses that train something of
-  their own (a GAN discriminator, DML's peer) do it here with their own
-  optimizer and return values to log.
+  main step and the auxiliary groups' steps, with detached outputs; returns
+  values to log (e.g. the cost of an adversarial attack).
 * ``extra_state() / load_extra_state(state)``: state outside ``state_dict``
-  (an auxiliary optimizer), checkpointed with the run. Must hold only
-  tensors/plain types so checkpoints load with ``weights_only=True``.
+  (DML's peer), checkpointed with the run. Must hold only tensors/plain types
+  so checkpoints load with ``weights_only=True``.
 * ``student_parameters()``: the parameters that join the student's
-  optimizer (default: all of this module's parameters). A loss with its own
-  optimizer for a submodule (the GAN discriminator) excludes it here.
+  optimizer (default: this module's parameters outside its auxiliary
+  groups).
 * ``bind(student, teacher)``: called once by the trainer after the models are
   built, for losses that must run a model themselves (BSS's attack on the
   teacher, DML's peer fed the same images). Keep references out of
@@ -51,7 +57,8 @@ and never names a loss:
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Type, Union
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Type, Union
 
 import torch
 from torch import nn
@@ -60,6 +67,51 @@ from mtkd.errors import ConfigError
 from mtkd.registry import LOSSES
 
 LossValue = Union[torch.Tensor, Dict[str, torch.Tensor]]
+
+#: ``compute(student_out, teacher_out, batch) -> (loss, logs)`` of an auxiliary group.
+AuxObjective = Callable[[Dict[str, Any], Optional[Dict[str, Any]], Dict[str, Any]],
+                        Tuple[torch.Tensor, Dict[str, float]]]
+
+AUX_OPTIMIZERS = ("adam", "adamw", "sgd")
+
+
+@dataclass
+class AuxGroup:
+    """A parameter group a loss trains apart from the student (:meth:`Loss.aux_groups`).
+
+    * ``module`` holds the parameters (all of them, frozen ones included,
+      join the group's optimizer; under DDP it is wrapped on its own).
+    * ``compute(student_out, teacher_out, batch)`` returns the group's loss
+      and values to log; it is called with detached outputs after the
+      student's step, outside autocast, and may switch the module's
+      ``requires_grad`` on for its step (``after`` then switches it off).
+    * ``optimizer``: ``adam`` / ``adamw`` (``betas``) or ``sgd``
+      (``momentum``, ``nesterov``), at learning rate ``lr`` with
+      ``weight_decay`` on every parameter of the group.
+    * The group steps at main steps ``every``, ``2 * every``, ... while
+      ``active()`` holds; ``after()`` runs once each such step is over (also
+      when it raised).
+    """
+
+    name: str
+    module: nn.Module
+    compute: AuxObjective
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    betas: Tuple[float, float] = (0.9, 0.999)
+    momentum: float = 0.0
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    every: int = 1
+    active: Callable[[], bool] = lambda: True
+    after: Callable[[], None] = lambda: None
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in AUX_OPTIMIZERS:
+            raise ConfigError(f"aux group {self.name!r}: optimizer: expected one of {list(AUX_OPTIMIZERS)}, "
+                              f"got {self.optimizer!r}")
+        if int(self.every) < 1:
+            raise ConfigError(f"aux group {self.name!r}: every: must be >= 1, got {self.every}")
 
 
 class Loss(nn.Module):
@@ -73,7 +125,8 @@ class Loss(nn.Module):
         raise NotImplementedError
 
     def student_parameters(self) -> Iterable[nn.Parameter]:
-        return self.parameters()
+        aux = {id(p) for group in self.aux_groups() for p in group.module.parameters()}
+        return (p for p in self.parameters() if id(p) not in aux)
 
     def bind(self, student: nn.Module, teacher: Optional[nn.Module]) -> None:
         return None
@@ -83,6 +136,9 @@ class Loss(nn.Module):
 
     def pre_step(self, batch: Dict[str, Any], student: nn.Module, teacher: Optional[nn.Module]) -> Dict[str, Any]:
         return batch
+
+    def aux_groups(self) -> List[AuxGroup]:
+        return []
 
     def aux_step(self, student_out: Dict[str, Any], teacher_out: Optional[Dict[str, Any]],
                  batch: Dict[str, Any]) -> Dict[str, float]:

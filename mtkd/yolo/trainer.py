@@ -40,9 +40,10 @@ state in ``last.pt`` includes the adapters' moments (tensors only).
 ``resume`` needs the ``kd_*`` arguments again (Ultralytics resumes from
 ``train_args``, which holds none); the adapters then restart from their init.
 
-DDP (multi-GPU, Ultralytics' own relaunch): adapters live outside the
-``DistributedDataParallel`` wrapper, so their gradients are all-reduced here
-before each optimiser step.
+DDP (multi-GPU, Ultralytics' own relaunch): Ultralytics wraps the student
+alone in ``DistributedDataParallel``, so the adapters' gradients are
+averaged here (:func:`mtkd.engine.distributed.average_grads`) before each
+optimiser step.
 
 Usage::
 
@@ -63,6 +64,7 @@ import torch
 from torch import nn
 
 import mtkd
+from mtkd.engine.distributed import DistInfo, average_grads
 from mtkd.errors import ConfigError
 from mtkd.yolo.adapter import detect_to_detoutput, neck_channels, neck_feats
 from mtkd.yolo.losses import YoloKD, check_value
@@ -317,11 +319,6 @@ class KDDetectionTrainer(DetectionTrainer):
     # -- the step ----------------------------------------------------------------------------
     def optimizer_step(self) -> None:
         """All-reduce the adapters' gradients under DDP (they are outside its wrapper), then step."""
-        if self.world_size > 1 and self.kd_loss is not None:
-            import torch.distributed as dist
-
-            for p in self.kd_loss.parameters():
-                if p.grad is not None:
-                    dist.all_reduce(p.grad)
-                    p.grad /= self.world_size
+        if self.kd_loss is not None:
+            average_grads(self.kd_loss.parameters(), DistInfo(world_size=self.world_size))
         super().optimizer_step()

@@ -11,7 +11,7 @@ from torch.nn.utils.parametrizations import spectral_norm as _sn
 
 from mtkd.errors import ConfigError
 from mtkd.losses._common import FeatureAdapters, need_teacher
-from mtkd.losses.base import Loss, register
+from mtkd.losses.base import AuxGroup, Loss, register
 from mtkd.losses.distill.common import model_device, pairs, widths
 
 _LOSSES = ("lsgan", "hinge")
@@ -64,24 +64,23 @@ class FeatGAN(Loss):
     * ``forward`` returns the generator term, averaged over levels: the
       student and its adapters are pushed to fool D. D's parameters get no
       gradient from it.
-    * ``aux_step`` (after the student's step) trains D once on detached
-      features with its own Adam(``lr_d``, betas (0.5, 0.999)), created on
-      first use and excluded from :meth:`student_parameters`. Its loss is
-      averaged over levels, plus ``r1 / 2 * E|grad_real D|^2`` when ``r1>0``.
-    * D's weights live in ``state_dict``; its optimizer state in
-      :meth:`extra_state` (tensors and plain types only).
+    * D is the auxiliary group ``disc`` (:meth:`aux_groups`): after the
+      student's step, every ``d_every`` steps, the trainer steps it once on
+      detached features with Adam(``lr_d``, betas (0.5, 0.999)); it is
+      excluded from :meth:`student_parameters`. Its loss is averaged over
+      levels, plus ``r1 / 2 * E|grad_real D|^2`` when ``r1>0``, in fp32.
+    * D's weights live in ``state_dict``; the trainer checkpoints its
+      optimizer and, under DDP, averages its gradients over ranks.
     * Adapters and discriminators are built by :meth:`bind` from the models'
       ``feat_channels``, or else at the first forward (the trainer's dry
-      forward); build the student optimizer and load checkpoints after that.
-      Under DDP each rank trains its own D on its local batch (D is not
-      synchronised).
+      forward); build the optimizers and load checkpoints after that.
     """
 
     requires = frozenset({"teacher"})
 
     def __init__(self, feats: Sequence[str] = ("p3", "p4", "p5"), loss: str = "lsgan",
                  spectral_norm: bool = True, lr_d: float = 1e-4, d_channels: int = 64,
-                 r1: float = 0.0):
+                 r1: float = 0.0, d_every: int = 1):
         super().__init__()
         if loss not in _LOSSES:
             raise ConfigError(f"loss feat_gan.loss: expected one of {list(_LOSSES)}, got {loss!r}")
@@ -90,10 +89,11 @@ class FeatGAN(Loss):
         self.feats: List[str] = [str(f) for f in feats]
         self.kind, self.spectral_norm = loss, bool(spectral_norm)
         self.lr_d, self.d_channels, self.r1 = float(lr_d), int(d_channels), float(r1)
+        if int(d_every) < 1:
+            raise ConfigError(f"loss feat_gan.d_every: must be >= 1, got {d_every!r}")
+        self.d_every = int(d_every)
         self.adapters = FeatureAdapters("feat_gan", always=True)
         self.disc = nn.ModuleDict()
-        self._opt: Optional[torch.optim.Optimizer] = None
-        self._pending_opt_state: Optional[Dict[str, Any]] = None
 
     # -- set-up ---------------------------------------------------------------------
     def bind(self, student: nn.Module, teacher: Optional[nn.Module]) -> None:
@@ -116,13 +116,12 @@ class FeatGAN(Loss):
     def student_parameters(self) -> Iterable[nn.Parameter]:
         return self.adapters.parameters()
 
-    def _optimizer(self) -> torch.optim.Optimizer:
-        if self._opt is None:
-            self._opt = torch.optim.Adam(self.disc.parameters(), lr=self.lr_d, betas=(0.5, 0.999))
-            if self._pending_opt_state is not None:
-                self._opt.load_state_dict(self._pending_opt_state)
-                self._pending_opt_state = None
-        return self._opt
+    def aux_groups(self) -> List[AuxGroup]:
+        return [AuxGroup("disc", self.disc, self.d_step, optimizer="adam", lr=self.lr_d, betas=(0.5, 0.999),
+                         every=self.d_every, after=self._freeze_disc)]
+
+    def _freeze_disc(self) -> None:
+        self.disc.requires_grad_(False)
 
     # -- the generator term ------------------------------------------------------------
     def forward(self, student_out: Dict[str, Any], teacher_out: Optional[Dict[str, Any]],
@@ -133,26 +132,19 @@ class FeatGAN(Loss):
         return torch.stack(terms).mean()
 
     # -- the discriminator step -----------------------------------------------------------
-    def aux_step(self, student_out: Dict[str, Any], teacher_out: Optional[Dict[str, Any]],
-                 batch: Dict[str, Any]) -> Dict[str, float]:
-        if teacher_out is None:
-            return {}
+    def d_step(self, student_out: Dict[str, Any], teacher_out: Optional[Dict[str, Any]],
+               batch: Dict[str, Any]) -> Tuple[torch.Tensor, Dict[str, float]]:
+        """D's objective on detached features, with D's parameters switched on (the ``disc``
+        group's ``after`` switches them off); returns it and D's mean real / fake scores."""
+        teacher_out = need_teacher("feat_gan", teacher_out)
         with torch.no_grad():
             fakes = {name: (s.float(), t.float())
                      for name, s, t in pairs(student_out, teacher_out, self.feats, self.adapters)}
-        opt = self._optimizer()
         device_type = next(iter(fakes.values()))[1].device.type
         self.disc.requires_grad_(True)
-        try:
-            with torch.autocast(device_type, enabled=False):  # D trains in fp32 under any AMP context
-                total, d_real, d_fake = self._d_loss(fakes)
-            opt.zero_grad(set_to_none=True)
-            total.backward()
-            opt.step()
-        finally:
-            self.disc.requires_grad_(False)
-            opt.zero_grad(set_to_none=True)
-        return {"d_loss": float(total.detach()), "d_real": d_real, "d_fake": d_fake}
+        with torch.autocast(device_type, enabled=False):  # D trains in fp32 under any AMP context
+            total, d_real, d_fake = self._d_loss(fakes)
+        return total, {"d_loss": float(total.detach()), "d_real": d_real, "d_fake": d_fake}
 
     def _d_loss(self, fakes: Dict[str, Tuple[torch.Tensor, torch.Tensor]]
                 ) -> Tuple[torch.Tensor, float, float]:
@@ -171,18 +163,3 @@ class FeatGAN(Loss):
             fake_scores.append(float(d_fake.detach().mean()))
         n = len(losses)
         return torch.stack(losses).mean(), sum(real_scores) / n, sum(fake_scores) / n
-
-    # -- checkpointing ---------------------------------------------------------------------
-    def extra_state(self) -> Dict[str, Any]:
-        if self._opt is not None:
-            return {"d_optim": self._opt.state_dict()}
-        return {} if self._pending_opt_state is None else {"d_optim": self._pending_opt_state}
-
-    def load_extra_state(self, state: Dict[str, Any]) -> None:
-        """Restore D's optimizer now, or when it is made (after D exists)."""
-        if "d_optim" not in state:
-            return
-        if self._opt is None:
-            self._pending_opt_state = state["d_optim"]
-        else:
-            self._opt.load_state_dict(state["d_optim"])

@@ -19,35 +19,36 @@ composer's weight) and it owns net2, the *peer*:
   parameters and ``state_dict``;
 * ``forward`` runs the peer on ``batch["images"]`` (keeping its graph) and
   returns ``DML(student, peer.detach())``;
-* ``aux_step`` (after the student's step) trains the peer on that cached
-  output with ``hard + peer_kd_weight * DML(peer, student.detach())`` and its
-  own optimiser; on several processes the peer's gradients are averaged.
+* the peer is the auxiliary group ``peer`` (:meth:`DMLLoss.aux_groups`,
+  SGD with ``lr``, ``momentum``, ``weight_decay``, ``nesterov``): after the
+  student's step the trainer trains it on that cached output with
+  ``hard + peer_kd_weight * DML(peer, student.detach())`` (on several
+  processes DDP averages the peer's gradients);
   ``hard`` is the weighted sum of the registered losses in ``peer_hard``
   (names or ``{name, weight, ...}`` mappings, called as
   ``loss(peer_out, None, batch)``), by default ``ce`` on classifiers and
   ``seg_ce`` on dense models (the peer then learns segmentation only; add
   the detection loss to ``peer_hard`` to train its head too);
-* ``extra_state`` holds the peer's weights and optimiser state (tensors and
-  plain types only, so checkpoints load with ``weights_only=True``).
+* ``extra_state`` holds the peer's weights (tensors only, so checkpoints
+  load with ``weights_only=True``); the trainer checkpoints its optimiser.
 
 Logits: ``out["logits"]`` (B, C) for classifiers; on dense models the
 segmentation logits per pixel ((B,K,H,W) -> (B*H*W, K), so 'batchmean' is
 the mean over pixels), with ``ignore_void=True`` dropping VOID pixels. The
-reference's learning-rate schedule is not applied to the peer (constant
-``lr``).
+peer trains at the constant ``lr`` unless ``train.aux_schedule`` applies the
+run's learning-rate schedule to it (as the reference schedules both nets).
 """
 from __future__ import annotations
 
 import copy
-from typing import Any, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from mtkd.errors import ConfigError
 from mtkd.losses._functional import soft_kl
-from mtkd.losses.base import Loss, build_loss, register
+from mtkd.losses.base import AuxGroup, Loss, build_loss, register
 from mtkd.losses.zoo._adapt import get_output, logit_pair, zero_like_graph
 
 
@@ -103,7 +104,6 @@ class DMLLoss(Loss):
             self.peer_hard_weights.append(float(kwargs.pop("weight", 1.0)))
             self.peer_hard.append(build_loss(name, key_i, **kwargs))
         self._peer: List[nn.Module] = []
-        self._opt: List[torch.optim.Optimizer] = []
         self._pending: Optional[Dict[str, Any]] = None
         self._cache: Optional[Dict[str, Any]] = None
 
@@ -121,7 +121,6 @@ class DMLLoss(Loss):
         if self.reinit:
             _reset(peer)
         self._peer = [peer]
-        self._opt = [torch.optim.SGD(peer.parameters(), **self.opt_args)]
         if self._pending is not None:
             state, self._pending = self._pending, None
             self.load_extra_state(state)
@@ -154,9 +153,13 @@ class DMLLoss(Loss):
             total = weight * value if total is None else total + weight * value
         return total
 
-    def aux_step(self, student_out: Dict[str, Any], teacher_out: Optional[Dict[str, Any]],
-                 batch: Dict[str, Any]) -> Dict[str, float]:
-        peer, opt = self.peer, self._opt[0]
+    def aux_groups(self) -> List[AuxGroup]:
+        return [AuxGroup("peer", self.peer, self.peer_step, optimizer="sgd", **self.opt_args)]
+
+    def peer_step(self, student_out: Dict[str, Any], teacher_out: Optional[Dict[str, Any]],
+                  batch: Dict[str, Any]) -> Tuple[torch.Tensor, Dict[str, float]]:
+        """The peer's objective on this step's (cached) peer output and the student's detached one."""
+        peer = self.peer
         peer_out, self._cache = self._cache, None
         key = self._key(student_out)
         if peer_out is None or not get_output(peer_out, key, "dml").requires_grad:
@@ -166,20 +169,12 @@ class DMLLoss(Loss):
         kd = self.core(lp, ls) if lp.shape[0] else zero_like_graph(lp)
         hard = self._hard(peer_out, batch, key)
         loss = hard + self.peer_kd_weight * kd
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            for p in peer.parameters():
-                if p.grad is not None:
-                    dist.all_reduce(p.grad)
-                    p.grad /= dist.get_world_size()
-        opt.step()
-        return {"peer_loss": float(loss.detach()), "peer_kd": float(kd.detach())}
+        return loss, {"peer_loss": float(loss.detach()), "peer_kd": float(kd.detach())}
 
     def extra_state(self) -> Dict[str, Any]:
         if not self._peer:
             return {}
-        return {"peer": self._peer[0].state_dict(), "optimizer": self._opt[0].state_dict()}
+        return {"peer": self._peer[0].state_dict()}
 
     def load_extra_state(self, state: Dict[str, Any]) -> None:
         if not state:
@@ -188,4 +183,3 @@ class DMLLoss(Loss):
             self._pending = state
             return
         self._peer[0].load_state_dict(state["peer"])
-        self._opt[0].load_state_dict(state["optimizer"])

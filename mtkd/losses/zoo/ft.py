@@ -25,23 +25,25 @@ Reference (AberHu/Knowledge-Distillation-Zoo ``kd_losses/ft.py``,
   ``Conv2d`` layers only (the transposed convs keep PyTorch's default), BN
   weight 1 and bias 0.
 
-mtkd's protocol for the pre-training step: :class:`FTLoss` trains the
-paraphraser in ``aux_step`` (after each main step, on the detached teacher
-maps) for ``para_steps`` steps and contributes 0 until then; afterwards the
-paraphraser is frozen and the FT term is active. :meth:`FTLoss.paraphraser_step`
-is the same update, for a separate pre-training stage over a loader
-before the student trains (as the reference's 30 paraphraser epochs).
+mtkd's protocol for the pre-training step: the paraphrasers are the
+auxiliary group ``paraphraser`` of :class:`FTLoss` (:meth:`FTLoss.aux_groups`),
+which the trainer steps after each main step, on the detached teacher maps,
+for ``para_steps`` steps; the FT term contributes 0 until then; afterwards
+the paraphraser is frozen and the FT term is active. For a separate
+pre-training stage over a loader before the student trains (as the
+reference's 30 paraphraser epochs), step that group with
+:class:`mtkd.engine.aux.AuxOptimizers` on the teacher's outputs.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from mtkd.losses._common import need_teacher
-from mtkd.losses.base import Loss, register
+from mtkd.losses.base import AuxGroup, Loss, register
 from mtkd.losses.zoo._adapt import FeaturePairs, get_feature, mean_of, zero_like_graph
 
 
@@ -121,10 +123,11 @@ class FTLoss(Loss):
 
     The student map is resized to the teacher's size before the translator so
     both factors have the same length. Translators are student parameters; the
-    paraphrasers have their own optimizer and are excluded from
-    :meth:`student_parameters`. The paraphraser step counter is the buffer
-    ``para_done`` and the paraphraser optimizer's state is :meth:`extra_state`,
-    so a resumed run continues the pre-training where it stopped.
+    paraphrasers are an auxiliary group (SGD at ``para_lr``, ``para_momentum``,
+    ``para_weight_decay``) excluded from :meth:`student_parameters`. The
+    paraphraser step counter is the buffer ``para_done`` and the trainer
+    checkpoints the group's optimizer, so a resumed run continues the
+    pre-training where it stopped.
     """
 
     requires = frozenset({"teacher"})
@@ -138,12 +141,11 @@ class FTLoss(Loss):
         self.k = float(k)
         self.use_bn = bool(use_bn)
         self.para_steps = int(para_steps)
-        self.para_opt_kwargs = dict(lr=para_lr, momentum=para_momentum, weight_decay=para_weight_decay)
+        self.para_opt_kwargs = dict(lr=float(para_lr), momentum=float(para_momentum),
+                                    weight_decay=float(para_weight_decay))
         self.paraphrasers = nn.ModuleDict()
         self.translators = nn.ModuleDict()
         self.register_buffer("para_done", torch.zeros((), dtype=torch.long))
-        self._para_opt: Optional[torch.optim.Optimizer] = None
-        self._pending_opt_state: Optional[Dict[str, Any]] = None
 
     # -- modules -------------------------------------------------------------------
     @property
@@ -196,48 +198,26 @@ class FTLoss(Loss):
         return mean_of(terms)
 
     # -- paraphraser pre-training ------------------------------------------------------
-    def _optimizer(self) -> torch.optim.Optimizer:
-        if self._para_opt is None:
-            self._para_opt = torch.optim.SGD(self.paraphrasers.parameters(), **self.para_opt_kwargs)
-            if self._pending_opt_state is not None:
-                self._para_opt.load_state_dict(self._pending_opt_state)
-                self._pending_opt_state = None
-        return self._para_opt
+    def aux_groups(self) -> List[AuxGroup]:
+        return [AuxGroup("paraphraser", self.paraphrasers, self.para_step, optimizer="sgd",
+                         active=lambda: not self.paraphraser_ready, after=self._para_stepped,
+                         **self.para_opt_kwargs)]
 
-    def paraphraser_step(self, teacher_out: Dict[str, Any], names: Sequence[str]) -> float:
-        """One SGD step of the paraphrasers' MSE reconstruction of the teacher's
-        maps ``names`` (mean over names); returns the loss. Counts towards
-        ``para_steps``; freezes the paraphrasers when they are reached."""
+    def para_step(self, student_out: Dict[str, Any], teacher_out: Optional[Dict[str, Any]],
+                  batch: Dict[str, Any]) -> Tuple[torch.Tensor, Dict[str, float]]:
+        """The paraphrasers' MSE reconstruction of the teacher's maps (mean over
+        ``feats``, or the student's feature names when unset) and its value."""
+        teacher_out = need_teacher("ft", teacher_out)
         losses = []
-        for name in names:
+        for name in self.pairs.names(student_out):
             ft = get_feature(teacher_out, name, "ft").detach()
             para = self.paraphraser(name, ft)
             para.train()
             losses.append(F.mse_loss(para(ft)[1], ft))
         loss = mean_of(losses)
-        opt = self._optimizer()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        return loss, {"para_loss": float(loss.detach())}
+
+    def _para_stepped(self) -> None:
+        """Count a paraphraser step; freeze the paraphrasers once ``para_steps`` are done."""
         self.para_done += 1
         self._freeze_if_ready()
-        return float(loss.detach())
-
-    def aux_step(self, student_out: Dict[str, Any], teacher_out: Optional[Dict[str, Any]],
-                 batch: Dict[str, Any]) -> Dict[str, float]:
-        if teacher_out is None or self.paraphraser_ready:
-            return {}
-        with torch.enable_grad():
-            return {"para_loss": self.paraphraser_step(teacher_out, self.pairs.names(student_out))}
-
-    def extra_state(self) -> Dict[str, Any]:
-        if self._para_opt is None or self.paraphraser_ready:
-            return {}
-        return {"para_optimizer": self._para_opt.state_dict()}
-
-    def load_extra_state(self, state: Dict[str, Any]) -> None:
-        if "para_optimizer" in state:
-            if self._para_opt is None:
-                self._pending_opt_state = state["para_optimizer"]
-            else:
-                self._para_opt.load_state_dict(state["para_optimizer"])
