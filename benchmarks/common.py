@@ -257,13 +257,15 @@ def run_jobs(jobs: Sequence[Tuple[Any, Mapping[str, Any]]], n_jobs: int, threads
     ``train_job`` (a top-level function or a ``functools.partial`` of one). ``on_done(key, report,
     seconds, error)`` is called in the parent, in completion order, with
     ``error`` an :class:`mtkd.errors.MtkdError` (bad config or data: recorded,
-    the others go on) or ``None``. Any other exception stops the benchmark.
+    the others go on) or ``None``. Any other exception stops the benchmark,
+    and so does :class:`mtkd.errors.Interrupted` (SIGINT/SIGTERM: the run's
+    ``last.pt`` is saved and no further run starts).
     ``n_jobs == 1`` runs in this process (torch threads as set by the caller);
     more use a ``spawn`` process pool, each worker with ``threads_per_job``
     threads: independent runs on one machine, not distributed training
     (multi-GPU training is ``torchrun``'s job, see the README).
     """
-    from mtkd.errors import MtkdError
+    from mtkd.errors import Interrupted, MtkdError
 
     if not jobs:
         return
@@ -274,6 +276,9 @@ def run_jobs(jobs: Sequence[Tuple[Any, Mapping[str, Any]]], n_jobs: int, threads
             try:
                 report, secs = job(kw["config"], kw["overrides"], kw["seed"], kw["out"], kw.get("epochs"), None)
                 on_done(key, report, secs, None)
+            except Interrupted:
+                bar.close()
+                raise
             except MtkdError as exc:
                 on_done(key, None, time.perf_counter() - t0, exc)
             bar.update()
@@ -290,6 +295,11 @@ def run_jobs(jobs: Sequence[Tuple[Any, Mapping[str, Any]]], n_jobs: int, threads
             try:
                 report, secs = fut.result()
                 on_done(key, report, secs, None)
+            except Interrupted:
+                for other in futures:
+                    other.cancel()
+                bar.close()
+                raise
             except MtkdError as exc:
                 on_done(key, None, 0.0, exc)
             bar.update()

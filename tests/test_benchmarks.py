@@ -397,3 +397,29 @@ def test_yolo_kd_quick_run_scores_deployed_students_on_test(tmp_path: Path) -> N
                     "--roles", "plain"])["runs"] == payload["runs"]
     with pytest.raises(SystemExit, match="epochs=1, this sitting 2"):
         yk.main(["--quick", "--out", str(out), "--teacher", str(teacher), "--pretrain-epochs", "0", "--epochs", "2"])
+
+
+def test_run_jobs_records_run_errors_but_stops_when_interrupted() -> None:
+    """A bad run is recorded and the next one runs; SIGINT/SIGTERM (Interrupted) ends the benchmark."""
+    from benchmarks.common import run_jobs
+    from mtkd.errors import ConfigError, Interrupted
+
+    ran, done = [], []
+
+    def job(config, overrides, seed, out, epochs, threads):
+        ran.append(seed)
+        if config == "bad":
+            raise ConfigError("bad config")
+        if config == "stop":
+            raise Interrupted("interrupted by SIGTERM", 143, "train.resume=true")
+        return {"seed": seed}, 0.0
+
+    def on_done(key, report, secs, error):
+        done.append((key, None if error is None else type(error).__name__))
+
+    jobs = [(k, {"config": c, "overrides": [], "seed": k, "out": "x"}) for k, c in
+            enumerate(("ok", "bad", "ok", "stop", "ok"))]
+    with pytest.raises(Interrupted):
+        run_jobs(jobs, 1, None, on_done, desc="t", job=job)
+    assert ran == [0, 1, 2, 3]
+    assert done == [(0, None), (1, "ConfigError"), (2, None)]
