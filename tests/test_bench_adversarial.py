@@ -114,7 +114,7 @@ def test_adversarial_quick_classification_end_to_end(tmp_path: Path) -> None:
     for role, r in runs.items():
         assert all(k in r for k in RECORD_KEYS), role
         assert 0.0 <= r["robust"] <= 100.0 and 0.0 <= r["clean"] <= 100.0 and _finite(r["wall_s"]), role
-        assert r["attack"]["name"] == "pgd" and r["attack"]["steps"] == 2 and r["attack"]["eps_255"] == pytest.approx(8)
+        assert r["attack"]["name"] == "pgd" and r["attack"]["steps"] == 2 and r["attack"]["eps_255"] == pytest.approx(4)
         assert "map50" not in r
     assert runs["rslad_nat"]["teacher"] == "teacher_nat" and runs["pgd_at"]["teacher"] is None
     assert runs["teacher_at"]["loss"][0]["name"] == "pgd_at"
