@@ -286,8 +286,7 @@ def classify_base(data: Path, imgsz: int, extra: Sequence[str]) -> List[str]:
     the classify task's default augmentation changes the label: a horizontal
     flip turns orientation 60 degrees into 120, and a 0.6-1.0 scale crop
     moves the frequency by up to 1.3x where neighbouring classes are 1.6x
-    apart. With it the natural cnn4w teacher reached 54-58 % val top-1 in 10
-    epochs; without it 87 % test top-1.
+    apart (measurements: benchmarks/README.md, "adversarial").
     """
     from mtkd.classification.data import compute_mean_std
 
