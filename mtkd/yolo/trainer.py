@@ -75,11 +75,10 @@ from ultralytics.cfg import get_cfg
 from ultralytics.utils import DEFAULT_CFG, RANK, YAML
 from ultralytics.utils.torch_utils import unwrap_model
 
-#: The ``kd_*`` arguments and their defaults. Weights of 0 switch a term off.
-#: The output weights were 1.0 / 0.5 / 0.5 until benchmarks/yolo_kd showed the KD terms
-#: outweighing the hard loss while fine-tuning (the student fell below Ultralytics'
-#: distill_model); 0.5 / 0.25 / 0.1 beat distill_model there on median and worst seed
-#: (benchmarks/yolo_kd/confirm, seeds 3-5, side by side). Tune them on your own data.
+#: The ``kd_*`` arguments and their defaults. Weights of 0 switch a term off. The output
+#: weights are kept small beside the hard loss so that the teacher does not dominate
+#: fine-tuning; ``benchmarks/yolo_kd/README.md`` records how they were chosen. Tune them
+#: on your own data.
 KD_DEFAULTS: Dict[str, Any] = {
     "kd_teacher": None,  # path: Ultralytics .pt, mtkd checkpoint, or YAML with an mtkd teacher: section
     "kd_cls": 0.5,  # class-score KL (teacher-score gated)
