@@ -335,6 +335,19 @@ def test_plateau_verdict_needs_a_rise_below_the_tolerance() -> None:
     assert summary["plain"]["plateau"] is True and "teacher" not in summary
 
 
+def test_plateau_reuse_reads_a_teacher_records_val_metrics_from_its_checkpoint_folder(tmp_path: Path) -> None:
+    plateau = _load("plateau")
+    run = tmp_path / "teacher"
+    run.mkdir()
+    (run / "test_metrics.json").write_text(json.dumps({"best_epoch": 2}))
+    (run / "results.csv").write_text("epoch,val/map50_95,val/map50,val/miou\n1,0.1,0.2,0.3\n2,0.2,0.5,0.4\n")
+    rec = {"role": "teacher", "seed": 0, "checkpoint": str(run / "best.pt")}
+    filled = plateau.with_val_metrics(rec)
+    assert filled["val_map50"] == 0.5 and filled["val_miou"] == 0.4
+    assert plateau.val_fitness(filled) == pytest.approx(0.45)
+    assert plateau.with_val_metrics({"role": "teacher", "seed": 0}) == {"role": "teacher", "seed": 0}
+
+
 def test_recorder_adds_finished_runs_with_extras_and_skips_failed_ones(tmp_path: Path, capsys) -> None:
     res = common.Results(tmp_path, "fake")
     refreshed = []

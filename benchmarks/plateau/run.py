@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import (TESTBEDS, Results, add_common_args, default_jobs, prepare,  # noqa: E402
+from benchmarks.common import (TESTBEDS, Results, add_common_args, best_val_metrics, default_jobs, prepare,  # noqa: E402
                                recorder, run_jobs, testbed_paths)
 
 TOLERANCE = 0.01
@@ -106,8 +106,27 @@ def reusable(path: Optional[str], data: str, epochs: Dict[str, int], overrides: 
     if list(payload.get("budget", {}).get("overrides", [])) != list(overrides):
         raise MtkdError(f"--reuse {path}: its runs used overrides {payload.get('budget', {}).get('overrides')}, "
                         f"this sitting {overrides}")
-    return [r for r in payload.get("runs", []) if r.get("role") in epochs and int(r["seed"]) in set(seeds)
+    runs = [r for r in payload.get("runs", []) if r.get("role") in epochs and int(r["seed"]) in set(seeds)
             and r.get("epochs") == epochs[r["role"]]]
+    return [with_val_metrics(r) for r in runs]
+
+
+def with_val_metrics(rec: Dict[str, Any]) -> Dict[str, Any]:
+    """``rec`` with its best epoch's val metrics, read from its run folder when the record lacks them.
+
+    A benchmark's teacher record names only its ``checkpoint``; the run folder is
+    the checkpoint's, whose ``test_metrics.json`` gives the best epoch.
+    """
+    import json
+
+    if val_fitness(rec) is not None:
+        return rec
+    run_dir = Path(rec["out"]) if rec.get("out") else Path(rec["checkpoint"]).parent if rec.get("checkpoint") else None
+    report = run_dir / "test_metrics.json" if run_dir else None
+    if report is None or not report.is_file():
+        return rec
+    best = json.loads(report.read_text()).get("best_epoch")
+    return dict(rec, **{f"val_{k}": v for k, v in best_val_metrics(run_dir, best).items()})
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
@@ -127,8 +146,11 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
 
     record = recorder(res, "plateau", refresh, lambda rec: {"val_fitness": val_fitness(rec)})
     for rec in reusable(args.reuse, args.data, epochs, extra, args.seeds):
-        if not res.has(rec["role"], rec["seed"]):
+        mine = [r for r in res.runs if r["role"] == rec["role"] and r["seed"] == rec["seed"]]
+        if not mine:
             res.add(dict(rec, val_fitness=val_fitness(rec), reused_from=args.reuse))
+        elif mine[0].get("reused_from") and mine[0].get("val_fitness") is None:
+            mine[0].update(rec, val_fitness=val_fitness(rec))
 
     jobs = []
     for seed in args.seeds:
