@@ -95,10 +95,12 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     settings = load_settings(args.settings)
     if args.only:
         settings = [s for s in settings if s["name"] in args.only]
+    old = Path(args.out) / "results.json"
+    tried = json.loads(old.read_text()).get("settings", {}) if old.is_file() else {}
     res = Results(args.out, "kd_sweep", data=args.data,
                   budget={"testbed": args.testbed, "seeds": args.seeds, "overrides": extra},
                   metrics=("map50_95", "map50", "miou", "val_map50_95", "val_miou"),
-                  settings={s["name"]: s.get("set", []) for s in settings}, teacher=args.teacher_ckpt)
+                  settings={**tried, **{s["name"]: s.get("set", []) for s in settings}}, teacher=args.teacher_ckpt)
     teacher_ov = [f"teacher.ckpt={json.dumps(str(args.teacher_ckpt))}"]
 
     record = recorder(res, "sweep", lambda: res.write(derived=ranking(res.runs)[0]),
