@@ -18,6 +18,7 @@ roles interleave.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 from pathlib import Path
@@ -93,7 +94,6 @@ def reusable(path: Optional[str], data: str, epochs: Dict[str, int], overrides: 
     """
     if not path:
         return []
-    import json
 
     from mtkd.errors import MtkdError
 
@@ -117,7 +117,6 @@ def with_val_metrics(rec: Dict[str, Any]) -> Dict[str, Any]:
     A benchmark's teacher record names only its ``checkpoint``; the run folder is
     the checkpoint's, whose ``test_metrics.json`` gives the best epoch.
     """
-    import json
 
     if val_fitness(rec) is not None:
         return rec
@@ -136,8 +135,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
 
     configs = {"teacher": args.teacher_config, "plain": args.student_config}
     epochs = {m: int(load_config(configs[m], data_ov + extra)["train"]["epochs"]) for m in args.models}
+    old = Path(args.out) / "results.json"
+    sat = json.loads(old.read_text()).get("budget", {}).get("epochs", {}) if old.is_file() else {}
     res = Results(args.out, "plateau", data=args.data,
-                  budget={"testbed": args.testbed, "epochs": epochs, "seeds": args.seeds, "overrides": extra,
+                  budget={"testbed": args.testbed, "epochs": {**sat, **epochs}, "seeds": args.seeds, "overrides": extra,
                           "tolerance": args.tolerance})
 
     def refresh() -> None:
