@@ -405,6 +405,49 @@ def best_val_metrics(run_dir: str | Path, best_epoch: Any) -> Dict[str, float]:
     return {}
 
 
+def reusable_runs(path: Optional[str], data: Any, epochs: Mapping[str, int], overrides: Sequence[str],
+                  seeds: Sequence[int]) -> List[Dict[str, Any]]:
+    """Runs of ``path`` (another benchmark's results.json) that a sitting would train identically.
+
+    The file must name the same data and its budget the same overrides; a record
+    qualifies when its role is a key of ``epochs`` with the same epochs and its
+    seed is in ``seeds`` (the role names ``plain`` and ``teacher`` mean the same
+    configs in every benchmark of a testbed). Records without val metrics get
+    them from their run folder (:func:`with_val_metrics`).
+    """
+    from mtkd.errors import MtkdError
+
+    if not path:
+        return []
+    p = Path(path)
+    if not p.is_file():
+        raise MtkdError(f"--reuse {path}: not found")
+    payload = json.loads(p.read_text())
+    if str(payload.get("data")) != str(data):
+        raise MtkdError(f"--reuse {path}: its runs used data {payload.get('data')}, this sitting {data}")
+    if list(payload.get("budget", {}).get("overrides", [])) != list(overrides):
+        raise MtkdError(f"--reuse {path}: its runs used overrides {payload.get('budget', {}).get('overrides')}, "
+                        f"this sitting {list(overrides)}")
+    return [with_val_metrics(r) for r in payload.get("runs", []) if r.get("role") in epochs
+            and int(r["seed"]) in {int(s) for s in seeds} and r.get("epochs") == epochs[r["role"]]]
+
+
+def with_val_metrics(rec: Dict[str, Any]) -> Dict[str, Any]:
+    """``rec`` with its best epoch's val metrics, read from its run folder when the record lacks them.
+
+    The run folder is ``out``, or for a teacher record that names only its
+    ``checkpoint``, the checkpoint's; its ``test_metrics.json`` gives the best epoch.
+    """
+    if any(k.startswith("val_") for k in rec):
+        return rec
+    run_dir = Path(rec["out"]) if rec.get("out") else Path(rec["checkpoint"]).parent if rec.get("checkpoint") else None
+    report = run_dir / "test_metrics.json" if run_dir is not None else None
+    if report is None or not report.is_file():
+        return rec
+    best = json.loads(report.read_text()).get("best_epoch")
+    return dict(rec, **{f"val_{k}": v for k, v in best_val_metrics(run_dir, best).items()})
+
+
 def record_from_dir(role: str, seed: int, run_dir: str | Path, **extra: Any) -> Dict[str, Any]:
     """The record of a finished run folder (reads ``<run_dir>/test_metrics.json``)."""
     from mtkd.errors import MtkdError

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from mtkd.datasets import make_synthetic
-from mtkd.errors import ConfigError
+from mtkd.errors import ConfigError, MtkdError
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -335,17 +335,33 @@ def test_plateau_verdict_needs_a_rise_below_the_tolerance() -> None:
     assert summary["plain"]["plateau"] is True and "teacher" not in summary
 
 
-def test_plateau_reuse_reads_a_teacher_records_val_metrics_from_its_checkpoint_folder(tmp_path: Path) -> None:
+def test_reusable_runs_take_only_identical_runs_and_refuse_other_data_or_overrides(tmp_path: Path) -> None:
+    src = tmp_path / "results.json"
+    runs = [{"role": "plain", "seed": 0, "epochs": 6, "val_map50": 0.1}, {"role": "plain", "seed": 1, "epochs": 12},
+            {"role": "kd", "seed": 0, "epochs": 6}, {"role": "plain", "seed": 5, "epochs": 6}]
+    src.write_text(json.dumps({"data": "d", "budget": {"overrides": ["a=1"]}, "runs": runs}))
+    got = common.reusable_runs(str(src), "d", {"plain": 6}, ["a=1"], [0, 1])
+    assert [(r["role"], r["seed"]) for r in got] == [("plain", 0)]
+    assert common.reusable_runs(None, "d", {"plain": 6}, [], [0]) == []
+    with pytest.raises(MtkdError, match="data"):
+        common.reusable_runs(str(src), "other", {"plain": 6}, ["a=1"], [0])
+    with pytest.raises(MtkdError, match="overrides"):
+        common.reusable_runs(str(src), "d", {"plain": 6}, [], [0])
+    with pytest.raises(MtkdError, match="not found"):
+        common.reusable_runs(str(tmp_path / "none.json"), "d", {"plain": 6}, [], [0])
+
+
+def test_reused_teacher_record_gets_val_metrics_from_its_checkpoint_folder(tmp_path: Path) -> None:
     plateau = _load("plateau")
     run = tmp_path / "teacher"
     run.mkdir()
     (run / "test_metrics.json").write_text(json.dumps({"best_epoch": 2}))
     (run / "results.csv").write_text("epoch,val/map50_95,val/map50,val/miou\n1,0.1,0.2,0.3\n2,0.2,0.5,0.4\n")
     rec = {"role": "teacher", "seed": 0, "checkpoint": str(run / "best.pt")}
-    filled = plateau.with_val_metrics(rec)
+    filled = common.with_val_metrics(rec)
     assert filled["val_map50"] == 0.5 and filled["val_miou"] == 0.4
     assert plateau.val_fitness(filled) == pytest.approx(0.45)
-    assert plateau.with_val_metrics({"role": "teacher", "seed": 0}) == {"role": "teacher", "seed": 0}
+    assert common.with_val_metrics({"role": "teacher", "seed": 0}) == {"role": "teacher", "seed": 0}
 
 
 def test_recorder_adds_finished_runs_with_extras_and_skips_failed_ones(tmp_path: Path, capsys) -> None:
@@ -362,23 +378,6 @@ def test_recorder_adds_finished_runs_with_extras_and_skips_failed_ones(tmp_path:
     assert rec["epoch_s"] == 0.5  # the job's own measurements join the record
     assert refreshed == [1]
     assert "[fake] kd seed 2 failed: data.root: missing" in capsys.readouterr().out
-
-
-def test_plateau_reuses_only_identically_trained_runs(tmp_path) -> None:
-    from mtkd.errors import MtkdError
-
-    plateau = _load("plateau")
-    src = tmp_path / "kd.json"
-    runs = [{"role": "plain", "seed": 0, "epochs": 6}, {"role": "plain", "seed": 1, "epochs": 3},
-            {"role": "kd", "seed": 0, "epochs": 6}, {"role": "plain", "seed": 7, "epochs": 6}]
-    src.write_text(json.dumps({"data": "d", "budget": {"overrides": ["a=1"]}, "runs": runs}))
-    got = plateau.reusable(str(src), "d", {"plain": 6}, ["a=1"], [0, 1, 2])
-    assert [(r["role"], r["seed"]) for r in got] == [("plain", 0)]
-    assert plateau.reusable(None, "d", {"plain": 6}, [], [0]) == []
-    with pytest.raises(MtkdError, match="overrides"):
-        plateau.reusable(str(src), "d", {"plain": 6}, [], [0])
-    with pytest.raises(MtkdError, match="data"):
-        plateau.reusable(str(src), "other", {"plain": 6}, ["a=1"], [0])
 
 
 @pytest.mark.slow

@@ -47,7 +47,8 @@ them. The teacher checkpoint's SHA-256 is stored (``teacher_sha256``): when
 the file at the same path has other weights, the teacher, KD and ablation
 runs move to the JSON's ``superseded`` list and are re-run, and the plain
 runs, which never load the teacher, are kept. A missing ``--teacher-ckpt``
-is trained first with the teacher config.
+is trained first with the teacher config. ``--reuse RESULTS_JSON`` takes the
+plain runs from another sitting with the same data, epochs and overrides.
 
     python benchmarks/kd_gain/run.py                       # small testbed -> benchmarks/kd_gain/
     python benchmarks/kd_gain/run.py --ablation --no-double --no-equal-wallclock --seeds 0 1 2   # ablation sitting
@@ -73,7 +74,7 @@ if str(ROOT) not in sys.path:
 
 from benchmarks.common import (TESTBEDS, Results, add_common_args, default_jobs, extra_overrides,  # noqa: E402
                                gap_closed, make_record, median_of, prepare, recorder,
-                               run_jobs, testbed_paths)
+                               reusable_runs, run_jobs, testbed_paths)
 
 ABLATIONS = ("seg_kl", "det_mse", "feat_gan", "cwd", "all")
 SMALL_ABLATIONS = ("det_mse", "seg_kl", "cwd", "pkd", "mgd")
@@ -120,6 +121,9 @@ def parse(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="the teacher at --teacher-ckpt was retrained since an older results.json (written before "
                         "teachers were hashed): move its teacher-dependent runs to 'superseded' and re-run them")
     p.add_argument("--force", action="store_true", help="re-run (role, seed) pairs already in results.json")
+    p.add_argument("--reuse", default=None, metavar="RESULTS_JSON",
+                   help="take the plain runs of these seeds from another kd_gain results.json made with the same "
+                        "data, epochs and overrides, instead of training them again (e.g. to try another teacher)")
     args = p.parse_args(argv)
     tb = testbed_paths(args.testbed, ROOT)
     small = args.testbed == "small"
@@ -329,6 +333,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     if args.force or not any(r["role"] == "teacher" for r in res.runs):
         res.payload["runs"] = [r for r in res.runs if r["role"] != "teacher"]
         res.add(teacher_record(ckpt, data_ov, extra))
+
+    for rec in reusable_runs(args.reuse, args.data, {"plain": epochs}, extra, args.seeds):
+        if not res.has("plain", rec["seed"]):
+            res.add(dict(rec, reused_from=args.reuse), write=False)
 
     def refresh() -> None:
         lines, summary = verdicts(res.runs, partial)

@@ -28,8 +28,8 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import (TESTBEDS, Results, add_common_args, best_val_metrics, default_jobs, prepare,  # noqa: E402
-                               recorder, run_jobs, testbed_paths)
+from benchmarks.common import (TESTBEDS, Results, add_common_args, default_jobs, prepare,  # noqa: E402
+                               recorder, reusable_runs, run_jobs, testbed_paths)
 
 TOLERANCE = 0.01
 
@@ -85,49 +85,6 @@ def verdicts(runs: List[Dict[str, Any]], tolerance: float) -> Tuple[List[str], D
     return lines, summary
 
 
-def reusable(path: Optional[str], data: str, epochs: Dict[str, int], overrides: List[str],
-             seeds: Sequence[int]) -> List[Dict[str, Any]]:
-    """E-runs of ``path`` (another benchmark's results.json) that this sitting would train identically.
-
-    It must name the same data, its budget the same overrides, and its records the same epochs; the role names
-    ``plain`` and ``teacher`` mean the same configs in every benchmark of the testbed.
-    """
-    if not path:
-        return []
-
-    from mtkd.errors import MtkdError
-
-    p = Path(path)
-    if not p.is_file():
-        raise MtkdError(f"--reuse {path}: not found")
-    payload = json.loads(p.read_text())
-    if str(payload.get("data")) != str(data):
-        raise MtkdError(f"--reuse {path}: its runs used data {payload.get('data')}, this sitting {data}")
-    if list(payload.get("budget", {}).get("overrides", [])) != list(overrides):
-        raise MtkdError(f"--reuse {path}: its runs used overrides {payload.get('budget', {}).get('overrides')}, "
-                        f"this sitting {overrides}")
-    runs = [r for r in payload.get("runs", []) if r.get("role") in epochs and int(r["seed"]) in set(seeds)
-            and r.get("epochs") == epochs[r["role"]]]
-    return [with_val_metrics(r) for r in runs]
-
-
-def with_val_metrics(rec: Dict[str, Any]) -> Dict[str, Any]:
-    """``rec`` with its best epoch's val metrics, read from its run folder when the record lacks them.
-
-    A benchmark's teacher record names only its ``checkpoint``; the run folder is
-    the checkpoint's, whose ``test_metrics.json`` gives the best epoch.
-    """
-
-    if val_fitness(rec) is not None:
-        return rec
-    run_dir = Path(rec["out"]) if rec.get("out") else Path(rec["checkpoint"]).parent if rec.get("checkpoint") else None
-    report = run_dir / "test_metrics.json" if run_dir else None
-    if report is None or not report.is_file():
-        return rec
-    best = json.loads(report.read_text()).get("best_epoch")
-    return dict(rec, **{f"val_{k}": v for k, v in best_val_metrics(run_dir, best).items()})
-
-
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     args = parse(argv)
     data_ov, extra = prepare(args)
@@ -146,7 +103,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         res.write(derived=lines, summary=summary)
 
     record = recorder(res, "plateau", refresh, lambda rec: {"val_fitness": val_fitness(rec)})
-    for rec in reusable(args.reuse, args.data, epochs, extra, args.seeds):
+    for rec in reusable_runs(args.reuse, args.data, epochs, extra, args.seeds):
         mine = [r for r in res.runs if r["role"] == rec["role"] and r["seed"] == rec["seed"]]
         if not mine:
             res.add(dict(rec, val_fitness=val_fitness(rec), reused_from=args.reuse))
