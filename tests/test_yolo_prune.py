@@ -218,3 +218,13 @@ def test_bad_calls_are_one_line_errors(tmp_path, monkeypatch, capsys):
     assert "holds a SegmentationModel" in err[10]
     assert 'pip install "mtkd[export]"' in err[-1]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.pt", "seg.pt", "src.pt"]  # nothing written
+
+
+def test_help_names_the_retraining_trap(capsys):
+    from mtkd.cli import main
+
+    assert main(["yolo", "prune", "help"]) == 0
+    text = capsys.readouterr().out
+    assert "mtkd yolo prune model=MODEL.pt ratio=R" in text
+    assert "mtkd yolo train model=PATH" in text and "rebuilds the model at its original widths" in text
+    assert main(["yolo"]) == 2 and "mtkd yolo prune model=" in capsys.readouterr().out

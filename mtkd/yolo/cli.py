@@ -33,8 +33,9 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 from mtkd.errors import ConfigError, MtkdError
 
 USAGE = ("usage: mtkd yolo train model=STUDENT(.yaml|.pt) teacher=TEACHER data=DATA.yaml "
-         "[epochs= imgsz= batch= device= workers= ...] [kd_cls= kd_dfl= kd_obj= kd_feat= kd_t= kd_feat_t= kd_names_ok=]\n"
-         "       mtkd yolo prune model=MODEL.pt ratio=R [out= importance= round_to= imgsz= data=] (mtkd yolo prune help)")
+         "[epochs= imgsz= batch= device= workers= ...] [kd_cls= kd_dfl= kd_obj= kd_feat= kd_t= kd_feat_t= "
+         "kd_names_ok=]\n       mtkd yolo prune model=MODEL.pt ratio=R [out= importance= round_to= imgsz= data=] "
+         "(more: mtkd yolo prune help)")
 
 
 def parse_args(argv: Sequence[str]) -> Dict[str, Any]:

@@ -27,6 +27,8 @@ validation, run folder and checkpoints are all its own. The subclass only
    ``loss.extra``) to Ultralytics' loss vector; the trainer derives ``loss_names``
    from the loss dict, so each term becomes its own ``train/kd_*`` column in
    ``results.csv`` (``val/kd_*`` stay 0: validation computes the plain loss).
+5. trains a pruned student (``mtkd yolo prune``) at its pruned widths
+   (``get_model``), where Ultralytics would rebuild it from its yaml.
 
 What is saved: Ultralytics saves its EMA, a deep copy of the student made
 before the criterion is wrapped; :class:`KDCriterion` also reduces to the plain
