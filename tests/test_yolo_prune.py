@@ -131,6 +131,21 @@ def test_yolo11_c3k2_blocks_prune_to_equal_halves():
     assert any(b.c < 32 for b in blocks)
 
 
+@pytest.mark.slow
+def test_a_half_that_cannot_be_pruned_keeps_the_other_half_whole(monkeypatch):
+    """Protect one half of a split C2f: the other half is kept whole too, so the block merges back."""
+    from ultralytics.nn.tasks import DetectionModel
+
+    import mtkd.yolo.prune as yprune
+
+    protected = yprune.protected_layers
+    monkeypatch.setattr(yprune, "protected_layers", lambda m: protected(m) + [m.model[8].cv1.conv])
+    model = DetectionModel("yolov8n.yaml", nc=3, verbose=False)
+    report = yprune.prune_detection(model, SIZE, 0.5)
+    assert report["params_after"] < 0.6 * report["params_before"]
+    assert model.model[8].c == 128 and model.model[6].c == 32  # kept whole / halved (64 -> 32)
+
+
 CHECK = textwrap.dedent("""
     import sys
     sys.modules["mtkd"] = None  # importing mtkd now fails: the checkpoint must not need it

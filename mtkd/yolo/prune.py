@@ -174,8 +174,9 @@ def prune_detection(model: nn.Module, imgsz: int, ratio: float, *, importance: s
     ``ratio`` is the share of each prunable layer's channels to remove, in
     (0, 1); ``round_to`` (``None`` or 1: no rounding) the channel multiple;
     ``grad_fn(model)`` back-propagates a loss (``taylor`` needs it). The
-    report: ``params_before/after``, ``gflops_before/after`` (at ``imgsz``),
-    ``ratio``, ``importance``, ``round_to``, ``imgsz``.
+    parameters are left with ``requires_grad`` off, as in Ultralytics' saved
+    models. The report: ``params_before/after``, ``gflops_before/after`` (at
+    ``imgsz``), ``ratio``, ``importance``, ``round_to``, ``imgsz``.
     """
     from mtkd.export.prune import build_pruner, check_importance, check_ratio, check_round_to, gflops
     from mtkd.models.restore import import_torch_pruning
@@ -194,6 +195,7 @@ def prune_detection(model: nn.Module, imgsz: int, ratio: float, *, importance: s
     gflops_before = gflops(model, imgsz)
     shapes = output_shapes(model, imgsz)
 
+    was_training = model.training
     model.eval()
     split_c2f(model, subclasses=True)
     splits = [m for m in model.modules() if isinstance(m, C2fSplit)]
@@ -215,6 +217,7 @@ def prune_detection(model: nn.Module, imgsz: int, ratio: float, *, importance: s
     finally:
         model.zero_grad(set_to_none=True)
         model.requires_grad_(False)
+        model.train(was_training)
     merge_c2f(model)
     for layer in model.model:  # Ultralytics' per-layer parameter counts
         layer.np = sum(p.numel() for p in layer.parameters())
