@@ -241,9 +241,10 @@ def _run_list(args: argparse.Namespace) -> int:
 
 
 # -- yolo ----------------------------------------------------------------------------
-@command("yolo", help="distil into an Ultralytics YOLO model: mtkd yolo train model=... teacher=... data=...")
+@command("yolo", help="distil into or prune an Ultralytics YOLO model: mtkd yolo train model=... teacher=... "
+         "data=...; mtkd yolo prune model=... ratio=...")
 def _yolo_args(p: argparse.ArgumentParser) -> Runner:
-    p.add_argument("args", nargs=argparse.REMAINDER, help="[train] key=value ... (Ultralytics style)")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="[train|prune] key=value ... (Ultralytics style)")
     return _run_yolo
 
 

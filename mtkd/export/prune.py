@@ -76,7 +76,8 @@ def protected_layers(model: nn.Module) -> List[nn.Module]:
     return layers
 
 
-def _gflops(model: nn.Module, imgsz: int) -> float:
+def gflops(model: nn.Module, imgsz: int) -> float:
+    """GFLOPs of one forward of ``model`` (eval mode, no grad) on a zero image of side ``imgsz``."""
     was_training = model.training
     model.eval()
     try:
@@ -138,6 +139,36 @@ def check_ratio(ratio: Any, key: str = "--ratio") -> float:
     return float(ratio)
 
 
+def check_importance(name: Any, key: str = "--importance") -> str:
+    if name not in IMPORTANCES:
+        raise MtkdError(f"{key}: expected one of {', '.join(IMPORTANCES)}, got {name!r}")
+    return name
+
+
+def check_round_to(round_to: Any, key: str = "--round-to") -> Optional[int]:
+    if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1):
+        raise MtkdError(f"{key}: expected a positive int, got {round_to!r}")
+    return round_to
+
+
+def build_pruner(model: nn.Module, example: torch.Tensor, importance: str, *, ratio: float,
+                 ignored_layers: List[nn.Module], output_transform: Callable[[Any], torch.Tensor],
+                 round_to: Optional[int] = 8, steps: int = 1, global_pruning: bool = False) -> Any:
+    """The Torch-Pruning pruner of :func:`prune_model` (see the module doc), tracing ``model`` on ``example``.
+
+    ``ratio`` is the share of channels removed after ``steps`` calls of
+    ``step()``; ``output_transform`` reduces the model's output to the
+    scalar the dependency graph is traced from.
+    """
+    with torch.enable_grad():  # the dependency graph is traced through autograd
+        return _pruner_class()(
+            model, example, _importance(importance), global_pruning=bool(global_pruning), pruning_ratio=ratio,
+            # a global ranking may want all of a layer: keep at least 5 % of each
+            max_pruning_ratio=0.95, iterative_steps=steps,
+            round_to=None if round_to in (None, 1) else int(round_to),
+            ignored_layers=ignored_layers, output_transform=output_transform)
+
+
 def prune_model(model: nn.Module, imgsz: int, *, ratio: Optional[float] = None,
                 target_gflops: Optional[float] = None, importance: str = "magnitude",
                 global_pruning: bool = False, round_to: Optional[int] = 8,
@@ -167,17 +198,15 @@ def prune_model(model: nn.Module, imgsz: int, *, ratio: Optional[float] = None,
     if target_gflops is not None and (isinstance(target_gflops, bool) or not isinstance(target_gflops, (int, float))
                                       or not target_gflops > 0):
         raise MtkdError(f"--target-gflops: expected a positive number, got {target_gflops!r}")
-    if importance not in IMPORTANCES:
-        raise MtkdError(f"--importance: expected one of {', '.join(IMPORTANCES)}, got {importance!r}")
+    check_importance(importance)
     if importance == "taylor" and grad_fn is None:
         raise MtkdError("--importance taylor: needs gradients of a loss on real images (grad_fn)")
-    if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1):
-        raise MtkdError(f"--round-to: expected a positive int, got {round_to!r}")
+    check_round_to(round_to)
     imgsz = int(imgsz)
     import_torch_pruning()
 
     params_before = sum(p.numel() for p in model.parameters())
-    gflops_before = _gflops(model, imgsz)
+    gflops_before = gflops(model, imgsz)
     if target_gflops is not None and gflops_before <= target_gflops:
         raise MtkdError(f"--target-gflops {target_gflops}: the model has {gflops_before:.4g} GFLOPs at "
                         f"{imgsz} px already; nothing to prune")
@@ -194,15 +223,11 @@ def prune_model(model: nn.Module, imgsz: int, *, ratio: Optional[float] = None,
     was_training = model.training
     model.eval()
     steps = 1 if ratio is not None else TARGET_STEPS
-    with torch.enable_grad():  # the dependency graph is traced through autograd
-        pruner = _pruner_class()(
-            model, example_input(trace_size, next(model.parameters()).device), _importance(importance),
-            global_pruning=bool(global_pruning), pruning_ratio=ratio if ratio is not None else MAX_RATIO,
-            # a global ranking may want all of a layer: keep at least 5 % of each
-            max_pruning_ratio=0.95, iterative_steps=steps,
-            round_to=None if round_to in (None, 1) else int(round_to),
-            ignored_layers=protected_layers(model), output_transform=trace_output)
-    reached, gflops = 0.0, gflops_before
+    pruner = build_pruner(model, example_input(trace_size, next(model.parameters()).device), importance,
+                          ratio=ratio if ratio is not None else MAX_RATIO, steps=steps, round_to=round_to,
+                          ignored_layers=protected_layers(model), output_transform=trace_output,
+                          global_pruning=bool(global_pruning))
+    reached, cost = 0.0, gflops_before
     try:
         for step in range(1, steps + 1):
             if grad_fn is not None and importance == "taylor":
@@ -214,8 +239,8 @@ def prune_model(model: nn.Module, imgsz: int, *, ratio: Optional[float] = None,
                         p.grad = torch.zeros_like(p)
             pruner.step()
             reached = round((ratio if ratio is not None else MAX_RATIO) * step / steps, 6)
-            gflops = _gflops(model, imgsz)
-            if target_gflops is not None and gflops <= target_gflops:
+            cost = gflops(model, imgsz)
+            if target_gflops is not None and cost <= target_gflops:
                 break
     finally:  # whatever happened, the record describes the model as it now is (pruned as far as it got)
         model.zero_grad(set_to_none=True)
@@ -223,15 +248,15 @@ def prune_model(model: nn.Module, imgsz: int, *, ratio: Optional[float] = None,
         record["stages"].append(plain_history(pruner.pruning_history()))
         refresh_widths(model)
         model.pruning = record
-    if target_gflops is not None and gflops > target_gflops:
+    if target_gflops is not None and cost > target_gflops:
         raise MtkdError(f"--target-gflops {target_gflops}: removing {MAX_RATIO:.0%} of the channels only reaches "
-                        f"{gflops:.4g} GFLOPs (from {gflops_before:.4g}); the protected output and GroupNorm "
+                        f"{cost:.4g} GFLOPs (from {gflops_before:.4g}); the protected output and GroupNorm "
                         "layers cost more")
     after = _output_shapes(model, imgsz)
     if after != shapes:  # the protected layers failed to protect: a bug, not bad input
         raise RuntimeError(f"prune: output shapes changed from {shapes} to {after}")
     return {"params_before": int(params_before), "params_after": int(sum(p.numel() for p in model.parameters())),
-            "gflops_before": gflops_before, "gflops_after": gflops, "channel_ratio": reached,
+            "gflops_before": gflops_before, "gflops_after": cost, "channel_ratio": reached,
             "importance": importance, "global": bool(global_pruning),
             "round_to": None if round_to in (None, 1) else int(round_to), "imgsz": imgsz}
 
@@ -335,4 +360,5 @@ def prune_checkpoint(cfg: Dict[str, Any], ckpt: str | Path, out: str | Path, *, 
     return report
 
 
-__all__ = ["IMPORTANCES", "check_replay", "prune_checkpoint", "prune_model", "protected_layers", "summary"]
+__all__ = ["IMPORTANCES", "build_pruner", "check_importance", "check_ratio", "check_replay", "check_round_to", "gflops",
+           "prune_checkpoint", "prune_model", "protected_layers", "summary"]

@@ -1,5 +1,9 @@
 """``mtkd yolo train key=value ...``: Ultralytics-style distillation from the command line.
 
+``mtkd yolo prune model=best.pt ratio=R ...`` prunes a YOLO detection model
+(:mod:`mtkd.yolo.prune`); ``mtkd yolo train model=<pruned>.pt ...`` then
+fine-tunes it at its pruned widths.
+
 Every Ultralytics train argument works as in ``yolo train`` (``model data epochs
 imgsz batch device workers project name ...``), plus:
 
@@ -29,7 +33,9 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 from mtkd.errors import ConfigError, MtkdError
 
 USAGE = ("usage: mtkd yolo train model=STUDENT(.yaml|.pt) teacher=TEACHER data=DATA.yaml "
-         "[epochs= imgsz= batch= device= workers= ...] [kd_cls= kd_dfl= kd_obj= kd_feat= kd_t= kd_feat_t= kd_names_ok=]")
+         "[epochs= imgsz= batch= device= workers= ...] [kd_cls= kd_dfl= kd_obj= kd_feat= kd_t= kd_feat_t= "
+         "kd_names_ok=]\n       mtkd yolo prune model=MODEL.pt ratio=R [out= importance= round_to= imgsz= data=] "
+         "(more: mtkd yolo prune help)")
 
 
 def parse_args(argv: Sequence[str]) -> Dict[str, Any]:
@@ -95,8 +101,13 @@ def _student(spec: str) -> Any:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """Entry point of ``mtkd yolo`` (``argv`` without the program name; a leading ``train`` is optional)."""
+    """Entry point of ``mtkd yolo`` (``argv`` without the program name; a leading ``train`` is optional,
+    a leading ``prune`` runs :func:`mtkd.yolo.prune.main`)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "prune":
+        from mtkd.yolo.prune import main as prune_main
+
+        return prune_main(argv[1:])
     if argv and argv[0] == "train":
         argv = argv[1:]
     if not argv or argv[0] in ("-h", "--help", "help"):

@@ -27,6 +27,8 @@ validation, run folder and checkpoints are all its own. The subclass only
    ``loss.extra``) to Ultralytics' loss vector; the trainer derives ``loss_names``
    from the loss dict, so each term becomes its own ``train/kd_*`` column in
    ``results.csv`` (``val/kd_*`` stay 0: validation computes the plain loss).
+5. trains a pruned student (``mtkd yolo prune``) at its pruned widths
+   (``get_model``), where Ultralytics would rebuild it from its yaml.
 
 What is saved: Ultralytics saves its EMA, a deep copy of the student made
 before the criterion is wrapped; :class:`KDCriterion` also reduces to the plain
@@ -124,20 +126,23 @@ def _checked_args(cfg: Any, overrides: Mapping[str, Any]) -> Any:
         raise ConfigError(lines[0] if lines else type(exc).__name__) from None
 
 
-def data_names(args: Any) -> list:
-    """The class names of the data yaml ``args.data`` (Ultralytics' ``check_det_dataset``; ``single_cls``: one).
-
-    Ultralytics' failures (a missing yaml, missing images) become one ConfigError naming ``data``.
-    """
+def load_data(data: Any) -> Dict[str, Any]:
+    """Ultralytics' ``check_det_dataset(data)``, its failures (a missing yaml, missing images) as one
+    ConfigError naming ``data``."""
     from ultralytics.data.utils import check_det_dataset
 
-    if not args.data:
+    if not data:
         raise ConfigError("data: required (an Ultralytics data .yaml)")
     try:
-        data = check_det_dataset(args.data)
+        return check_det_dataset(data)
     except Exception as exc:  # Ultralytics raises many types for a bad data yaml
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-        raise ConfigError(f"data: {args.data}: {lines[0] if lines else type(exc).__name__}") from None
+        raise ConfigError(f"data: {data}: {lines[0] if lines else type(exc).__name__}") from None
+
+
+def data_names(args: Any) -> list:
+    """The class names of the data yaml ``args.data`` (:func:`load_data`; ``single_cls``: one)."""
+    data = load_data(args.data)
     return ["item"] if args.single_cls else name_list(data["names"])
 
 
@@ -287,6 +292,31 @@ class KDDetectionTrainer(DetectionTrainer):
                               teacher_channels=self.kd_teacher.channels).to(self.device)
         return super().build_optimizer(_StudentAndAdapters(student, self.kd_loss), name, lr, momentum, decay,
                                        iterations)
+
+    def get_model(self, cfg: Any = None, weights: Any = None, verbose: bool = True) -> nn.Module:
+        """Ultralytics' model built from ``cfg`` with ``weights`` loaded, except for a pruned ``weights``.
+
+        Ultralytics builds the model from the yaml and copies in the weights
+        whose shapes match, which trains a pruned model (``mtkd yolo prune``)
+        at its original widths with most of its weights dropped. A ``weights``
+        model whose layers are narrower than the yaml's is trained itself (a
+        copy, in FP32), so training keeps the pruned widths.
+        """
+        from mtkd.yolo.prune import is_pruned
+
+        source = (weights.get("ema") or weights.get("model")) if isinstance(weights, dict) else weights
+        model = super().get_model(cfg, None, verbose)
+        if isinstance(source, nn.Module) and is_pruned(source, model):
+            nc = int(source.model[-1].nc)
+            if nc != int(self.data["nc"]):
+                raise ConfigError(f"model: a pruned model with {nc} classes cannot train on data with "
+                                  f"{self.data['nc']} classes")
+            pruned = self.set_model_names_for_load(copy.deepcopy(source).float())
+            pruned.requires_grad_(True)
+            return pruned
+        if weights:
+            model.load(weights)
+        return model
 
     def get_validator(self) -> Any:
         """Ultralytics' validator, built from args without the ``kd_*`` keys it would reject."""
