@@ -15,8 +15,8 @@ import torch
 import yaml
 from torch import nn
 
+from mtkd import checkpoint as ckpt_io
 from mtkd.cli import main
-from mtkd.engine import checkpoint as ckpt_io
 from mtkd.engine.config import build_config
 from mtkd.engine.trainer import load_model
 from mtkd.errors import ConfigError, MtkdError

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from mtkd.checkpoint import save_atomic
 from mtkd.classification.models import build_classifier
 from mtkd.classification.task import ClassifyTask
-from mtkd.engine.checkpoint import save_atomic
 from mtkd.engine.config import build_config
 from mtkd.errors import ConfigError
 from mtkd.models import build_model

@@ -10,7 +10,7 @@
     ``model`` defaults to the checkpoint's own ``config.model``; weights come
     from the checkpoint's ``model`` entry (so a ``model.pretrained`` there is
     not fetched or read: the checkpoint replaces those weights), read with
-    :func:`mtkd.engine.checkpoint.load_checkpoint` (``weights_only=True``
+    :func:`mtkd.checkpoint.load_checkpoint` (``weights_only=True``
     unless ``trust_pickle``). A pruned checkpoint (``mtkd prune``) rebuilds
     the architecture it records and ignores ``model``
     (:mod:`mtkd.models.restore`).
@@ -163,7 +163,7 @@ def _probe_channels(model: nn.Module) -> Dict[str, int]:
 # -- kind (a): an mtkd checkpoint ----------------------------------------------------------
 def _mtkd_model(cfg: Mapping[str, Any], num_classes: int,
                 trust: bool) -> Tuple[nn.Module, int, Tuple[int, ...]]:
-    from mtkd.engine.checkpoint import load_checkpoint
+    from mtkd.checkpoint import load_checkpoint
     from mtkd.models import build_model
     from mtkd.models.restore import architecture_keys, model_from_checkpoint
     from mtkd.pretrained import check_pretrained
