@@ -23,7 +23,7 @@ from mtkd.errors import ConfigError, MtkdError
 from mtkd.export.prune import check_replay, prune_checkpoint, prune_model, protected_layers
 from mtkd.models import build_model, model_info
 from mtkd.models.surgery import C2fSplit, split_c2f
-from mtkd.models.teacher import load_teacher
+from mtkd.teachers import load_teacher
 
 pytest.importorskip("torch_pruning")
 
