@@ -480,7 +480,7 @@ def random_checkpoint(path: str | Path, model_cfg: Mapping[str, Any], classes: S
     """
     import torch
 
-    from mtkd.engine.checkpoint import save_atomic
+    from mtkd.checkpoint import save_atomic
     from mtkd.models import build_model
 
     torch.manual_seed(seed)

@@ -103,7 +103,7 @@ def test_hook_pauses_inside_an_atomic_checkpoint_write(tmp_path: Path) -> None:
     torch.save({"model": {"w": torch.zeros(3)}}, target)
     old = target.read_bytes()
     code = ("import sys, torch; sys.path.insert(0, 'benchmarks/faults'); import hook; "
-            f"hook.install_pause(2, {str(marker)!r}); from mtkd.engine.checkpoint import save_atomic; "
+            f"hook.install_pause(2, {str(marker)!r}); from mtkd.checkpoint import save_atomic; "
             f"save_atomic({{'model': {{'w': torch.ones(3)}}}}, {str(tmp_path / 'best.pt')!r}); "
             f"save_atomic({{'model': {{'w': torch.ones(100000)}}}}, {str(target)!r})")
     proc = _child(code, {})

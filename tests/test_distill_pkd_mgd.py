@@ -241,7 +241,7 @@ def test_short_train_with_pkd_and_mgd_extras(tmp_path):
     sys.path.insert(0, str(root))
     from benchmarks.common import random_checkpoint
     from mtkd.datasets import SYNTHETIC_CLASSES, make_synthetic
-    from mtkd.engine import checkpoint as ckpt_io
+    from mtkd import checkpoint as ckpt_io
     from mtkd.engine.config import load_config
     from mtkd.engine.trainer import train
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from mtkd.engine import checkpoint as ckpt_io
+from mtkd import checkpoint as ckpt_io
 from mtkd.engine.config import build_config
 from mtkd.engine.ema import ModelEMA
 from mtkd.engine.tasks import register_task

@@ -15,15 +15,15 @@ import torch
 import yaml
 from torch import nn
 
+from mtkd import checkpoint as ckpt_io
 from mtkd.cli import main
-from mtkd.engine import checkpoint as ckpt_io
 from mtkd.engine.config import build_config
 from mtkd.engine.trainer import load_model
 from mtkd.errors import ConfigError, MtkdError
 from mtkd.export.prune import check_replay, prune_checkpoint, prune_model, protected_layers
 from mtkd.models import build_model, model_info
 from mtkd.models.surgery import C2fSplit, split_c2f
-from mtkd.models.teacher import load_teacher
+from mtkd.teachers import load_teacher
 
 pytest.importorskip("torch_pruning")
 

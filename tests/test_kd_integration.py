@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from mtkd import checkpoint as ckpt_io
 from mtkd.datasets import SYNTHETIC_CLASSES, make_synthetic
-from mtkd.engine import checkpoint as ckpt_io
 from mtkd.engine.config import load_config
 from mtkd.engine.tasks import get_task
 from mtkd.engine.trainer import Trainer, evaluate_checkpoint, predict_checkpoint, train

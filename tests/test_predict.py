@@ -129,7 +129,7 @@ def _multitask_checkpoint(tmp_path, imgsz=64):
     """A random student_small checkpoint and the config YAML it was "trained" with."""
     import yaml
 
-    from mtkd.engine import checkpoint as ckpt_io
+    from mtkd import checkpoint as ckpt_io
     from mtkd.engine.config import build_config
     from mtkd.models import build_model
 

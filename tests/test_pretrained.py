@@ -12,14 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from mtkd.checkpoint import save_atomic
 from mtkd.classification.models import build_classifier
 from mtkd.classification.task import ClassifyTask
-from mtkd.engine.checkpoint import save_atomic
 from mtkd.engine.config import build_config
 from mtkd.errors import ConfigError
 from mtkd.models import build_model
 from mtkd.models.backbone import build_backbone
-from mtkd.models.teacher import load_teacher
+from mtkd.teachers import load_teacher
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"backbone": "resnet10t", "neck_channels": 16, "head_channels": 16, "seg_channels": 32}

@@ -6,8 +6,8 @@ import torch
 
 from mtkd.errors import ConfigError, MtkdError
 from mtkd.models import build_model
-from mtkd.models.teacher import FrozenTeacher, load_teacher
 from mtkd.structures import DetOutput
+from mtkd.teachers import FrozenTeacher, load_teacher
 
 NC = 3
 TINY = {"neck_channels": 16, "head_channels": 16, "seg_channels": 32}

@@ -106,7 +106,7 @@ def test_kd_criterion_appends_named_terms_and_copies_as_plain():
     copies and pickles of the student carry only Ultralytics' criterion."""
     from ultralytics.utils.loss import E2ELoss
 
-    from mtkd.yolo.teacher import YoloTeacher
+    from mtkd.teachers import YoloTeacher
     from mtkd.yolo.trainer import KDCriterion
 
     student = _model("yolo26n.yaml").train()
@@ -135,7 +135,7 @@ def test_no_kd_term_exceeds_twice_the_hard_loss_at_step_1(kind):
     where a dense objectness KL against a joint-score mass ran away)."""
     from mtkd.datasets.transforms import IMAGENET_MEAN, IMAGENET_STD
     from mtkd.models import build_model
-    from mtkd.yolo.teacher import MtkdTeacher, YoloTeacher
+    from mtkd.teachers import MtkdTeacher, YoloTeacher
     from mtkd.yolo.trainer import KD_DEFAULTS, KDCriterion
 
     if kind == "yolo":

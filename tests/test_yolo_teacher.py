@@ -4,9 +4,10 @@ import torch
 import yaml
 
 from mtkd.errors import ConfigError
+from mtkd.teachers import MtkdTeacher
 from mtkd.yolo.adapter import forward_detoutput, neck_channels
 from mtkd.yolo.losses import YoloKD
-from mtkd.yolo.teacher import MtkdTeacher, build_teacher
+from mtkd.yolo.teacher import build_teacher
 
 ABC = ["a", "b", "c"]
 

@@ -8,7 +8,7 @@ these environment variables ask for (none set: no change at all):
 * ``MTKD_FAULTS_PAUSE_SAVE=N`` and ``MTKD_FAULTS_MARKER=PATH``: the N-th
   ``torch.save`` of the process (1-based; in ``mtkd train`` every
   ``torch.save`` is a checkpoint save inside
-  :func:`mtkd.engine.checkpoint.save_atomic`) writes the first half of the
+  :func:`mtkd.checkpoint.save_atomic`) writes the first half of the
   checkpoint's bytes into its file, flushes, writes ``PATH`` and then sleeps
   forever, so the caller can ``kill -9`` the process in the middle of an
   atomic checkpoint write, when the temporary file is half written and not

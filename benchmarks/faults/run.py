@@ -86,7 +86,7 @@ HOOK = Path(__file__).resolve().parent / "hook.py"
 TRACEBACK = "Traceback (most recent call last)"
 #: Test-report keys that differ between identical runs (clocks, paths).
 NOT_COMPARED = ("train_wall_s", "latency_ms", "checkpoint")
-#: Temporary files of ``mtkd.engine.checkpoint.save_atomic``: ``.<name>.<8 characters>.tmp``.
+#: Temporary files of ``mtkd.checkpoint.save_atomic``: ``.<name>.<8 characters>.tmp``.
 TEMP_NAME = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
 OUTCOMES = ("clear", "ok", "unclear", "traceback", "silent", "timeout")
 #: Overrides of every training run: tiny, CPU, no plots, one process.

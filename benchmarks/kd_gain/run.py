@@ -148,7 +148,7 @@ def teacher_record(ckpt: Path, data_ov: List[str], extra_ov: List[str]) -> Dict[
     the checkpoint, ``wall_s`` from the ``test_metrics.json`` beside it when
     present. ``seed`` is the teacher run's seed.
     """
-    from mtkd.engine import checkpoint as ckpt_io
+    from mtkd import checkpoint as ckpt_io
     from mtkd.engine.config import build_config
     from mtkd.engine.trainer import evaluate_checkpoint
 

@@ -330,7 +330,7 @@ def threshold_pseudo(boxes: Any, scores: Any, labels: Any, seg_logits: Any, conf
 def teacher_config(ckpt: Path, data_ov: Sequence[str], extra: Sequence[str]) -> Dict[str, Any]:
     """The teacher checkpoint's own config with the benchmark's data and ``--set`` overrides
     (as :func:`benchmarks.kd_gain.run.teacher_record` builds it)."""
-    from mtkd.engine import checkpoint as ckpt_io
+    from mtkd import checkpoint as ckpt_io
     from mtkd.engine.config import build_config
 
     own = dict(ckpt_io.load_checkpoint(ckpt)["config"])

@@ -213,7 +213,7 @@ def arch_name(model: str, size: Optional[float]) -> str:
 def checkpoint_config(ckpt: Path, data_ov: Sequence[str], extra: Sequence[str]) -> Dict[str, Any]:
     """A checkpoint's own config with the benchmark's data and ``--set`` overrides (as
     :func:`benchmarks.kd_gain.run.teacher_record` evaluates it)."""
-    from mtkd.engine import checkpoint as ckpt_io
+    from mtkd import checkpoint as ckpt_io
     from mtkd.engine.config import build_config
 
     own = dict(ckpt_io.load_checkpoint(ckpt)["config"])

@@ -315,7 +315,7 @@ def plot_curve(eps: Sequence[float], rows: Sequence[Mapping[str, float]], path: 
 # -- transfer -----------------------------------------------------------------------------------
 def load_surrogate(cfg: Dict[str, Any], ckpt: Path, task: Any, classes: Sequence[str]) -> nn.Module:
     """The surrogate model: its checkpoint's recorded ``config.model`` (else ``cfg``'s) with its weights."""
-    from mtkd.engine.checkpoint import load_checkpoint
+    from mtkd.checkpoint import load_checkpoint
     from mtkd.engine.trainer import load_model
 
     saved = (load_checkpoint(ckpt).get("config") or {}).get("model")
@@ -410,7 +410,7 @@ def _fill_normalisation(cfg: Dict[str, Any], ckpt: Path) -> None:
     data = cfg["data"]
     if data.get("mean") is not None and data.get("std") is not None:
         return
-    from mtkd.engine.checkpoint import load_checkpoint
+    from mtkd.checkpoint import load_checkpoint
 
     saved = dict((load_checkpoint(ckpt).get("config") or {}).get("data") or {})
     for key in ("mean", "std"):

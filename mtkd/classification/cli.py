@@ -61,7 +61,7 @@ def make_classify_data(out: Union[str, Path], n_classes: int = 8, n_per_class: i
 
 
 def _checkpoint_data(ckpt: Union[str, Path]) -> Dict[str, Any]:
-    from mtkd.engine.checkpoint import load_checkpoint
+    from mtkd.checkpoint import load_checkpoint
 
     return dict((load_checkpoint(ckpt).get("config") or {}).get("data") or {})
 

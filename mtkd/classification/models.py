@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mtkd.engine.checkpoint import unreadable
+from mtkd.checkpoint import unreadable
 from mtkd.errors import ConfigError, MtkdError
 from mtkd.pretrained import Pretrained, check_pretrained, load_state_file
 

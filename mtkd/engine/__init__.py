@@ -1,10 +1,10 @@
-"""Training engine: config, trainer, checkpoints, EMA, DDP, logging, tasks.
+"""Training engine: config, trainer, EMA, DDP, logging, tasks.
 
 Public entry points: :func:`mtkd.engine.config.load_config`,
 :class:`mtkd.engine.trainer.Trainer` / :func:`mtkd.engine.trainer.train`,
 :func:`mtkd.engine.trainer.evaluate_checkpoint`,
-:func:`mtkd.engine.trainer.predict_checkpoint`,
-:func:`mtkd.engine.checkpoint.load_checkpoint`, and the task registry
+:func:`mtkd.engine.trainer.predict_checkpoint`, and the task registry
 :func:`mtkd.engine.tasks.register_task` / :func:`mtkd.engine.tasks.get_task`.
+Checkpoint files are read and written by :mod:`mtkd.checkpoint`.
 Submodules are imported on use (``import mtkd.engine`` stays light).
 """

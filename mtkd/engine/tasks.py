@@ -149,7 +149,7 @@ class MultiTaskTask:
         tcfg = cfg["teacher"]
         if tcfg.get("ckpt") is None and tcfg.get("composite") is None:
             return None
-        from mtkd.models.teacher import load_teacher
+        from mtkd.teachers import load_teacher
 
         return load_teacher(tcfg, num_classes, student=student)
 

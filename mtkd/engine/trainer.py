@@ -135,7 +135,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from mtkd.engine import checkpoint as ckpt_io
+from mtkd import checkpoint as ckpt_io
 from mtkd.engine import distributed as ddp
 from mtkd.engine.aux import AuxOptimizers
 from mtkd.engine.config import dump_config

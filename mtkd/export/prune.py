@@ -332,7 +332,7 @@ def prune_checkpoint(cfg: Dict[str, Any], ckpt: str | Path, out: str | Path, *, 
     GFLOPs are counted at ``data.imgsz``. Returns the report (also printed
     as a table by the CLI).
     """
-    from mtkd.engine import checkpoint as ckpt_io
+    from mtkd import checkpoint as ckpt_io
     from mtkd.engine.trainer import load_model
 
     if ratio is not None:

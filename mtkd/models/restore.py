@@ -1,7 +1,7 @@
 """The model a checkpoint holds, pruned or not: one place for every loader.
 
 Evaluation and prediction (:func:`mtkd.engine.trainer.load_model`), the
-teacher loader (:func:`mtkd.models.teacher.load_teacher`) and ``model.init``
+teacher loader (:func:`mtkd.teachers.load_teacher`) and ``model.init``
 (a run starting from a checkpoint's weights) all build their model through
 :func:`model_from_checkpoint`:
 

@@ -20,11 +20,13 @@ Conventions and choices (the contract in :mod:`mtkd.structures` is silent on the
   offset, exactly as its loss and decoder use them.
 * ``levels``: per-level ``{"box", "obj", "cls"}`` maps (B, C, H, W) as views
   into the flat tensors.
+
+:func:`name_list` turns Ultralytics' class ``names`` (a dict or a list) into a list.
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Dict, Iterator, List, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import torch
 from torch import nn
@@ -45,6 +47,15 @@ def detect_head(model: nn.Module) -> nn.Module:
     if not isinstance(head, Detect):
         raise ConfigError(f"model: {type(model).__name__} is not an Ultralytics detection model (no Detect head)")
     return head
+
+
+def name_list(names: Any) -> Optional[List[str]]:
+    """Ultralytics' ``names`` (``{index: name}`` or a list) as a list, ``None`` when absent."""
+    if isinstance(names, Mapping):
+        return [str(names[k]) for k in sorted(names)]
+    if isinstance(names, (list, tuple)):
+        return [str(n) for n in names]
+    return None
 
 
 def train_preds(preds: Any) -> Dict[str, Any]:

@@ -68,9 +68,9 @@ from torch import nn
 import mtkd
 from mtkd.engine.distributed import DistInfo, average_grads
 from mtkd.errors import ConfigError
-from mtkd.yolo.adapter import detect_to_detoutput, neck_channels, neck_feats
+from mtkd.yolo.adapter import detect_to_detoutput, name_list, neck_channels, neck_feats
 from mtkd.yolo.losses import YoloKD, check_value
-from mtkd.yolo.teacher import build_teacher, check_path, name_list
+from mtkd.yolo.teacher import build_teacher, check_path
 
 from ultralytics.models.yolo.detect import DetectionTrainer  # noqa: E402  (after mtkd's offline switches)
 from ultralytics.cfg import get_cfg

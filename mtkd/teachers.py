@@ -1,4 +1,16 @@
-"""Frozen teachers whose forward returns the student's output dict.
+"""Frozen teachers of every kind, built in one place.
+
+Two entry points:
+
+* :func:`load_teacher` (the trainer's ``teacher:`` config section): a
+  :class:`FrozenTeacher` whose forward returns the student's output dict.
+* :func:`detection_teacher` (the YOLO bridge's ``kd_teacher``, see
+  :mod:`mtkd.yolo.teacher`): a :class:`YoloTeacher` or :class:`MtkdTeacher`
+  that maps a batch of 0..1 RGB images to ``(DetOutput, neck maps)``.
+
+This module sits above :mod:`mtkd.models`, :mod:`mtkd.checkpoint` and the
+Ultralytics adapter (:mod:`mtkd.yolo.adapter`), and below :mod:`mtkd.engine`
+and the YOLO bridge, which both call it.
 
 ``load_teacher(teacher_cfg, num_classes, student=None)`` understands two
 ``teacher:`` config shapes:
@@ -10,7 +22,7 @@
     ``model`` defaults to the checkpoint's own ``config.model``; weights come
     from the checkpoint's ``model`` entry (so a ``model.pretrained`` there is
     not fetched or read: the checkpoint replaces those weights), read with
-    :func:`mtkd.engine.checkpoint.load_checkpoint` (``weights_only=True``
+    :func:`mtkd.checkpoint.load_checkpoint` (``weights_only=True``
     unless ``trust_pickle``). A pruned checkpoint (``mtkd prune``) rebuilds
     the architecture it records and ignores ``model``
     (:mod:`mtkd.models.restore`).
@@ -33,11 +45,31 @@
     Output: ``{"det": DetOutput (mtkd.yolo.adapter), "seg": smp logits,
     "feats": {"p3","p4","p5": YOLO neck maps, "c2".."c5": smp encoder maps}}``.
 
-Every teacher is wrapped in :class:`FrozenTeacher`: eval mode forever,
+Every such teacher is wrapped in :class:`FrozenTeacher`: eval mode forever,
 no parameter requires grad. It exposes ``num_classes``, ``strides`` and
 ``feat_channels`` like the student. Class counts and strides are checked up
 front against ``num_classes`` and ``student.strides``; each mismatch is a
 one-line ConfigError naming both values.
+
+``detection_teacher(path, num_classes)`` reads a checkpoint file, one of:
+
+* an **Ultralytics detection ``.pt``** (``runs/detect/train/weights/best.pt``):
+  loaded with Ultralytics' own ``load_checkpoint``, which unpickles - the same
+  trust Ultralytics gives any ``model=...pt``. Segmentation, pose, OBB and
+  classification models are refused (their heads are not what a detection
+  student learns). Its conv+BN pairs are fused (the teacher only infers, so
+  this is exact and cheaper); an end-to-end head keeps its one2many branch,
+  the one distilled.
+* an **mtkd checkpoint** (``format: mtkd-ckpt-*``, read ``weights_only``; pruned or not):
+  built through :func:`load_teacher`; its images are normalised with the
+  mean/std recorded in the checkpoint's ``config.data`` (ImageNet's where
+  absent), since mtkd models train on normalised images while Ultralytics
+  batches are 0..1 RGB.
+
+Its errors name ``kd_teacher``, the key the YOLO bridge reads the path from.
+Each such teacher is frozen (eval mode, no grad) and exposes ``kind``, ``nc``,
+``names`` (its class names, or ``None`` where the checkpoint records none),
+``strides`` and ``channels`` (neck widths ``{"p3","p4","p5"}``).
 """
 from __future__ import annotations
 
@@ -48,7 +80,12 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from mtkd import checkpoint as ckpt_io
 from mtkd.errors import ConfigError, DataError
+from mtkd.structures import DetOutput
+from mtkd.yolo.adapter import NECK_NAMES, detect_head, forward_detoutput, name_list, neck_channels
+
+Batch = Tuple[DetOutput, Dict[str, torch.Tensor]]
 
 #: Shapes of a composite's ``seg`` entry and of the two kinds.
 _SEG_KEYS = {"arch", "encoder", "ckpt"}
@@ -96,8 +133,6 @@ class CompositeTeacher(nn.Module):
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
 
     def forward(self, images: torch.Tensor) -> Dict[str, Any]:
-        from mtkd.yolo.adapter import forward_detoutput
-
         det, neck = forward_detoutput(self.yolo, images * self.std + self.mean)
         encoded: List[List[torch.Tensor]] = []
         handle = self.seg.encoder.register_forward_hook(lambda _m, _i, out: encoded.append(out))
@@ -163,13 +198,12 @@ def _probe_channels(model: nn.Module) -> Dict[str, int]:
 # -- kind (a): an mtkd checkpoint ----------------------------------------------------------
 def _mtkd_model(cfg: Mapping[str, Any], num_classes: int,
                 trust: bool) -> Tuple[nn.Module, int, Tuple[int, ...]]:
-    from mtkd.engine.checkpoint import load_checkpoint
     from mtkd.models import build_model
     from mtkd.models.restore import architecture_keys, model_from_checkpoint
     from mtkd.pretrained import check_pretrained
 
     path = cfg["ckpt"]
-    ckpt = load_checkpoint(path, trust_pickle=trust)
+    ckpt = ckpt_io.load_checkpoint(path, trust_pickle=trust)
     model_cfg = cfg.get("model") or (ckpt.get("config") or {}).get("model")
     if model_cfg is None:
         raise ConfigError(f"teacher.model: not given and {path} records no config.model")
@@ -193,7 +227,6 @@ def _mtkd_model(cfg: Mapping[str, Any], num_classes: int,
 # -- kind (b): YOLO + smp ----------------------------------------------------------------------
 def _composite(cfg: Any, num_classes: int, trust: bool) -> Tuple[nn.Module, int, Tuple[int, ...]]:
     from mtkd.datasets.transforms import IMAGENET_MEAN, IMAGENET_STD
-    from mtkd.yolo.adapter import detect_head
 
     if not isinstance(cfg, Mapping):
         raise ConfigError("teacher.composite: expected a mapping with 'yolo' and 'seg'")
@@ -295,3 +328,109 @@ def _smp_state(path: Any) -> Dict[str, torch.Tensor]:
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise DataError(f"teacher.composite.seg.ckpt: {path} is not a state dict of tensors")
     return dict(obj)
+
+
+# -- detection teachers for the YOLO bridge ------------------------------------------------
+class YoloTeacher:
+    """A frozen Ultralytics ``DetectionModel``."""
+
+    kind = "ultralytics"
+
+    def __init__(self, model: nn.Module, source: str):
+        head = detect_head(model)
+        self.model = model.eval().requires_grad_(False)
+        self.source = source
+        self.nc = int(head.nc)
+        self.names = name_list(getattr(model, "names", None))
+        self.strides = tuple(int(s) for s in head.stride.tolist())
+        self.channels = neck_channels(model)
+
+    def to(self, device: torch.device) -> "YoloTeacher":
+        self.model.to(device)
+        return self
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> Batch:
+        return forward_detoutput(self.model, images)
+
+
+class MtkdTeacher:
+    """A frozen mtkd teacher (:class:`FrozenTeacher`) fed normalised images."""
+
+    kind = "mtkd"
+
+    def __init__(self, model: nn.Module, mean: Sequence[float], std: Sequence[float], source: str,
+                 names: Optional[Sequence[str]] = None):
+        self.model = model
+        self.source = source
+        self.nc = int(model.num_classes)
+        self.names = [str(n) for n in names] if names else None
+        self.strides = tuple(int(s) for s in model.strides)
+        self.channels = {k: int(v) for k, v in model.feat_channels.items() if k in NECK_NAMES}
+        self.mean = torch.tensor(list(mean), dtype=torch.float32).view(1, 3, 1, 1)
+        self.std = torch.tensor(list(std), dtype=torch.float32).view(1, 3, 1, 1)
+
+    def to(self, device: torch.device) -> "MtkdTeacher":
+        self.model.to(device)
+        self.mean, self.std = self.mean.to(device), self.std.to(device)
+        return self
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> Batch:
+        out = self.model((images - self.mean.to(images.dtype)) / self.std.to(images.dtype))
+        if "det" not in out:
+            raise ConfigError(f"kd_teacher: {self.source} has no detection head")
+        return out["det"], {k: v for k, v in out.get("feats", {}).items() if k in NECK_NAMES}
+
+
+def detection_teacher(path: Path, num_classes: int) -> YoloTeacher | MtkdTeacher:
+    """The frozen detection teacher in checkpoint file ``path`` (Ultralytics ``.pt`` or mtkd checkpoint).
+
+    ``num_classes`` is used where an mtkd checkpoint records no classes.
+    Raises :class:`ConfigError` (one line naming ``kd_teacher``) for a file
+    Ultralytics cannot load or a model that is not a detector.
+    """
+    ckpt = _weights_only(path)
+    return _from_mtkd_ckpt(path, ckpt, num_classes) if ckpt is not None else _from_ultralytics(path)
+
+
+def _weights_only(path: Path) -> Dict[str, Any] | None:
+    """The checkpoint if it is an mtkd one (plain tensors and dicts), else ``None``.
+
+    Ultralytics checkpoints pickle their model classes, so ``weights_only``
+    refuses them at once; that refusal is how the two kinds are told apart.
+    """
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # a pickle of classes (Ultralytics) or not a torch file at all
+        return None
+    return obj if isinstance(obj, dict) and "model" in obj else None
+
+
+def _from_ultralytics(path: Path) -> YoloTeacher:
+    from ultralytics.nn.tasks import DetectionModel, guess_model_task, load_checkpoint
+
+    try:
+        model, _ = load_checkpoint(path)
+    except Exception as exc:  # Ultralytics raises many types for foreign files
+        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"kd_teacher: cannot load {path}: {reason}") from None
+    # from the layers: the checkpoint's args say task=detect for any model saved without them
+    task = guess_model_task(model.model) if isinstance(getattr(model, "model", None), nn.Module) else None
+    if task != "detect" or not isinstance(model, DetectionModel):
+        what = f"a {task} model" if task else f"a {type(model).__name__}"
+        raise ConfigError(f"kd_teacher: {path} is {what}; distillation needs an Ultralytics detection model")
+    model.end2end = False  # keep the dense one2many branch through fuse()
+    return YoloTeacher(model.float().fuse(verbose=False), str(path))
+
+
+def _from_mtkd_ckpt(path: Path, ckpt: Mapping[str, Any], num_classes: int) -> MtkdTeacher:
+    from mtkd.datasets.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+    data_cfg = (ckpt.get("config") or {}).get("data") or {}
+    classes = ckpt.get("classes")
+    names = classes if isinstance(classes, (list, tuple)) else None
+    nc = len(names) if names is not None else int(classes or num_classes)
+    model = load_teacher({"ckpt": str(path)}, nc)
+    return MtkdTeacher(model, data_cfg.get("mean") or IMAGENET_MEAN, data_cfg.get("std") or IMAGENET_STD,
+                       str(path), names)
