@@ -64,12 +64,12 @@ def setup(device_name: str) -> DistInfo:
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=device)
 
 
-def wrap(model: nn.Module, info: DistInfo) -> nn.Module:
-    """DDP-wrap the student when distributed (the model must already be on its device)."""
+def wrap(model: nn.Module, info: DistInfo, find_unused_parameters: bool = False) -> nn.Module:
+    """DDP-wrap ``model`` when distributed (it must already be on its device); ``model`` itself otherwise."""
     if not info.enabled:
         return model
     ids = [info.device.index] if info.device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=find_unused_parameters)
 
 
 def broadcast_module(module: nn.Module, info: DistInfo) -> None:

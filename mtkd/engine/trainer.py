@@ -110,10 +110,13 @@ teacher's forward keeps its graph; ``input_grad``: the input images get
   ``aux_optimizers``, resumes only a run without auxiliary groups; otherwise
   a one-line error says to start fresh.
 * **DDP.** Only rank 0 validates, plots and writes files; the others wait at
-  a barrier. Composer parameters outside DDP (adapters) are broadcast from
-  rank 0 after the lazy forward and their gradients averaged by hand (they
-  are used outside the student's forward, where DDP cannot see them). Each
-  auxiliary group's module has its own DDP wrapper, which broadcasts rank 0's
+  a barrier. The student and the composer's trainable parameters (the
+  adapters inside losses) train as one :class:`StudentWithAdapters`, wrapped
+  once in DDP, whose forward runs the student, the teacher and the losses; so
+  DDP broadcasts rank 0's student and adapters at the start and averages
+  all their gradients. The rest of the composer's state (buffers, frozen
+  parameters) is broadcast from rank 0 after the lazy forward. Each auxiliary
+  group's module has its own DDP wrapper, which broadcasts rank 0's
   parameters and averages the group's gradients.
 """
 from __future__ import annotations
@@ -127,7 +130,7 @@ import threading
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -262,6 +265,34 @@ def build_optimizer(params: List[nn.Parameter], tcfg: Dict[str, Any]) -> torch.o
     raise ConfigError(f"train.optimizer: expected adamw or sgd, got {tcfg['optimizer']!r}")
 
 
+class StudentWithAdapters(nn.Module):
+    """The student and the composer's trainable parameters as one module, for one DDP wrapper.
+
+    ``student`` is the student itself; ``adapters`` registers the composer's
+    trainable parameters that are not the student's (the same tensors the
+    losses hold). The composer is referenced, not registered: its auxiliary
+    groups have DDP wrappers of their own, and the trainer checkpoints student
+    and composer apart. ``forward(batch)`` runs ``outputs(batch, student)``
+    (student and teacher forward) and the composer, and returns ``(total,
+    logs, student_out, teacher_out)`` with the outputs detached, so that only
+    ``total`` carries the graph DDP searches for unused parameters.
+    """
+
+    def __init__(self, student: nn.Module, composer: LossComposer, adapters: List[nn.Parameter],
+                 outputs: Callable[[Dict[str, Any], nn.Module], tuple]):
+        super().__init__()
+        self.student = student
+        own = {id(p) for p in student.parameters()}
+        self.adapters = nn.ParameterList([p for p in adapters if id(p) not in own])
+        object.__setattr__(self, "_composer", composer)
+        object.__setattr__(self, "_outputs", outputs)
+
+    def forward(self, batch: Dict[str, Any]) -> tuple:
+        s_out, t_out = self._outputs(batch, self.student)
+        total, logs = self._composer(s_out, t_out, batch)
+        return total, logs, detach_tree(s_out), detach_tree(t_out)
+
+
 def _check_optional(section: Dict[str, Any], key: str, types: Any, minimum: float) -> None:
     value = section[key]
     if value is None:
@@ -381,7 +412,6 @@ class Trainer:
                 seen.add(id(p))
                 params.append(p)
         self.params = params
-        self.composer_params = [p for p in self.composer.student_parameters() if p.requires_grad]
         self.optimizer = build_optimizer(params, t)
         steps_per_epoch = len(self.train_loader)
         self.schedule = WarmupDecay(self._total_steps(), round(t["warmup_epochs"] * steps_per_epoch), t["lrf"],
@@ -389,7 +419,13 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.schedule)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp and self.device.type == "cuda")
         self.ema = ModelEMA(self.model, t["ema_decay"], t["ema_tau"]) if t["ema"] else None
-        self.net = ddp.wrap(self.model, self.dist)
+        adapters = [p for p in self.composer.student_parameters() if p.requires_grad]
+        both = StudentWithAdapters(self.model, self.composer, adapters, self._forward)
+        # A loss may leave its adapters out of a step's graph (FT's translators while its paraphraser
+        # pre-trains; a term that is a constant zero when a batch holds nothing to compare, on one rank
+        # or all), and DDP fails at the next step unless it searches each step's graph for unused
+        # parameters. Every parameter of a student alone is in each step's graph: no search then.
+        self.net = ddp.wrap(both, self.dist, find_unused_parameters=len(both.adapters) > 0)
 
     def _input_normalisation(self) -> tuple:
         """``(mean, std)`` of the model input from the task (``(None, None)`` if it has none)."""
@@ -487,20 +523,21 @@ class Trainer:
         with torch.no_grad():
             return self.teacher(images)
 
-    def _forward(self, batch: Dict[str, Any], net: Optional[nn.Module] = None) -> tuple:
-        """Student and teacher outputs. With a loss declaring ``adv_split`` and ``batch["adv_images"]``
-        set (by its ``pre_step``): one student forward on ``cat([images, adv_images])``, split into
-        the clean output with the adversarial half under ``"adv"`` (and the teacher's likewise when
-        a loss declares ``adv_teacher``)."""
+    def _forward(self, batch: Dict[str, Any], student: Optional[nn.Module] = None) -> tuple:
+        """Outputs of ``student`` (default: the trainer's) and the teacher. With a loss declaring
+        ``adv_split`` and ``batch["adv_images"]`` set (by its ``pre_step``): one student forward on
+        ``cat([images, adv_images])``, split into the clean output with the adversarial half under
+        ``"adv"`` (and the teacher's likewise when a loss declares ``adv_teacher``)."""
+        student = student if student is not None else self.model
         if "input_grad" in self.requires:
             batch["images"].requires_grad_(True)
         images = batch["images"]
         adv = batch.get("adv_images") if "adv_split" in self.requires else None
         if adv is None:
-            return (net or self.model)(images), self._teacher_forward(images)
+            return student(images), self._teacher_forward(images)
         n = images.shape[0]
         both = torch.cat([images, adv.to(images.dtype)])
-        s_out, s_adv = split_output((net or self.model)(both), n)
+        s_out, s_adv = split_output(student(both), n)
         s_out["adv"] = s_adv
         if self.teacher is not None and "adv_teacher" in self.requires:
             t_out, t_adv = split_output(self._teacher_forward(both), n)
@@ -514,8 +551,7 @@ class Trainer:
         batch = to_device(batch, self.device)
         batch = self.composer.pre_step(batch, self.model, self.teacher)  # e.g. crafts batch["adv_images"]
         with self._autocast():
-            s_out, t_out = self._forward(batch, self.net)
-            total, logs = self.composer(s_out, t_out, batch)
+            total, logs, s_out, t_out = self.net(batch)
         if ddp.any_true(not _finite(total), self.dist):
             bad = [k for k, v in logs.items() if not _finite(v)] or ["total"]
             # attempted steps: the successful ones plus the skipped ones, this one included
@@ -529,7 +565,6 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             return None
         self.scaler.scale(total).backward()
-        ddp.average_grads(self.composer_params, self.dist)
         if self.tcfg["grad_clip"] > 0:
             self.scaler.unscale_(self.optimizer)
             nn.utils.clip_grad_norm_(self.params, self.tcfg["grad_clip"])
@@ -540,7 +575,6 @@ class Trainer:
         self.step += 1
         if self.ema is not None:
             self.ema.update(self.model)
-        s_out, t_out = detach_tree(s_out), detach_tree(t_out)
         clip = self.tcfg["grad_clip"] if self.tcfg["aux_grad_clip"] else 0.0
         aux = self.aux.step(self.step, s_out, t_out, batch, self.scaler, clip, lr_factor)
         self.scaler.update()
