@@ -1,9 +1,11 @@
 """DDP through torchrun: two CPU processes (gloo) train the toy task together.
 
 Checks that both ranks trained the same number of steps, ended with identical
-student, loss-adapter and auxiliary-group parameters (DDP for the model;
-broadcast + averaged gradients for composer parameters; a DDP wrapper per
-auxiliary group), and that only rank 0 wrote files; and that feat_gan's
+student, loss-adapter and auxiliary-group parameters (one DDP wrapper over
+student and adapters, one per auxiliary group), that an adapter left out of
+the graph on some steps, on one rank or both, trains in step on both ranks,
+and that only rank 0 wrote files; that two ranks of 4 images train student
+and adapters as one process does on those 8 images; and that feat_gan's
 discriminators (R1 penalty on) stay identical across ranks that see different
 features. Each takes ~15-30 s (process start-up dominates).
 """
@@ -18,8 +20,49 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
+
+import test_engine
+from mtkd.engine.trainer import Trainer
+from mtkd.losses.base import Loss, register
 
 TESTS = Path(__file__).resolve().parent
+
+
+@register("toy_fit")
+class ToyFitLoss(Loss):
+    """A 1x1 adapter from ``feats.p3`` fitted to the detached seg logits. With ``gate``, the
+    adapter is in the graph only for batches whose first image has an even index (the term
+    is a constant zero otherwise); ``used`` records that per call."""
+
+    def __init__(self, gate: bool = False):
+        super().__init__()
+        self.adapter = nn.Conv2d(8, 2, 1)
+        self.gate = gate
+        self.used: list = []
+
+    def forward(self, student_out, teacher_out, batch):
+        used = not self.gate or int(batch["index"][0]) % 2 == 0
+        self.used.append(used)
+        if not used:
+            return 0.0 * student_out["seg"].sum()
+        return (self.adapter(student_out["feats"]["p3"]) - student_out["seg"].detach()).pow(2).mean()
+
+
+def without_batchnorm(self, cfg, num_classes):
+    """The toy task's model with its BatchNorm replaced by an identity (no per-batch statistics)."""
+    net = test_engine.ToyNet()
+    net.body[1] = nn.Identity()
+    return net
+
+
+def equivalence_cfg(out: Path, batch: int) -> dict:
+    """3 epochs of one SGD step each on the toy task's 8 "val" images, plus ``toy_fit``."""
+    cfg = test_engine.toy_cfg(out, epochs=3, batch=batch, optimizer="sgd", lr=0.05)
+    cfg["data"]["train"] = "val"
+    cfg["loss"]["extra"] = [{"name": "toy_fit"}]
+    return cfg
+
 
 SCRIPT = textwrap.dedent("""
     import json, os, sys
@@ -27,15 +70,20 @@ SCRIPT = textwrap.dedent("""
     sys.path.insert(0, {tests!r})
     import torch
     torch.set_num_threads(1)
-    import test_engine
+    import test_ddp, test_engine
     from mtkd.engine.trainer import Trainer
 
     out = Path(sys.argv[1])
     rank = int(os.environ["RANK"])
     cfg = test_engine.toy_cfg(out / "run", epochs=2, batch=4)
-    cfg["loss"]["extra"] = [{{"name": "toy_aux"}}]  # an auxiliary group (its critic is a composer parameter)
+    # an auxiliary group (its critic is a composer parameter) and an adapter some steps leave out
+    cfg["loss"]["extra"] = [{{"name": "toy_aux"}}, {{"name": "toy_fit", "gate": True}}]
     trainer = Trainer(cfg)
-    teardown = trainer._teardown
+    build, teardown = trainer.build, trainer._teardown
+
+    def build_and_record():
+        build()
+        torch.save({{k: v.detach().clone() for k, v in trainer.composer.named_parameters()}}, out / f"init{{rank}}.pt")
 
     def record(clean):
         # parameters only: BatchNorm statistics are rank-local after the last forward (DDP
@@ -43,10 +91,14 @@ SCRIPT = textwrap.dedent("""
         state = {{"model": dict(trainer.model.named_parameters()),
                   "composer": dict(trainer.composer.named_parameters())}}
         torch.save(state, out / f"rank{{rank}}.pt")
-        (out / f"rank{{rank}}.json").write_text(json.dumps({{"steps": trainer.step, "world": trainer.dist.world_size}}))
+        in_ddp = {{id(p) for p in trainer.net.module.parameters()}}
+        info = {{"steps": trainer.step, "world": trainer.dist.world_size,
+                 "adapters_in_ddp": all(id(p) in in_ddp for p in trainer.composer.student_parameters()),
+                 "used": trainer.composer.extra["toy_fit"].used}}
+        (out / f"rank{{rank}}.json").write_text(json.dumps(info))
         teardown(clean)
 
-    trainer._teardown = record
+    trainer.build, trainer._teardown = build_and_record, record
     trainer.fit()
 """)
 
@@ -81,7 +133,7 @@ def _torchrun(script: Path, *args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1")  # with conftest's offline switches
     return subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), *args],
-        capture_output=True, text=True, env=env, timeout=120)
+        capture_output=True, text=True, env=env, timeout=300)
 
 
 @pytest.mark.slow
@@ -105,14 +157,70 @@ def test_torchrun_two_ranks_gloo(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     infos = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     # 24 images over 2 ranks, batch 4 -> 3 steps per epoch on each rank
-    assert infos[0] == infos[1] == {"steps": 6, "world": 2}
+    for info in infos:
+        assert (info["steps"], info["world"], info["adapters_in_ddp"]) == (6, 2, True)
+    # the gated adapter (calls: the lazy forward, then 6 steps) was left out on one rank only at some
+    # steps, and used somewhere
+    used = [info["used"][1:] for info in infos]
+    assert len(used[0]) == len(used[1]) == 6
+    assert any(a != b for a, b in zip(*used)) and any(used[0] + used[1])
     s0, s1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     for part in ("model", "composer"):
         for name, t in s0[part].items():
             assert torch.equal(t, s1[part][name]), f"{part}.{name} differs between ranks"
+    init = torch.load(tmp_path / "init0.pt", weights_only=True)
+    for name in ("hard.seg.adapter.weight", "extra.toy_fit.adapter.weight", "extra.toy_aux.critic.weight"):
+        assert torch.equal(init[name], torch.load(tmp_path / "init1.pt", weights_only=True)[name]), name
+        assert not torch.allclose(s0["composer"][name], init[name]), f"{name} did not train"
     run = tmp_path / "run"
     ck = torch.load(run / "last.pt", weights_only=True)
     assert ck["epoch"] == 2 and ck["step"] == 6
     assert (run / "best.pt").is_file() and (run / "test_metrics.json").is_file()
     assert json.loads((run / "test_metrics.json").read_text())["world_size"] == 2
     assert len((run / "results.csv").read_text().strip().splitlines()) == 3  # header + 2 epochs, rank 0 only
+
+
+EQUIVALENCE_SCRIPT = textwrap.dedent("""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, {tests!r})
+    import torch
+    torch.set_num_threads(1)
+    import test_ddp, test_engine
+    from mtkd.engine.trainer import Trainer
+
+    test_engine.ToyTask.build_model = test_ddp.without_batchnorm
+    Trainer(test_ddp.equivalence_cfg(Path(sys.argv[1]) / "ddp", batch=4)).fit()
+""")
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_train_like_one_process_on_both_halves(tmp_path, monkeypatch):
+    """2 ranks x 4 images per step end (up to rounding) where 1 process x 8 images ends: DDP averages
+    the student's and the adapters' gradients alike (BatchNorm-free model, SGD)."""
+    script = tmp_path / "equivalence.py"
+    script.write_text(EQUIVALENCE_SCRIPT.format(tests=str(TESTS)))
+    proc = _torchrun(script, str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    monkeypatch.setattr(test_engine.ToyTask, "build_model", without_batchnorm)
+    trainer = Trainer(equivalence_cfg(tmp_path / "one", batch=8))
+    build = trainer.build
+    init = {}
+
+    def build_and_record():
+        build()
+        init.update({f"composer.{k}": v.detach().clone() for k, v in trainer.composer.named_parameters()})
+        init.update({f"model.{k}": v.detach().clone() for k, v in trainer.model.named_parameters()})
+
+    trainer.build = build_and_record
+    trainer.fit()
+    one, two = (torch.load(tmp_path / run / "last.pt", weights_only=True) for run in ("one", "ddp"))
+    assert one["step"] == two["step"] == 3
+    for part in ("model", "composer"):
+        a, b = one["train_state"][part], two["train_state"][part]
+        assert a.keys() == b.keys()
+        for name in a:
+            assert torch.allclose(a[name], b[name], rtol=1e-4, atol=1e-6), f"{part}.{name}"
+    moved = (one["train_state"]["composer"]["extra.toy_fit.adapter.weight"]
+             - init["composer.extra.toy_fit.adapter.weight"]).abs().max()
+    assert moved > 1e-3  # far above the tolerance: the adapter's updates are compared
