@@ -82,7 +82,11 @@ def broadcast_module(module: nn.Module, info: DistInfo) -> None:
 
 
 def average_grads(params: Iterable[torch.Tensor], info: DistInfo) -> None:
-    """All-reduce (mean) the gradients of parameters that DDP does not own."""
+    """All-reduce (mean) the gradients of parameters that DDP does not own.
+
+    Every rank must hold gradients for the same parameters (true of parameters in every
+    step's graph); one missing on some ranks only would pair mismatched collectives.
+    """
     if not info.enabled:
         return
     for p in params:

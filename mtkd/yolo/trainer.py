@@ -43,9 +43,12 @@ state in ``last.pt`` includes the adapters' moments (tensors only).
 ``train_args``, which holds none); the adapters then restart from their init.
 
 DDP (multi-GPU, Ultralytics' own relaunch): Ultralytics wraps the student
-alone in ``DistributedDataParallel``, so the adapters' gradients are
-averaged here (:func:`mtkd.engine.distributed.average_grads`) before each
-optimiser step.
+alone in ``DistributedDataParallel`` in the middle of ``_setup_train``, before
+``build_optimizer`` makes the adapters, and its EMA, validation and saving
+all read that wrapped module, so the adapters cannot join the wrapper without
+replacing the student there. Their gradients are averaged here instead
+(:func:`mtkd.engine.distributed.average_grads`) before each optimiser step;
+the CWD adapters are in every step's graph, so every rank has their gradients.
 
 Usage::
 
