@@ -63,7 +63,7 @@ kept, another ``--out`` writes new data).
 Default sitting: about 20-25 minutes on a 2-core CPU (the estimate is printed first).
 
     python benchmarks/prune/run.py --yolo                 # small testbed in YOLO layout -> benchmarks/prune/yolo/
-    python benchmarks/prune/run.py --yolo --quick --out /tmp/py   # tiny data, 1 epoch everywhere, a minute or two
+    python benchmarks/prune/run.py --yolo --quick --out /tmp/py   # tiny data, 1 epoch everywhere, a few minutes
 """
 from __future__ import annotations
 
