@@ -221,7 +221,8 @@ def test_yolo_verdicts() -> None:
     runs += [_yrec("kd", s, 0.77 + 0.001 * s) for s in range(3)]
     lines, summary = py.verdicts(runs)
     assert summary["pruned"]["in_window"] is True and summary["pruned"]["same_outputs"] is True
-    assert summary["pruned"]["flops_frac"] == pytest.approx(0.49) and summary["ort_speedup_b16"] == pytest.approx(10 / 6)
+    assert summary["pruned"]["flops_frac"] == pytest.approx(0.49)
+    assert summary["ort_speedup_b16"] == pytest.approx(10 / 6)
     assert summary["kd"]["kept"]["map50"] == pytest.approx(0.771 / 0.8)
     assert summary["targets"] == {"keeps >= 95% of unpruned": True, "worst seed above best finetune seed": True,
                                   "onnxruntime batch 16 >= 1.4x lower": True}

@@ -309,7 +309,8 @@ def verdicts(runs: Sequence[Mapping[str, Any]], size: float = HALF) -> Tuple[Lis
     speed = {b: u[k] / p[k] if u.get(k) and p.get(k) else None for b, k in (("b16", "ort_ms"), ("b1", "ort_ms_b1"))}
     summary["ort_speedup_b16"], summary["ort_speedup_b1"] = speed["b16"], speed["b1"]
     lines.append(f"onnxruntime (Ultralytics' ONNX export, 1 thread, timed alternately): batch 16 "
-                 f"{_f(p.get('ort_ms'), '.3f')} vs {_f(u.get('ort_ms'), '.3f')} ms unpruned ({_f(speed['b16'], '.2f')}x), "
+                 f"{_f(p.get('ort_ms'), '.3f')} vs {_f(u.get('ort_ms'), '.3f')} ms unpruned "
+                 f"({_f(speed['b16'], '.2f')}x), "
                  f"batch 1 {_f(p.get('ort_ms_b1'), '.3f')} vs {_f(u.get('ort_ms_b1'), '.3f')} ms "
                  f"({_f(speed['b1'], '.2f')}x)")
     base = {m: u.get(m) for m in METRICS}
