@@ -181,3 +181,95 @@ def test_quick_run_end_to_end_and_resume(tmp_path: Path) -> None:
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
     with pytest.raises(SystemExit, match="steps"):
         pb.main(argv + ["--steps", "3"])
+
+
+# -- the YOLO variant (--yolo) ----------------------------------------------------------------------
+def _load_yolo():
+    spec = importlib.util.spec_from_file_location("bench_prune_yolo", ROOT / "benchmarks" / "prune" / "yolo.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_yolo_settings_and_budget() -> None:
+    py = _load_yolo()
+    quick = py.parse(["--yolo", "--quick", "--out", "/tmp/x"])
+    assert quick.seeds == [0] and quick.epochs == 1 and quick.n_train == 16 and quick.jobs == 1
+    assert py.recovery_epochs(quick.epochs, quick.recovery) == 1
+    full = py.parse(["--jobs", "2"])
+    assert full.seeds == [0, 1, 2] and full.epochs == 20 and full.n_train == 4000 and full.size == 0.5
+    assert full.ort_runs == 50 and full.round_to == 8 and py.recovery_epochs(full.epochs, full.recovery) == 5
+    assert 20 * 60 <= py.estimate_s(full)["total"] <= 25 * 60  # the default sitting's size
+    assert py.estimate_s(py.parse(["--jobs", "2", "--student", "s.pt"]))["student"] == 0
+    for bad in (["--size", "1.2"], ["--ratio", "0"], ["--imgsz", "70"]):
+        with pytest.raises(SystemExit):
+            py.parse(bad)
+
+
+def _yrec(role: str, seed: int, m: float, **kw) -> dict:
+    return {"role": role, "seed": seed, "map50_95": m / 2, "map50": m, "epochs": 5, **kw}
+
+
+def test_yolo_verdicts() -> None:
+    py = _load_yolo()
+    out = [1, 12, 84]
+    runs = [_yrec("unpruned", 0, 0.80, params=3.0e6, gflops=0.10, ort_ms=10.0, ort_ms_b1=1.0, wall_s=600.0,
+                  epochs=20, onnx_output=out),
+            _yrec("pruned", 0, 0.20, params=1.5e6, gflops=0.049, ort_ms=6.0, ort_ms_b1=0.8, ratio=0.3,
+                  onnx_output=out)]
+    runs += [_yrec("finetune", s, 0.70 + 0.01 * s) for s in range(3)]
+    runs += [_yrec("kd", s, 0.77 + 0.001 * s) for s in range(3)]
+    lines, summary = py.verdicts(runs)
+    assert summary["pruned"]["in_window"] is True and summary["pruned"]["same_outputs"] is True
+    assert summary["pruned"]["flops_frac"] == pytest.approx(0.49)
+    assert summary["ort_speedup_b16"] == pytest.approx(10 / 6)
+    assert summary["kd"]["kept"]["map50"] == pytest.approx(0.771 / 0.8)
+    assert summary["targets"] == {"keeps >= 95% of unpruned": True, "worst seed above best finetune seed": True,
+                                  "onnxruntime batch 16 >= 1.4x lower": True}
+    assert any(x.startswith("unpruned student: trained 20 epochs (10.0 min") for x in lines)
+    assert sum(x.endswith(": MET") for x in lines) == 3
+    # a different output shape, out of the window, kd below the best fine-tune, not faster
+    runs[1] = dict(runs[1], gflops=0.07, ort_ms=9.0, onnx_output=[1, 12, 80])
+    runs = [dict(r, map50=0.6) if r["role"] == "kd" else r for r in runs]
+    lines, summary = py.verdicts(runs)
+    assert summary["pruned"]["in_window"] is False and summary["pruned"]["same_outputs"] is False
+    assert "NOT as the unpruned" in lines[1] and sum(x.endswith("NOT MET") for x in lines) == 3
+    assert py.verdicts(runs[:1])[1] == {} and py.verdicts([])[0] == ["no unpruned student yet"]
+
+
+@pytest.mark.slow
+def test_yolo_quick_run_end_to_end_and_resume(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    argv = ["--yolo", "--quick", "--out", str(out)]
+    payload = pb.main(argv)  # benchmarks/prune/run.py --yolo
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["benchmark"] == "prune_yolo" and saved == json.loads(json.dumps(payload, default=str))
+    runs = {r["role"]: r for r in saved["runs"]}
+    assert set(runs) == {"unpruned", "pruned", "finetune", "kd"}
+    u, p = runs["unpruned"], runs["pruned"]
+    assert p["params"] < u["params"] and p["gflops"] < u["gflops"] and 0 < p["ratio"] < 1
+    assert abs(saved["pruning"]["gflops_after"] / saved["pruning"]["gflops_before"] - 0.5) <= 0.05
+    for role, r in runs.items():
+        for key in ("seed", "epochs", "steps", "wall_s", "params", "gflops", "ort_ms", "ort_ms_b1", "onnx"):
+            assert key in r, (role, key)
+        assert all(isinstance(r[m], float) and math.isfinite(r[m]) for m in ("map50_95", "map50")), role
+        assert r["ort_ms"] > 0 and r["ort_ms_b1"] > 0, role
+        assert r["onnx_output"] == u["onnx_output"] and Path(r["onnx"]).is_file(), role  # same outputs, exported
+    for role in ("finetune", "kd"):  # trained at the pruned widths by mtkd yolo train, 1 epoch
+        r = runs[role]
+        assert r["params"] == p["params"] and r["epochs"] == 1 and r["steps"] == 2 and r["wall_s"] > 0
+        assert r["ort_ms"] == p["ort_ms"] == saved["latency"]["pruned"]["ort_ms_b16"]
+    assert u["epochs"] == 1 and u["wall_s"] > 0 and u["ratio"] == 0.0
+    kd_yaml = {k.split(":")[0]: k.split(":")[1].strip()
+               for k in (Path(runs["finetune"]["out"]) / "kd.yaml").read_text().splitlines()}
+    assert kd_yaml["kd_cls"] == kd_yaml["kd_dfl"] == kd_yaml["kd_obj"] == kd_yaml["kd_feat"] == "0.0"
+    md = (out / "results.md").read_text()
+    assert "| kd | 0 |" in md and "target (kd): median keeps" in md
+
+    # a second sitting trains, prunes and times nothing again
+    stamps = {f: f.stat().st_mtime_ns for f in (Path(runs["kd"]["weights"]), Path(p["weights"]), Path(u["onnx"]))}
+    again = pb.main(argv)
+    assert [(r["role"], r["seed"]) for r in again["runs"]] == [(r["role"], r["seed"]) for r in saved["runs"]]
+    assert again["latency"] == saved["latency"] and all(f.stat().st_mtime_ns == t for f, t in stamps.items())
+    with pytest.raises(SystemExit, match="epochs"):
+        pb.main(argv + ["--epochs", "2"])

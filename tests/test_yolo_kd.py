@@ -246,3 +246,32 @@ def test_ddp_relaunch_rebuilds_kd_args_from_trainer_args(tree):
     assert kd["kd_cls"] == 0.7 and kd["kd_feat"] == 2.0 and kd["kd_t"] == 3.0
     assert kd["kd_dfl"] == KD_DEFAULTS["kd_dfl"]  # an argument not given keeps its default
     assert worker.save_dir == parent.save_dir
+
+
+def test_all_kd_weights_zero_is_the_plain_loss_without_a_teacher_pass():
+    """With every KD weight 0 the criterion returns Ultralytics' loss alone and never runs the teacher."""
+    from mtkd.yolo.losses import YoloKD
+    from mtkd.yolo.trainer import KDCriterion
+
+    loss, items = torch.tensor([1.0, 2.0, 3.0]), {"box": torch.tensor(1.0)}
+    calls = []
+
+    def teacher(images):
+        calls.append(images)
+        raise AssertionError("the teacher ran")
+
+    def base(preds, batch):
+        return loss, items
+
+    from ultralytics.nn.tasks import DetectionModel
+
+    student = DetectionModel("yolov8n.yaml", nc=3, verbose=False).train()
+    batch = {"img": torch.zeros(2, 3, 64, 64)}
+    preds = student(batch["img"])  # train-mode predictions
+    crit = KDCriterion(base, student.model[-1], teacher, YoloKD(cls=0.0, dfl=0.0, obj=0.0, feat=0.0))
+    out_loss, out_items = crit(preds, batch)
+    assert out_loss is loss and out_items is items and not calls
+    live = KDCriterion(base, student.model[-1], teacher, YoloKD(cls=0.5, dfl=0.0, obj=0.0))
+    with pytest.raises(AssertionError, match="the teacher ran"):  # a live term does run it
+        live(preds, batch)
+    assert len(calls) == 1

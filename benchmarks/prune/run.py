@@ -62,7 +62,8 @@ Protocol (small testbed by default: ``data/small``, ``mtkd/configs/small/``):
   above the best ``finetune`` seed on both; onnxruntime latency at batch 16
   is >= 1.4x lower than the unpruned model's. Each MET / NOT MET.
 
-Not covered here: the YOLO variant (``--yolo``).
+``--yolo`` runs the YOLO variant instead, :mod:`benchmarks.prune.yolo` (its
+options: ``--yolo --help``).
 
 Recovery runs go ``--jobs`` at a time (default 2 on 2+ cores), one torch
 thread each, seed-major so the roles interleave, each into
@@ -165,6 +166,8 @@ def parse(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="a smoke run in seconds: tiny synthetic data in <out>/data, student and teacher trained "
                         "2 steps, one seed, the half size, 2 recovery steps")
     p.add_argument("--force", action="store_true", help="re-prune, re-time and re-run everything")
+    p.add_argument("--yolo", action="store_true",
+                   help="the YOLO variant (benchmarks/prune/yolo.py; its options: --yolo --help)")
     args = p.parse_args(argv)
     tb = testbed_paths(args.testbed, ROOT)
     small = args.testbed == "small"
@@ -499,6 +502,11 @@ def check_previous(path: Path, budget: Mapping[str, Any], force: bool) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--yolo" in argv:
+        from benchmarks.prune import yolo
+
+        return yolo.main(argv)
     args = parse(argv)
     from mtkd.errors import MtkdError
     from mtkd.export.quantize import DEFAULT_CALIB
@@ -682,4 +690,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    from mtkd.errors import MtkdError
+
+    try:
+        main()
+    except MtkdError as exc:  # bad input: one line
+        sys.exit(f"[{NAME}] error: {exc}")

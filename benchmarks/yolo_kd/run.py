@@ -325,8 +325,9 @@ def plan(roles: Sequence[str], seeds: Sequence[int]) -> List[List[Tuple[str, int
 
 
 # -- data, prepare -------------------------------------------------------------------------------
-def ensure_data(args: argparse.Namespace, out: Path) -> Tuple[Path, int]:
-    """``(data yaml, number of classes)``: ``--data`` (which must have a test split) or the synthetic set."""
+def ensure_data(args: argparse.Namespace, out: Path, synthetic: Optional[Mapping[str, Any]] = None) -> Tuple[Path, int]:
+    """``(data yaml, number of classes)``: ``--data`` (which must have a test split) or the synthetic set
+    (``--n-train/--n-val/--n-test`` images; ``synthetic``: further :func:`mtkd.datasets.make_synthetic` arguments)."""
     import yaml
 
     from mtkd.errors import ConfigError
@@ -345,7 +346,7 @@ def ensure_data(args: argparse.Namespace, out: Path) -> Tuple[Path, int]:
         spec = yaml.safe_load(data.read_text()) if data.is_file() else {}
         if not spec.get("test"):  # per-image seeding: an added test split leaves train and val as they were
             data = make_synthetic(out / "data", n_train=args.n_train, n_val=args.n_val, n_test=args.n_test,
-                                  seed=0, formats=("yolo",))["yolo"]
+                                  seed=0, formats=("yolo",), **dict(synthetic or {}))["yolo"]
             spec = yaml.safe_load(data.read_text())
     return data, len(spec["names"])
 

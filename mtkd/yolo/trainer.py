@@ -190,7 +190,8 @@ class KDCriterion:
     Called by the student's ``loss()`` with the train-mode predictions; the
     KD terms are scaled by the batch size exactly as Ultralytics scales its own
     (its trainer sums the vector and divides nothing). Eval-mode predictions
-    (a tuple) get the plain loss. Copying or pickling yields the plain
+    (a tuple) get the plain loss, and so does every batch when all KD weights
+    are 0 (the teacher is not run). Copying or pickling yields the plain
     criterion, so no EMA copy or checkpoint ever carries the teacher.
     """
 
@@ -202,7 +203,7 @@ class KDCriterion:
 
     def __call__(self, preds: Any, batch: Dict[str, Any]) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         loss, items = self.base(preds, batch)
-        if isinstance(preds, tuple):
+        if isinstance(preds, tuple) or not self.kd.weights:
             return loss, items
         images = batch["img"]
         student = detect_to_detoutput(preds, self.head)
