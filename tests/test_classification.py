@@ -7,10 +7,10 @@ import pytest
 import torch
 from PIL import Image
 
-from mtkd.classification import (ImageFolderDataset, build_classifier, build_transform, collate,
+from mtkd.tasks.classify import (ImageFolderDataset, build_classifier, build_transform, collate,
                                  compute_mean_std, load_weights, make_synthetic_imagefolder,
                                  parse_labels_file, predict_folder)
-from mtkd.classification.task import ClassifyTask
+from mtkd.tasks.classify.task import ClassifyTask
 from mtkd.errors import ConfigError, DataError, MtkdError
 from mtkd.losses import build_loss
 

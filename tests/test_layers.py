@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1] / "mtkd"
 
 #: What the core packages (models, heads, losses, datasets) must never import.
 ABOVE_CORE = ("mtkd.engine", "mtkd.yolo", "mtkd.export", "mtkd.cli", "mtkd.teachers", "mtkd.adversarial.cli",
-              "mtkd.classification.cli")
+              "mtkd.tasks.classify.cli")
 #: What each core package must not import besides :data:`ABOVE_CORE` (its neighbours that sit above it).
 ALSO_ABOVE = {"heads": ("mtkd.models", "mtkd.losses", "mtkd.datasets"),
               "models": ("mtkd.losses", "mtkd.datasets"),

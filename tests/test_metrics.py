@@ -11,7 +11,7 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from mtkd.engine.metrics import SegConfusion, coco_map, coco_results, voc_map50
+from mtkd.tasks.multitask.metrics import SegConfusion, coco_map, coco_results, voc_map50
 from mtkd.errors import DataError
 
 

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 
 from mtkd.datasets.collate import collate
 from mtkd.datasets.transforms import build_transforms
-from mtkd.engine.evaluator import evaluate
+from mtkd.tasks.multitask.evaluation import evaluate
 from mtkd.structures import VOID, DetOutput, Sample
 
 IMGSZ = 64

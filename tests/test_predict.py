@@ -7,8 +7,9 @@ import torch
 from PIL import Image
 from torch import nn
 
-from mtkd.engine.plots import class_color, draw_predictions, plot_loss_curves
-from mtkd.engine.predict import predict_folder
+from mtkd.engine.plots import plot_loss_curves
+from mtkd.tasks.multitask.plots import class_color, draw_predictions
+from mtkd.tasks.multitask.predict import predict_folder
 from mtkd.errors import ConfigError, DataError, MtkdError
 from mtkd.structures import DetOutput
 

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from mtkd.checkpoint import save_atomic
-from mtkd.classification.models import build_classifier
-from mtkd.classification.task import ClassifyTask
+from mtkd.tasks.classify.models import build_classifier
+from mtkd.tasks.classify.task import ClassifyTask
 from mtkd.engine.config import build_config
 from mtkd.errors import ConfigError
 from mtkd.models import build_model

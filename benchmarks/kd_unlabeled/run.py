@@ -346,13 +346,13 @@ def teacher_outputs(cfg: Dict[str, Any], ckpt: Path, images: Sequence[Tuple[str,
     config, one at a time (sizes may differ); detections are decoded with the
     usual NMS (:func:`mtkd.heads.decode.decode` at ``eval.iou``/``max_det``,
     candidates from ``min(eval.conf, min_conf)``) and mapped back to original
-    pixels like :mod:`mtkd.engine.predict` does.
+    pixels like :mod:`mtkd.tasks.multitask.predict` does.
     """
     import torch
 
     from mtkd.datasets.common import read_image
     from mtkd.datasets.transforms import build_transforms
-    from mtkd.engine.evaluator import boxes_to_original, seg_logits_to_original
+    from mtkd.tasks.multitask.evaluation import boxes_to_original, seg_logits_to_original
     from mtkd.engine.trainer import load_model
     from mtkd.heads.decode import decode
     from mtkd.structures import Sample
@@ -495,7 +495,7 @@ def build_pseudo_voc(dest: str | Path, src_root: str | Path, split: Dict[str, An
     """
     from PIL import Image
 
-    from mtkd.engine.plots import mask_palette
+    from mtkd.tasks.multitask.plots import mask_palette
     from mtkd.errors import MtkdError
 
     dest, src = Path(dest), Path(src_root).resolve()

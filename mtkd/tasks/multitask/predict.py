@@ -4,7 +4,7 @@ Each image is read upright (EXIF orientation applied, see
 :func:`mtkd.datasets.common.read_image`) and goes through the evaluation
 transform (:func:`mtkd.datasets.transforms.build_transforms` with
 ``train=False``: the deterministic letterbox to ``imgsz`` and mean/std normalisation), so
-predictions match what :func:`mtkd.engine.evaluator.evaluate` scores. Boxes
+predictions match what :func:`mtkd.tasks.multitask.evaluation.evaluate` scores. Boxes
 and masks are mapped back to the original pixels with the same helpers as the
 evaluator.
 
@@ -33,8 +33,8 @@ from PIL import Image
 
 from mtkd.datasets.common import read_image
 from mtkd.datasets.transforms import build_transforms
-from mtkd.engine.evaluator import boxes_to_original, seg_to_original
-from mtkd.engine.plots import draw_predictions, mask_palette
+from mtkd.tasks.multitask.evaluation import boxes_to_original, seg_to_original
+from mtkd.tasks.multitask.plots import draw_predictions, mask_palette
 from mtkd.errors import ConfigError, DataError, writing
 from mtkd.heads.decode import detections, num_det_classes
 from mtkd.structures import Sample

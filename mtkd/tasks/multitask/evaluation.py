@@ -6,13 +6,13 @@ the input size or letterbox padding:
 
 * detection: decoded boxes (:func:`mtkd.heads.decode.detections`) are mapped back
   with the batch's ``letterbox`` (``orig = (input - pad) / scale``), clipped
-  to the image, and scored with COCO mAP (:func:`~mtkd.engine.metrics.coco_map`
+  to the image, and scored with COCO mAP (:func:`~mtkd.tasks.multitask.metrics.coco_map`
   against ``dataset.coco_gt()``) and VOC mAP@0.5
-  (:func:`~mtkd.engine.metrics.voc_map50`, difficult boxes ignored);
+  (:func:`~mtkd.tasks.multitask.metrics.voc_map50`, difficult boxes ignored);
 * segmentation: logits are cropped to the un-padded region, resized
   bilinearly to the original (h, w) and arg-maxed (:func:`seg_to_original`),
   then compared with ``dataset.load_sample(index).mask`` in a
-  :class:`~mtkd.engine.metrics.SegConfusion`.
+  :class:`~mtkd.tasks.multitask.metrics.SegConfusion`.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from mtkd.engine.metrics import SegConfusion, coco_map, voc_map50
+from mtkd.tasks.multitask.metrics import SegConfusion, coco_map, voc_map50
 from mtkd.heads.decode import detections
 from mtkd.structures import Sample
 

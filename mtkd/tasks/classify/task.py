@@ -11,7 +11,7 @@ Config (keys of ``mtkd/configs/defaults.yaml``, read as follows):
   ``data.augment`` (``scale``, ``hflip``, ``enabled``); ``data.skip_bad``.
 * ``model.preset: student`` -> the 4-block CNN (``cnn4``); ``model.backbone``
   -> any torchvision/timm classifier name instead (see
-  :mod:`mtkd.classification.models`); ``model.pretrained`` (false, true for
+  :mod:`mtkd.tasks.classify.models`); ``model.pretrained`` (false, true for
   timm's weights, or a state dict path); the multi-task model keys must stay null.
 * ``teacher.model: {name: densenet121, pretrained: false, <constructor
   kwargs>}`` (``backbone`` is accepted for ``name``; default
@@ -35,10 +35,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mtkd.classification.data import (ImageFolderDataset, build_transform, collate, compute_mean_std,
+from mtkd.tasks.classify.data import (ImageFolderDataset, build_transform, collate, compute_mean_std,
                                       find_classes)
-from mtkd.classification.models import STUDENT, build_classifier, load_weights
-from mtkd.classification.predict import predict_folder
+from mtkd.tasks.classify.models import STUDENT, build_classifier, load_weights
+from mtkd.tasks.classify.predict import predict_folder
 from mtkd.engine.tasks import register_task
 from mtkd.errors import ConfigError, writing
 from mtkd.pretrained import check_pretrained
