@@ -461,7 +461,7 @@ def _near_ties(model: nn.Module, path: Path):
 
     from mtkd.datasets.common import read_image
     from mtkd.datasets.transforms import build_transforms
-    from mtkd.tasks.multitask.evaluation import seg_logits_to_original
+    from mtkd.tasks.multitask.predict import seg_logits_to_original
     from mtkd.export.onnx import TOL
     from mtkd.structures import Sample
 

@@ -1,4 +1,4 @@
-"""Drawing predictions on images (PIL, with matplotlib's ``tab20`` colours).
+"""Drawing predictions on images (PIL, with matplotlib's ``tab20`` colours), and ``val_pred.png``.
 
 Conventions:
   * Class ``k`` (detection label ``k``, mask value ``k + 1``) is drawn in
@@ -10,7 +10,8 @@ Conventions:
 """
 from __future__ import annotations
 
-from typing import Any, List, Optional, Sequence
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
 
 import matplotlib
 
@@ -95,3 +96,47 @@ def draw_predictions(
         draw.rectangle([x1, ty, x1 + tw + 2, ty + th], fill=colour)
         draw.text((x1 + 1, ty - top + 1), text, fill=(255, 255, 255), font=font)
     return np.asarray(canvas)
+
+
+def draw_val(model: Any, dataset: Any, path: str | Path, cfg: Dict[str, Any], device: Any, n: int = 4) -> None:
+    """The first ``n`` images of ``dataset``: predictions (top row) over labels (bottom row), saved to ``path``.
+
+    Each image goes through the dataset's own (eval) transform and the
+    inference path :func:`mtkd.tasks.multitask.predict.predict_batch` (at
+    ``eval.predict_conf``, ``eval.iou``, ``eval.max_det``). Tiles are scaled
+    to a common height of ``data.imgsz`` pixels. The model runs in eval mode;
+    its previous mode is restored.
+    """
+    from mtkd.tasks.multitask.predict import predict_batch
+
+    e, size = cfg["eval"], cfg["data"]["imgsz"]
+    classes = list(dataset.classes)
+    tiles = []
+    was_training = model.training
+    model.eval()
+    try:
+        for i in range(min(n, len(dataset))):
+            item, sample = dataset[i], dataset.load_sample(i)
+            h, w = sample.image.shape[:2]
+            p = predict_batch(model, item["image"][None], [item["letterbox"]], [(h, w)], e["predict_conf"],
+                              e["iou"], e["max_det"], device)[0]
+            boxes, scores, labels = (np.zeros((0, 4)), None, np.zeros(0)) if p.boxes is None else \
+                (p.boxes, p.scores, p.labels)
+            mask = None if p.seg is None else p.mask().cpu().numpy()
+            pred = draw_predictions(sample.image, boxes, labels, scores, mask, classes)
+            gt = draw_predictions(sample.image, sample.boxes if sample.has_det else np.zeros((0, 4)),
+                                  sample.labels if sample.has_det else np.zeros(0), None,
+                                  sample.mask if sample.has_seg else None, classes)
+            tw = max(1, round(w * size / h))
+            tiles.append([Image.fromarray(a).resize((tw, size)) for a in (pred, gt)])
+    finally:
+        model.train(was_training)
+    if not tiles:
+        return
+    canvas = Image.new("RGB", (sum(t[0].width for t in tiles), 2 * size), (255, 255, 255))
+    x = 0
+    for pred, gt in tiles:
+        canvas.paste(pred, (x, 0))
+        canvas.paste(gt, (x, size))
+        x += pred.width
+    canvas.save(path)

@@ -95,54 +95,9 @@ class MultiTaskTask:
 
     def draw_val(self, model: nn.Module, dataset: Any, path: Path, cfg: Dict[str, Any],
                  device: torch.device, n: int = 4) -> None:
-        """The first ``n`` images of ``dataset``: predictions (top row) over labels (bottom row).
+        from mtkd.tasks.multitask.plots import draw_val
 
-        Each image goes through the dataset's own (eval) transform; boxes and
-        masks are mapped back to original pixels with the evaluator's helpers.
-        Tiles are scaled to a common height of ``data.imgsz`` pixels.
-        """
-        import numpy as np
-        from PIL import Image
-
-        from mtkd.tasks.multitask.evaluation import boxes_to_original, seg_to_original
-        from mtkd.tasks.multitask.plots import draw_predictions
-        from mtkd.heads.decode import decode
-
-        e, size = cfg["eval"], cfg["data"]["imgsz"]
-        classes = list(dataset.classes)
-        tiles = []
-        was_training = model.training
-        model.eval()
-        try:
-            for i in range(min(n, len(dataset))):
-                item, sample = dataset[i], dataset.load_sample(i)
-                h, w = sample.image.shape[:2]
-                with torch.inference_mode():
-                    out = model(item["image"][None].to(device))
-                boxes, scores, labels, mask = np.zeros((0, 4)), None, np.zeros(0), None
-                if out.get("det") is not None:
-                    d = decode(out["det"], e["predict_conf"], e["iou"], e["max_det"])[0]
-                    boxes = boxes_to_original(d["boxes"].float().cpu(), item["letterbox"], (h, w))
-                    scores, labels = d["scores"].float().cpu(), d["labels"].cpu()
-                if out.get("seg") is not None:
-                    mask = seg_to_original(out["seg"][0], item["letterbox"], (h, w)).cpu().numpy()
-                pred = draw_predictions(sample.image, boxes, labels, scores, mask, classes)
-                gt = draw_predictions(sample.image, sample.boxes if sample.has_det else np.zeros((0, 4)),
-                                      sample.labels if sample.has_det else np.zeros(0), None,
-                                      sample.mask if sample.has_seg else None, classes)
-                tw = max(1, round(w * size / h))
-                tiles.append([Image.fromarray(a).resize((tw, size)) for a in (pred, gt)])
-        finally:
-            model.train(was_training)
-        if not tiles:
-            return
-        canvas = Image.new("RGB", (sum(t[0].width for t in tiles), 2 * size), (255, 255, 255))
-        x = 0
-        for pred, gt in tiles:
-            canvas.paste(pred, (x, 0))
-            canvas.paste(gt, (x, size))
-            x += pred.width
-        canvas.save(path)
+        draw_val(model, dataset, path, cfg, device, n)
 
     def predict(self, model: nn.Module, source: Path, out: Path, classes: List[str],
                 cfg: Dict[str, Any], device: torch.device) -> Any:
