@@ -1,4 +1,4 @@
-"""Image classification distillation: ImageFolder data, classifiers, predict, the ``classify`` task.
+"""Image classification: ImageFolder data, classifiers, evaluation, predict, drawing, the ``classify`` task.
 
 The task module (:mod:`mtkd.tasks.classify.task`) registers ``classify`` with
 the trainer's task registry when imported; the losses (``ce``, the zoo) live in
