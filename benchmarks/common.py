@@ -682,7 +682,6 @@ def build_trainer(config: str | Path, overrides: Sequence[str] = (), seed: int =
     cfg = load_config(config, list(overrides) + [f"seed={int(seed)}"])
     trainer = Trainer(cfg)
     trainer.build()
-    trainer.epoch = 0
     return trainer
 
 
