@@ -6,11 +6,12 @@ original pixels (forward, decode, undo the letterbox), used by the evaluator
 the validation drawing (:func:`mtkd.tasks.multitask.plots.draw_val`) and
 exported models (:mod:`mtkd.export.runtime`).
 
-Each image is read upright (EXIF orientation applied, see
-:func:`mtkd.datasets.common.read_image`) and goes through the evaluation
-transform (:func:`mtkd.datasets.transforms.build_transforms` with
-``train=False``: the deterministic letterbox to ``imgsz`` and mean/std normalisation), so
-predictions match what :func:`mtkd.tasks.multitask.evaluation.evaluate` scores.
+:func:`predict_folder` reads each image upright (EXIF orientation applied,
+see :func:`mtkd.datasets.common.read_image`) and puts it through the
+evaluation transform (:func:`mtkd.datasets.transforms.build_transforms` with
+``train=False``: the deterministic letterbox to ``imgsz`` and mean/std
+normalisation), so its predictions match what
+:func:`mtkd.tasks.multitask.evaluation.evaluate` scores.
 
 Output layout under ``out_dir`` (``<rel>`` = the image's path relative to
 ``image_dir`` with its suffix replaced by ``.png``, or its name when
@@ -44,6 +45,7 @@ from mtkd.errors import ConfigError, DataError, writing
 from mtkd.heads.decode import detections, num_det_classes
 from mtkd.structures import Sample
 from mtkd.tasks.multitask.plots import draw_predictions, mask_palette
+
 
 def boxes_to_original(boxes: torch.Tensor, letterbox: Sequence[float], orig_hw: Sequence[int]) -> torch.Tensor:
     """Map (N, 4) xyxy input-pixel boxes to original pixels, clipped to the image.
@@ -90,7 +92,6 @@ def autocast(device: torch.device, amp: bool) -> contextlib.AbstractContextManag
         return contextlib.nullcontext()
     dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
     return torch.autocast(device.type, dtype=dtype)
-
 
 
 @dataclass
