@@ -7,12 +7,12 @@ import pytest
 import torch
 from PIL import Image
 
+from mtkd.errors import ConfigError, DataError, MtkdError
+from mtkd.losses import build_loss
 from mtkd.tasks.classify import (ImageFolderDataset, build_classifier, build_transform, collate,
                                  compute_mean_std, load_weights, make_synthetic_imagefolder,
                                  parse_labels_file, predict_folder)
 from mtkd.tasks.classify.task import ClassifyTask
-from mtkd.errors import ConfigError, DataError, MtkdError
-from mtkd.losses import build_loss
 
 MEAN, STD = [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]
 

@@ -4,9 +4,9 @@ import json
 import pytest
 
 import mtkd.tasks.classify.task  # noqa: F401  (registers the "classify" task)
-from mtkd.tasks.classify import make_synthetic_imagefolder
 from mtkd.engine.config import build_config
 from mtkd.engine.trainer import predict_checkpoint, train
+from mtkd.tasks.classify import make_synthetic_imagefolder
 
 
 @pytest.fixture(scope="module")

@@ -22,8 +22,8 @@ from typing import List, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from mtkd.tasks.classify.data import build_transform, list_images, load_rgb, parse_labels_file
 from mtkd.errors import DataError, MtkdError
+from mtkd.tasks.classify.data import build_transform, list_images, load_rgb, parse_labels_file
 
 
 def _class_names(classes_or_labels_file: Union[Sequence[str], str, Path]) -> List[str]:
