@@ -61,48 +61,19 @@ FORMATS = ("voc", "coco", "yolo")
 
 
 # -- data ---------------------------------------------------------------------------------------
-def infer_format(path: str | Path) -> Tuple[str, Path]:
-    """``(format, root)`` of a dataset path.
-
-    * a ``.yaml``/``.yml`` file -> ``yolo`` (the data yaml is the root);
-    * a folder with ``Annotations/`` or ``JPEGImages/`` -> ``voc``;
-    * a folder with ``annotations/*.json`` -> ``coco``;
-    * a folder holding ``voc/`` (or ``coco/``, or ``yolo/data.yaml``), as
-      ``mtkd make-synthetic`` writes it -> that layout, in this order.
-
-    Raises ``ConfigError`` (one line naming the path) when nothing matches.
-    """
-    from mtkd.errors import ConfigError
-
-    p = Path(path)
-    if p.is_file() and p.suffix in (".yaml", ".yml"):
-        return "yolo", p
-    if not p.is_dir():
-        raise ConfigError(f"--data {p}: no such dataset folder or YOLO data yaml")
-    if (p / "Annotations").is_dir() or (p / "JPEGImages").is_dir():
-        return "voc", p
-    if (p / "annotations").is_dir() and any((p / "annotations").glob("*.json")):
-        return "coco", p
-    for sub in ("voc", "coco"):
-        if (p / sub).is_dir():
-            return infer_format(p / sub)
-    if (p / "yolo" / "data.yaml").is_file():
-        return "yolo", p / "yolo" / "data.yaml"
-    raise ConfigError(f"--data {p}: not a VOC tree (Annotations/), COCO tree (annotations/*.json), "
-                      "YOLO data yaml or make-synthetic folder; pass --format")
-
-
 def data_overrides(path: str | Path, fmt: Optional[str] = None) -> List[str]:
     """Config overrides (``data.format=...``, ``data.root=...``) pointing a run at ``path``.
 
-    ``fmt`` (``voc``/``coco``/``yolo``) skips inference; the path is then used
+    ``fmt`` (``voc``/``coco``/``yolo``) skips inference
+    (:func:`mtkd.datasets.infer_format`); the path is then used
     as the root as given (a make-synthetic folder still resolves to its
     ``<fmt>/`` layout).
     """
+    from mtkd.datasets import infer_format
     from mtkd.errors import ConfigError
 
     if fmt is None:
-        fmt, root = infer_format(path)
+        fmt, root = infer_format(path, "--data", "--format")
     else:
         if fmt not in FORMATS:
             raise ConfigError(f"--format: expected one of {', '.join(FORMATS)}, got {fmt!r}")
@@ -682,7 +653,6 @@ def build_trainer(config: str | Path, overrides: Sequence[str] = (), seed: int =
     cfg = load_config(config, list(overrides) + [f"seed={int(seed)}"])
     trainer = Trainer(cfg)
     trainer.build()
-    trainer.epoch = 0
     return trainer
 
 

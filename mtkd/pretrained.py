@@ -13,7 +13,7 @@
 Which module a ``PATH`` fills is up to the model: the backbone's encoder for
 the multi-task model (:func:`mtkd.models.backbone.build_backbone`), the
 network without its final class layer for a classifier
-(:func:`mtkd.classification.models.build_classifier`).
+(:func:`mtkd.tasks.classify.models.build_classifier`).
 """
 from __future__ import annotations
 

@@ -110,9 +110,9 @@ def _where(obj: Any) -> str:
 #: Losses (``mtkd.losses.base.build_loss``), one ``@LOSSES.register("name")`` line each.
 LOSSES = Registry("loss", locations=("mtkd.losses",))
 #: Tasks, looked up by the config's ``task`` name (``mtkd.engine.tasks.get_task``).
-TASKS = Registry("task", locations=("mtkd.engine.tasks", "mtkd.classification.task"))
+TASKS = Registry("task", locations=("mtkd.tasks.multitask.task", "mtkd.tasks.classify.task"))
 #: Dataset readers, looked up by ``data.format`` (``mtkd.datasets.build_dataset``).
 FORMATS = Registry("format", locations=("mtkd.datasets",))
 #: ``mtkd`` subcommands: setup functions ``(parser) -> runner`` (``mtkd.cli``).
-COMMANDS = Registry("command", locations=("mtkd.cli", "mtkd.demo", "mtkd.classification.cli",
+COMMANDS = Registry("command", locations=("mtkd.cli", "mtkd.demo", "mtkd.tasks.classify.cli",
                                           "mtkd.adversarial.cli", "mtkd.export.cli"))

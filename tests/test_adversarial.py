@@ -248,7 +248,7 @@ def _scorer(net, x, y):
     from torch.utils.data import DataLoader
 
     from mtkd.adversarial.report import _Scorer
-    from mtkd.classification.task import ClassifyTask
+    from mtkd.tasks.classify.task import ClassifyTask
 
     task = ClassifyTask()
 
@@ -292,8 +292,8 @@ def test_masking_checks_flag_a_model_without_input_gradients(trained, masked):
 @pytest.fixture(scope="module")
 def classify_run(tmp_path_factory):
     """A tiny classify checkpoint (cnn4 student, 3 classes, 24 px, a few steps)."""
-    import mtkd.classification.task  # noqa: F401
-    from mtkd.classification import make_synthetic_imagefolder
+    import mtkd.tasks.classify.task  # noqa: F401
+    from mtkd.tasks.classify import make_synthetic_imagefolder
     from mtkd.engine.config import build_config
     from mtkd.engine.trainer import train
 
@@ -630,7 +630,7 @@ def test_flip_rates_surrogate_equal_to_target_transfers_like_white_box(trained):
     from torch.utils.data import DataLoader
 
     from mtkd.adversarial.report import flip_rates
-    from mtkd.classification.data import collate
+    from mtkd.tasks.classify.data import collate
 
     net, x, y = trained
     items = [{"image": x[i], "label": int(y[i]), "index": i, "id": str(i)} for i in range(len(y))]

@@ -87,14 +87,19 @@ def test_infer_format_and_overrides(tmp_path: Path) -> None:
     (tmp_path / "coco" / "annotations").mkdir(parents=True)
     (tmp_path / "coco" / "annotations" / "instances_train.json").write_text("{}")
     (tmp_path / "data.yaml").write_text("names: [a]\n")
-    assert common.infer_format(tmp_path / "voc") == ("voc", tmp_path / "voc")
-    assert common.infer_format(tmp_path / "coco") == ("coco", tmp_path / "coco")
-    assert common.infer_format(tmp_path / "data.yaml") == ("yolo", tmp_path / "data.yaml")
-    assert common.infer_format(tmp_path) == ("voc", tmp_path / "voc")  # a make-synthetic folder
+    from mtkd.datasets import infer_format
+
+    assert infer_format(tmp_path / "voc") == ("voc", tmp_path / "voc")
+    assert infer_format(tmp_path / "coco") == ("coco", tmp_path / "coco")
+    assert infer_format(tmp_path / "data.yaml") == ("yolo", tmp_path / "data.yaml")
+    assert infer_format(tmp_path) == ("voc", tmp_path / "voc")  # a make-synthetic folder
+    assert common.data_overrides(tmp_path) == ["data.format=voc", f'data.root="{tmp_path / "voc"}"']
     assert common.data_overrides(tmp_path, "coco") == ["data.format=coco", f'data.root="{tmp_path / "coco"}"']
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ConfigError, match="--format"):
-        common.infer_format(tmp_path / "empty")
+    with pytest.raises(ConfigError, match=r"^data.root .*empty: .*; pass data.format$"):
+        infer_format(tmp_path / "empty")
+    with pytest.raises(ConfigError, match=r"^--data .*empty: .*; pass --format$"):
+        common.data_overrides(tmp_path / "empty")
 
 
 def test_kd_gain_verdicts_on_fake_records() -> None:

@@ -7,12 +7,12 @@ import pytest
 import torch
 from PIL import Image
 
-from mtkd.classification import (ImageFolderDataset, build_classifier, build_transform, collate,
-                                 compute_mean_std, load_weights, make_synthetic_imagefolder,
-                                 parse_labels_file, predict_folder)
-from mtkd.classification.task import ClassifyTask
 from mtkd.errors import ConfigError, DataError, MtkdError
 from mtkd.losses import build_loss
+from mtkd.tasks.classify import (ImageFolderDataset, build_classifier, build_transform, collate,
+                                 compute_mean_std, load_weights, make_synthetic_imagefolder,
+                                 parse_labels_file, predict_folder)
+from mtkd.tasks.classify.task import ClassifyTask
 
 MEAN, STD = [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]
 
@@ -258,3 +258,16 @@ def test_cnn4w_is_the_student_layout_at_twice_the_width():
         assert out_t["feats"][k].shape[-2:] == out_s["feats"][k].shape[-2:]
         assert out_t["feats"][k].shape[1] == 2 * out_s["feats"][k].shape[1]
     assert sum(isinstance(m, torch.nn.Conv2d) for m in t.modules()) == 4
+
+
+def test_topk_counts_hits_within_k_and_the_mean_cross_entropy():
+    from mtkd.tasks.classify.metrics import TopK
+
+    metric = TopK(num_classes=6)  # k = 5: the last-ranked class is a top-5 miss
+    logits = torch.tensor([[5.0, 4, 3, 2, 1, 0], [0.0, 1, 2, 3, 4, 5], [0.0, 1, 2, 3, 5, 4]])
+    labels = torch.tensor([5, 5, 5])
+    metric.update(logits, labels)
+    got = metric.compute()
+    assert got["top1"] == pytest.approx(100 / 3)
+    assert got["top5"] == pytest.approx(200 / 3)
+    assert got["loss"] == pytest.approx(float(torch.nn.functional.cross_entropy(logits, labels)))

@@ -3,10 +3,10 @@ import json
 
 import pytest
 
-import mtkd.classification.task  # noqa: F401  (registers the "classify" task)
-from mtkd.classification import make_synthetic_imagefolder
+import mtkd.tasks.classify.task  # noqa: F401  (registers the "classify" task)
 from mtkd.engine.config import build_config
 from mtkd.engine.trainer import predict_checkpoint, train
+from mtkd.tasks.classify import make_synthetic_imagefolder
 
 
 @pytest.fixture(scope="module")

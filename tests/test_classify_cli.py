@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import mtkd.classification.cli  # noqa: F401  (registers the `classify` subcommand)
+import mtkd.tasks.classify.cli  # noqa: F401  (registers the `classify` subcommand)
 from mtkd.cli import main
 from mtkd.engine.config import load_config
 from mtkd.engine.trainer import train

@@ -209,7 +209,7 @@ def test_empty_split_names_the_split_file(voc):
 def test_image_modes_load_as_8bit_rgb(tmp_path):
     from PIL import Image
 
-    from mtkd.classification.data import load_rgb
+    from mtkd.tasks.classify.data import load_rgb
     from mtkd.datasets.common import read_image
 
     wide = np.array([[0, 257 * 100, 65535], [128, 65535 // 2, 257 * 7]], np.uint16)
@@ -261,7 +261,7 @@ def write_rotated_jpeg(path, orientation=6):
 def test_exif_orientation_applied_to_pixels_and_header_size(tmp_path):
     from PIL import Image
 
-    from mtkd.classification.data import load_rgb
+    from mtkd.tasks.classify.data import load_rgb
     from mtkd.datasets.common import image_size, read_image
 
     path = write_rotated_jpeg(tmp_path / "r.jpg")

@@ -793,3 +793,45 @@ def test_unlabeled_on_a_task_without_support_is_config_error(tmp_path):
     cfg["data"]["unlabeled"] = str(tmp_path)
     with pytest.raises(ConfigError, match=r"^data\.unlabeled: not supported by task 'toy'$"):
         Trainer(cfg).build()
+
+
+def test_callbacks_follow_epochs_steps_and_validation(tmp_path):
+    calls: List[tuple] = []
+
+    class Recorder:  # any object with some of the hooks
+        def on_epoch_start(self, trainer):
+            calls.append(("start", trainer.epoch, trainer.step))
+
+        def on_step_end(self, trainer, logs):
+            calls.append(("step", trainer.epoch, trainer.step, logs is seen[-1]))
+
+        def on_validation_end(self, trainer, metrics):
+            calls.append(("val", trainer.epoch, "pixel_acc" in metrics))
+
+        def on_epoch_end(self, trainer, means):
+            calls.append(("end", trainer.epoch, round(means["total"], 6)))
+
+    seen: List[Dict[str, float]] = []  # what each train_step returned
+    cfg = toy_cfg(tmp_path / "run", epochs=2, val_every=2)
+    trainer = Trainer(cfg, callbacks=[Recorder()])
+    train_step = trainer.train_step
+    trainer.train_step = lambda batch: seen.append(train_step(batch)) or seen[-1]
+    trainer.fit()
+    rows = read_rows(tmp_path / "run" / "results.csv")
+    # 3 steps per epoch; validation only at epoch 2 (val_every=2); epoch means as logged
+    assert calls == [("start", 0, 0), ("step", 0, 1, True), ("step", 0, 2, True), ("step", 0, 3, True),
+                     ("end", 0, round(float(rows[0]["train/total"]), 6)),
+                     ("start", 1, 3), ("step", 1, 4, True), ("step", 1, 5, True), ("step", 1, 6, True),
+                     ("val", 1, True), ("end", 1, round(float(rows[1]["train/total"]), 6))]
+
+
+def test_a_callback_without_hooks_is_refused():
+    with pytest.raises(TypeError, match="none of the hooks"):
+        Trainer(toy_cfg(Path("unused")), callbacks=[object()])
+
+
+def test_a_trainer_starts_at_epoch_zero_before_fit(tmp_path):
+    trainer = Trainer(toy_cfg(tmp_path / "run"))
+    trainer.build()
+    batch = next(iter(trainer.train_loader))
+    assert trainer.epoch == 0 and trainer.train_step(batch) is not None and trainer.step == 1

@@ -90,7 +90,7 @@ def test_resume_replays_the_augmentations_of_the_uninterrupted_run(tmp_path, mon
 
 def test_imgsz_too_small_for_the_seg_head_is_a_config_error() -> None:
     from mtkd.engine.config import build_config
-    from mtkd.engine.tasks import MultiTaskTask
+    from mtkd.tasks.multitask.task import MultiTaskTask
     from mtkd.errors import ConfigError
 
     task = MultiTaskTask()

@@ -457,22 +457,17 @@ def _as_tensors(entry: dict) -> dict:
 def _near_ties(model: nn.Module, path: Path):
     """Pixels of ``path`` whose two best seg logits (PyTorch, original pixels) differ by less than the
     export's tolerance."""
-    import numpy as np
-
     from mtkd.datasets.common import read_image
     from mtkd.datasets.transforms import build_transforms
-    from mtkd.engine.evaluator import seg_logits_to_original
     from mtkd.export.onnx import TOL
-    from mtkd.structures import Sample
+    from mtkd.tasks.multitask.predict import eval_item, predict_batch
 
     image = read_image(path)
     data = small_cfg()["data"]  # the exported metadata: imgsz 64, the default normalisation
     transform = build_transforms({k: data[k] for k in ("imgsz", "mean", "std")}, train=False)
-    item = transform(Sample(image, np.zeros((0, 4), np.float32), np.zeros(0), None, has_det=False, has_seg=False,
-                            id=path.name, index=0))
-    with torch.no_grad():
-        logits = seg_logits_to_original(model(item["image"][None])["seg"][0], item["letterbox"], image.shape[:2])
-    top2 = logits.topk(2, dim=0).values
+    item = eval_item(image, transform, path.name)
+    pred, = predict_batch(model, item["image"][None], [item["letterbox"]], [image.shape[:2]], 0.25, 0.6, 20)
+    top2 = pred.seg_logits().topk(2, dim=0).values
     return (top2[0] - top2[1] < TOL).numpy()
 
 

@@ -4,7 +4,9 @@ From the bottom up: ``mtkd.checkpoint`` (torch and ``mtkd.errors`` only); the
 core packages ``heads``, ``models``, ``datasets`` and ``losses``
 (:data:`ALSO_ABOVE` names the core packages each must not import); ``mtkd.teachers``
 (teachers of every kind, over models and the Ultralytics adapter); then
-``engine``, ``yolo``'s trainer, teacher and CLI, ``export`` and the CLIs.
+``engine``; the task packages under ``mtkd.tasks`` (the engine reaches them
+only through the task registry, :data:`mtkd.registry.TASKS`); ``yolo``'s
+trainer, teacher and CLI, ``export`` and the CLIs.
 """
 from __future__ import annotations
 
@@ -17,16 +19,16 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1] / "mtkd"
 
 #: What the core packages (models, heads, losses, datasets) must never import.
-ABOVE_CORE = ("mtkd.engine", "mtkd.yolo", "mtkd.export", "mtkd.cli", "mtkd.teachers", "mtkd.adversarial.cli",
-              "mtkd.classification.cli")
+ABOVE_CORE = ("mtkd.engine", "mtkd.tasks", "mtkd.yolo", "mtkd.export", "mtkd.cli", "mtkd.teachers",
+              "mtkd.adversarial.cli")
 #: What each core package must not import besides :data:`ABOVE_CORE` (its neighbours that sit above it).
 ALSO_ABOVE = {"heads": ("mtkd.models", "mtkd.losses", "mtkd.datasets"),
               "models": ("mtkd.losses", "mtkd.datasets"),
               "datasets": ("mtkd.heads", "mtkd.models", "mtkd.losses"),
               "losses": ()}
 #: What the teacher builder must never import (it may use ``mtkd.yolo.adapter``).
-ABOVE_TEACHERS = ("mtkd.engine", "mtkd.yolo.teacher", "mtkd.yolo.trainer", "mtkd.yolo.cli", "mtkd.yolo.losses",
-                  "mtkd.export", "mtkd.cli")
+ABOVE_TEACHERS = ("mtkd.engine", "mtkd.tasks", "mtkd.yolo.teacher", "mtkd.yolo.trainer", "mtkd.yolo.cli",
+                  "mtkd.yolo.losses", "mtkd.export", "mtkd.cli")
 
 
 def imports(path: Path, root: Path = ROOT) -> List[Tuple[int, str]]:
@@ -96,3 +98,9 @@ def test_teacher_builder_sits_below_engine_and_the_yolo_bridge():
     path = ROOT / "teachers.py"
     assert path.is_file()
     assert violations([path], ABOVE_TEACHERS) == []
+
+
+def test_engine_reaches_tasks_only_through_the_registry():
+    paths = tree("engine")
+    assert paths and (ROOT / "tasks" / "multitask" / "task.py").is_file()
+    assert violations(paths, ("mtkd.tasks",)) == []

@@ -11,8 +11,8 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from mtkd.engine.metrics import SegConfusion, coco_map, coco_results, voc_map50
 from mtkd.errors import DataError
+from mtkd.tasks.multitask.metrics import SegConfusion, coco_map, coco_results, voc_map50
 
 
 def _ann(i, image_id, cat, x1, y1, x2, y2, crowd=0):

@@ -13,8 +13,8 @@ from torch.utils.data import DataLoader
 
 from mtkd.datasets.collate import collate
 from mtkd.datasets.transforms import build_transforms
-from mtkd.engine.evaluator import evaluate
 from mtkd.structures import VOID, DetOutput, Sample
+from mtkd.tasks.multitask.evaluation import evaluate
 
 IMGSZ = 64
 CLASSES = ["a", "b", "c"]

@@ -7,10 +7,12 @@ import torch
 from PIL import Image
 from torch import nn
 
-from mtkd.engine.plots import class_color, draw_predictions, plot_loss_curves
-from mtkd.engine.predict import predict_folder
+from mtkd.datasets.transforms import build_transforms
+from mtkd.engine.plots import plot_loss_curves
 from mtkd.errors import ConfigError, DataError, MtkdError
 from mtkd.structures import DetOutput
+from mtkd.tasks.multitask.plots import class_color, draw_predictions
+from mtkd.tasks.multitask.predict import eval_item, predict_batch, predict_folder
 
 IMGSZ = 64
 CLASSES = ["thing", "other"]
@@ -250,3 +252,23 @@ def test_predict_folder_write_failures_name_the_file(tmp_path, monkeypatch):
     monkeypatch.setattr(Path, "write_text", disk_full)
     with pytest.raises(MtkdError, match=r"detections\.json: cannot write: No space left on device"):
         _predict(src, out)
+
+
+def test_predict_batch_maps_back_only_the_images_with_a_size():
+    transform = build_transforms({"imgsz": IMGSZ, "mean": [0, 0, 0], "std": [1, 1, 1]}, train=False)
+    _, (h, w), (x1, y1, x2, y2) = IMAGES[0]
+    image = np.zeros((h, w, 3), np.uint8)
+    image[y1:y2, x1:x2] = 255
+    item = eval_item(image, transform)
+    model = ThresholdModel()
+    pred, = predict_batch(model, item["image"][None], [item["letterbox"]], [(h, w)], 0.25, 0.6, 10)
+    np.testing.assert_allclose(pred.boxes.numpy(), [[x1, y1, x2, y2]], atol=1.0)
+    assert pred.labels.tolist() == [0] and pred.scores.shape == (1,)
+    assert pred.seg_logits().shape == (3, h, w)
+    mask = pred.mask()
+    assert mask.shape == (h, w) and torch.equal(mask, pred.seg_logits().argmax(0))
+    assert (mask[y1 + 1:y2 - 1, x1 + 1:x2 - 1] == 1).all() and mask[0, 0] == 0
+    assert predict_batch(model, item["image"][None], [item["letterbox"]], [None], 0.25, 0.6, 10) == [None]
+    with pytest.raises(ConfigError, match="3 names were given"):
+        predict_batch(model, item["image"][None], [item["letterbox"]], [(h, w)], 0.25, 0.6, 10,
+                      classes=["a", "b", "c"])

@@ -13,12 +13,12 @@ import pytest
 import torch
 
 from mtkd.checkpoint import save_atomic
-from mtkd.classification.models import build_classifier
-from mtkd.classification.task import ClassifyTask
 from mtkd.engine.config import build_config
 from mtkd.errors import ConfigError
 from mtkd.models import build_model
 from mtkd.models.backbone import build_backbone
+from mtkd.tasks.classify.models import build_classifier
+from mtkd.tasks.classify.task import ClassifyTask
 from mtkd.teachers import load_teacher
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -6,7 +6,7 @@ Classification (default)
 ------------------------
 * **Data.** ``--data`` (an ImageFolder root with ``train/``, ``val/``,
   ``test/``), or the synthetic texture set of
-  :func:`mtkd.classification.cli.make_classify_data` written to
+  :func:`mtkd.tasks.classify.cli.make_classify_data` written to
   ``<out>/data``: 6 classes at 16 px (the two grating frequencies of 6
   classes stay below the Nyquist limit of 16 px), 256 train / 64 val / 171
   test images per class, so the test split has 1026 images. Normalisation
@@ -270,7 +270,7 @@ def classify_data(args: argparse.Namespace) -> Path:
         return root
     root = Path(args.out) / "data"
     if not (root / "test").is_dir():
-        from mtkd.classification.cli import make_classify_data
+        from mtkd.tasks.classify.cli import make_classify_data
 
         print(f"[benchmark] writing the synthetic classification set to {root} ...", flush=True)
         make_classify_data(root, n_classes=args.classes, n_per_class=args.per_class,
@@ -288,7 +288,7 @@ def classify_base(data: Path, imgsz: int, extra: Sequence[str]) -> List[str]:
     moves the frequency by up to 1.3x where neighbouring classes are 1.6x
     apart (measurements: benchmarks/README.md, "adversarial").
     """
-    from mtkd.classification.data import compute_mean_std
+    from mtkd.tasks.classify.data import compute_mean_std
 
     mean, std = compute_mean_std(data / "train", imgsz)
     return [f"data.root={q(str(data))}", f"data.imgsz={imgsz}", f"data.mean={q(mean)}", f"data.std={q(std)}",

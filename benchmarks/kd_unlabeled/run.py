@@ -343,19 +343,16 @@ def teacher_outputs(cfg: Dict[str, Any], ckpt: Path, images: Sequence[Tuple[str,
     """``(id, h, w, boxes, scores, labels, seg_logits)`` of the teacher on each image, in original pixels.
 
     Each image goes through the eval transform of the teacher's ``data``
-    config, one at a time (sizes may differ); detections are decoded with the
-    usual NMS (:func:`mtkd.heads.decode.decode` at ``eval.iou``/``max_det``,
-    candidates from ``min(eval.conf, min_conf)``) and mapped back to original
-    pixels like :mod:`mtkd.engine.predict` does.
+    config, one at a time (sizes may differ), and the inference path
+    :func:`mtkd.tasks.multitask.predict.predict_batch` (the usual NMS at
+    ``eval.iou``/``max_det``, candidates from ``min(eval.conf, min_conf)``),
+    which maps boxes and seg logits back to original pixels.
     """
-    import torch
-
     from mtkd.datasets.common import read_image
     from mtkd.datasets.transforms import build_transforms
-    from mtkd.engine.evaluator import boxes_to_original, seg_logits_to_original
     from mtkd.engine.trainer import load_model
-    from mtkd.heads.decode import decode
-    from mtkd.structures import Sample
+    from mtkd.errors import MtkdError
+    from mtkd.tasks.multitask.predict import eval_item, predict_batch
 
     _task, model, _classes, device = load_model(cfg, ckpt)
     d, e = cfg["data"], cfg["eval"]
@@ -363,19 +360,12 @@ def teacher_outputs(cfg: Dict[str, Any], ckpt: Path, images: Sequence[Tuple[str,
     for i, (img_id, path) in enumerate(images):
         image = read_image(path)
         h, w = image.shape[:2]
-        sample = Sample(image, np.zeros((0, 4), np.float32), np.zeros(0, np.int64), None, has_det=False,
-                        has_seg=False, id=img_id, index=i)
-        item = transform(sample)
-        with torch.inference_mode():
-            out = model(item["image"][None].to(device))
-        if out.get("det") is None or out.get("seg") is None:
-            from mtkd.errors import MtkdError
-
+        item = eval_item(image, transform, img_id, i)
+        pred = predict_batch(model, item["image"][None], [item["letterbox"]], [(h, w)],
+                             min(float(e["conf"]), min_conf), e["iou"], e["max_det"], device)[0]
+        if pred.boxes is None or pred.seg is None:
             raise MtkdError(f"{ckpt}: the teacher needs a detection and a segmentation head for pseudo-labels")
-        det = decode(out["det"], min(float(e["conf"]), min_conf), e["iou"], e["max_det"])[0]
-        boxes = boxes_to_original(det["boxes"].float().cpu(), item["letterbox"], (h, w))
-        logits = seg_logits_to_original(out["seg"][0], item["letterbox"], (h, w))
-        yield img_id, h, w, boxes, det["scores"].float().cpu(), det["labels"].cpu(), logits
+        yield img_id, h, w, pred.boxes, pred.scores, pred.labels, pred.seg_logits()
 
 
 def teacher_predictions(cfg: Dict[str, Any], ckpt: Path, images: Sequence[Tuple[str, Path]], conf: float,
@@ -495,7 +485,7 @@ def build_pseudo_voc(dest: str | Path, src_root: str | Path, split: Dict[str, An
     """
     from PIL import Image
 
-    from mtkd.engine.plots import mask_palette
+    from mtkd.tasks.multitask.plots import mask_palette
     from mtkd.errors import MtkdError
 
     dest, src = Path(dest), Path(src_root).resolve()

@@ -5,7 +5,7 @@ Protocol (classification, the default):
 
 1. Data: ``--data`` (an ImageFolder root with ``train/``, ``val/`` and
    optionally ``test/``), or the synthetic texture set written by
-   :func:`mtkd.classification.cli.make_classify_data` into ``<runs>/data``
+   :func:`mtkd.tasks.classify.cli.make_classify_data` into ``<runs>/data``
    (8 classes, 64 train / 16 val / 32 test images per class, 32 px; with
    batch 32 that is 16 steps per epoch).
 2. Teacher: ``mtkd/configs/classify/teacher.yaml`` with ``model.backbone`` =
@@ -201,7 +201,7 @@ def _q(value: Any) -> str:
 def loss_entry(name: str, n_data: int, steps_per_epoch: int, dense: bool,
                teacher_arch: str = "cnn8") -> Dict[str, Any]:
     """The ``loss.extra`` entry of ``name``: weight = the reference's lambda, plus its options."""
-    from mtkd.classification.models import CNN_VARIANTS
+    from mtkd.tasks.classify.models import CNN_VARIANTS
 
     lam, kwargs = CLASSIFY_LOSSES[name]
     entry: Dict[str, Any] = {"name": name, "weight": lam, **kwargs}
@@ -217,7 +217,7 @@ def loss_entry(name: str, n_data: int, steps_per_epoch: int, dense: bool,
 
 
 def count_images(folder: Path) -> int:
-    from mtkd.classification.data import list_images
+    from mtkd.tasks.classify.data import list_images
 
     return len(list_images(folder))
 
@@ -367,7 +367,7 @@ def prepare_data(args: argparse.Namespace) -> Path:
         return root
     root = Path(args.runs) / "data"
     if not (root / "test").is_dir():
-        from mtkd.classification.cli import make_classify_data
+        from mtkd.tasks.classify.cli import make_classify_data
 
         make_classify_data(root, n_classes=args.classes, n_per_class=args.per_class,
                            n_test_per_class=args.test_per_class, imgsz=args.imgsz, seed=0)
@@ -379,7 +379,7 @@ def run_classify(args: argparse.Namespace, res: common.Results, data: Path) -> b
     from mtkd.engine.config import load_config
     from mtkd.engine.trainer import evaluate_checkpoint
 
-    from mtkd.classification.data import compute_mean_std
+    from mtkd.tasks.classify.data import compute_mean_std
 
     mean, std = compute_mean_std(data / "train", args.imgsz)  # once, not in each of the ~70 runs
     base = [f"data.root={_q(str(data))}", f"data.imgsz={args.imgsz}", f"data.mean={_q(mean)}",

@@ -22,7 +22,8 @@ config section::
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional, Sequence
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence, Tuple
 
 from mtkd.datasets.coco import COCODataset
 from mtkd.datasets.collate import collate
@@ -50,6 +51,7 @@ __all__ = [
     "collate",
     "build_dataset",
     "build_unlabeled",
+    "infer_format",
     "build_transforms",
     "unletterbox_boxes",
 ]
@@ -106,3 +108,33 @@ def build_unlabeled(data_cfg: Mapping[str, Any], classes: Sequence[str],
         return None
     transform = build_transforms(data_cfg, train=True, seed=None if seed is None else seed + 1)
     return build_unlabeled_dataset(dict(data_cfg), classes, transform)
+
+
+def infer_format(path: str | Path, key: str = "data.root", format_key: str = "data.format") -> Tuple[str, Path]:
+    """``(format, root)`` of a dataset path, read from its layout.
+
+    * a ``.yaml``/``.yml`` file -> ``yolo`` (the data yaml is the root);
+    * a folder with ``Annotations/`` or ``JPEGImages/`` -> ``voc``;
+    * a folder with ``annotations/*.json`` -> ``coco``;
+    * a folder holding ``voc/`` (or ``coco/``, or ``yolo/data.yaml``), as
+      ``mtkd make-synthetic`` writes it -> that layout, in this order.
+
+    Raises a one-line ConfigError naming ``key`` (where the path came from)
+    and the path when nothing matches, pointing at ``format_key``.
+    """
+    p = Path(path)
+    if p.is_file() and p.suffix in (".yaml", ".yml"):
+        return "yolo", p
+    if not p.is_dir():
+        raise ConfigError(f"{key} {p}: no such dataset folder or YOLO data yaml")
+    if (p / "Annotations").is_dir() or (p / "JPEGImages").is_dir():
+        return "voc", p
+    if (p / "annotations").is_dir() and any((p / "annotations").glob("*.json")):
+        return "coco", p
+    for sub in ("voc", "coco"):
+        if (p / sub).is_dir():
+            return infer_format(p / sub, key, format_key)
+    if (p / "yolo" / "data.yaml").is_file():
+        return "yolo", p / "yolo" / "data.yaml"
+    raise ConfigError(f"{key} {p}: not a VOC tree (Annotations/), COCO tree (annotations/*.json), "
+                      f"YOLO data yaml or make-synthetic folder; pass {format_key}")

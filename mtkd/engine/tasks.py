@@ -5,8 +5,9 @@ The :class:`~mtkd.engine.trainer.Trainer` is generic; whatever depends on
 draw a prediction) comes from a task object, looked up by the config's
 ``task`` name. A task implements :class:`Task`; it registers itself with
 ``@register_task("name")`` in :data:`mtkd.registry.TASKS`, whose
-``locations`` name the modules that define tasks (imported on the first
-lookup); adding a task needs no change to the trainer.
+``locations`` name the modules that define tasks (the packages under
+:mod:`mtkd.tasks`, imported on the first lookup); adding a task needs no
+change to the trainer.
 
 Every task's batches are dicts with at least ``"images"`` (the model input);
 its models take that tensor and return a dict the task's losses understand.
@@ -19,7 +20,6 @@ from typing import Any, Callable, Dict, List, Optional, Protocol, Type
 import torch
 from torch import nn
 
-from mtkd.errors import ConfigError
 from mtkd.registry import TASKS
 
 
@@ -88,146 +88,3 @@ def available_tasks() -> List[str]:
 def get_task(name: str) -> Task:
     """A new task object for the config's ``task`` name."""
     return TASKS.get(name, "task")()
-
-
-def model_kwargs(model_cfg: Dict[str, Any]) -> Dict[str, Any]:
-    """The ``model:`` section without its null entries (null = the preset's value) and without
-    ``init`` (starting weights, which the trainer loads; see :func:`mtkd.engine.trainer.init_model`)."""
-    return {k: v for k, v in model_cfg.items() if v is not None and k != "init"}
-
-
-@register_task("multitask")
-class MultiTaskTask:
-    """Detection + segmentation on VOC/COCO/YOLO/synthetic data (mtkd.datasets, mtkd.models).
-
-    The default best-checkpoint score is the mean of the ``map50`` and
-    ``miou`` metrics that are present (a detection-only or segmentation-only
-    model is scored on its one metric).
-    """
-
-    name = "multitask"
-
-    def build_dataset(self, cfg: Dict[str, Any], split: str, train: bool) -> Any:
-        from mtkd.datasets import build_dataset
-
-        data = {k: v for k, v in cfg["data"].items() if v is not None}
-        return build_dataset(data, split, train, seed=cfg["seed"] if train else None)
-
-    def build_unlabeled(self, cfg: Dict[str, Any], labeled: Any) -> Optional[Any]:
-        from mtkd.datasets import build_unlabeled
-
-        data = {k: v for k, v in cfg["data"].items() if v is not None}
-        return build_unlabeled(data, labeled.classes, seed=cfg["seed"])
-
-    def collate(self, items: List[Any]) -> Dict[str, Any]:
-        from mtkd.datasets import collate
-
-        return collate(items)
-
-    def normalisation(self, cfg: Dict[str, Any]) -> tuple:
-        """``(mean, std)``: ``data.mean``/``data.std``, ImageNet's where null (as the transforms do)."""
-        from mtkd.datasets.transforms import IMAGENET_MEAN, IMAGENET_STD
-
-        data = cfg["data"]
-        mean = data.get("mean") if data.get("mean") is not None else IMAGENET_MEAN
-        std = data.get("std") if data.get("std") is not None else IMAGENET_STD
-        return [float(v) for v in mean], [float(v) for v in std]
-
-    def build_model(self, cfg: Dict[str, Any], num_classes: int) -> nn.Module:
-        from mtkd.models import build_model
-
-        model = build_model(model_kwargs(cfg["model"]), num_classes)
-        seg, size = getattr(model, "seg_head", None), cfg["data"]["imgsz"]
-        if seg is not None and isinstance(size, int) and (seg.classifier.in_channels // 32) * (size // 32) ** 2 < 2:
-            # GroupNorm(32) of the seg head on the stride-32 map: one value per group normalises to 0
-            raise ConfigError(f"data.imgsz: {size} is too small for a segmentation head of "
-                              f"{seg.classifier.in_channels} channels (its stride-32 map is 1x1, one value per "
-                              "GroupNorm group); use data.imgsz >= 64 or model.seg_channels >= 64")
-        return model
-
-    def build_teacher(self, cfg: Dict[str, Any], num_classes: int, student: nn.Module) -> Optional[nn.Module]:
-        tcfg = cfg["teacher"]
-        if tcfg.get("ckpt") is None and tcfg.get("composite") is None:
-            return None
-        from mtkd.teachers import load_teacher
-
-        return load_teacher(tcfg, num_classes, student=student)
-
-    def evaluate(self, model: nn.Module, loader: Any, dataset: Any, cfg: Dict[str, Any],
-                 device: torch.device, amp: bool) -> Dict[str, float]:
-        from mtkd.engine.evaluator import evaluate
-
-        e = cfg["eval"]
-        return evaluate(model, loader, dataset, conf=e["conf"], iou=e["iou"], max_det=e["max_det"],
-                        device=device, amp=amp, max_batches=e["max_batches"])
-
-    def fitness(self, metrics: Dict[str, float]) -> float:
-        parts = [metrics[k] for k in ("map50", "miou") if k in metrics]
-        if not parts:
-            raise ConfigError("train.save_best_on: fitness needs map50 or miou in the val metrics")
-        return sum(parts) / len(parts)
-
-    def model_info(self, model: nn.Module, cfg: Dict[str, Any]) -> Dict[str, float]:
-        from mtkd.models.info import model_info
-
-        return model_info(model, cfg["data"]["imgsz"])
-
-    def draw_val(self, model: nn.Module, dataset: Any, path: Path, cfg: Dict[str, Any],
-                 device: torch.device, n: int = 4) -> None:
-        """The first ``n`` images of ``dataset``: predictions (top row) over labels (bottom row).
-
-        Each image goes through the dataset's own (eval) transform; boxes and
-        masks are mapped back to original pixels with the evaluator's helpers.
-        Tiles are scaled to a common height of ``data.imgsz`` pixels.
-        """
-        import numpy as np
-        from PIL import Image
-
-        from mtkd.engine.evaluator import boxes_to_original, seg_to_original
-        from mtkd.engine.plots import draw_predictions
-        from mtkd.heads.decode import decode
-
-        e, size = cfg["eval"], cfg["data"]["imgsz"]
-        classes = list(dataset.classes)
-        tiles = []
-        was_training = model.training
-        model.eval()
-        try:
-            for i in range(min(n, len(dataset))):
-                item, sample = dataset[i], dataset.load_sample(i)
-                h, w = sample.image.shape[:2]
-                with torch.inference_mode():
-                    out = model(item["image"][None].to(device))
-                boxes, scores, labels, mask = np.zeros((0, 4)), None, np.zeros(0), None
-                if out.get("det") is not None:
-                    d = decode(out["det"], e["predict_conf"], e["iou"], e["max_det"])[0]
-                    boxes = boxes_to_original(d["boxes"].float().cpu(), item["letterbox"], (h, w))
-                    scores, labels = d["scores"].float().cpu(), d["labels"].cpu()
-                if out.get("seg") is not None:
-                    mask = seg_to_original(out["seg"][0], item["letterbox"], (h, w)).cpu().numpy()
-                pred = draw_predictions(sample.image, boxes, labels, scores, mask, classes)
-                gt = draw_predictions(sample.image, sample.boxes if sample.has_det else np.zeros((0, 4)),
-                                      sample.labels if sample.has_det else np.zeros(0), None,
-                                      sample.mask if sample.has_seg else None, classes)
-                tw = max(1, round(w * size / h))
-                tiles.append([Image.fromarray(a).resize((tw, size)) for a in (pred, gt)])
-        finally:
-            model.train(was_training)
-        if not tiles:
-            return
-        canvas = Image.new("RGB", (sum(t[0].width for t in tiles), 2 * size), (255, 255, 255))
-        x = 0
-        for pred, gt in tiles:
-            canvas.paste(pred, (x, 0))
-            canvas.paste(gt, (x, size))
-            x += pred.width
-        canvas.save(path)
-
-    def predict(self, model: nn.Module, source: Path, out: Path, classes: List[str],
-                cfg: Dict[str, Any], device: torch.device) -> Any:
-        from mtkd.engine.predict import predict_folder
-
-        d = cfg["data"]
-        return predict_folder(model, source, out, classes, imgsz=d["imgsz"], mean=d["mean"], std=d["std"],
-                              conf=cfg["eval"]["predict_conf"], iou=cfg["eval"]["iou"], device=device,
-                              skip_bad=bool(d.get("skip_bad", False)))

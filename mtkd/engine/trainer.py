@@ -130,7 +130,7 @@ import threading
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -141,6 +141,7 @@ from tqdm import tqdm
 from mtkd import checkpoint as ckpt_io
 from mtkd.engine import distributed as ddp
 from mtkd.engine.aux import AuxOptimizers
+from mtkd.engine.callbacks import CallbackList
 from mtkd.engine.config import dump_config
 from mtkd.engine.ema import ModelEMA
 from mtkd.engine.logger import RunLogger
@@ -309,11 +310,13 @@ class Trainer:
     """``Trainer(cfg).fit()`` trains, validates, checkpoints and writes the test report.
 
     ``cfg`` is a validated config (:func:`mtkd.engine.config.load_config`);
-    ``task`` overrides the task looked up from ``cfg["task"]``.
+    ``task`` overrides the task looked up from ``cfg["task"]``; ``callbacks``
+    follow the run (:mod:`mtkd.engine.callbacks`).
     """
 
-    def __init__(self, cfg: Dict[str, Any], task: Optional[Task] = None):
+    def __init__(self, cfg: Dict[str, Any], task: Optional[Task] = None, callbacks: Sequence[Any] = ()):
         self.cfg = cfg
+        self.callbacks = CallbackList(callbacks)
         self.tcfg = cfg["train"]
         if self.tcfg["nonfinite"] not in ("stop", "skip"):
             raise ConfigError(f"train.nonfinite: expected stop or skip, got {self.tcfg['nonfinite']!r}")
@@ -331,6 +334,7 @@ class Trainer:
         self.dist = ddp.setup(self.tcfg["device"])
         self.device = self.dist.device
         self.amp = bool(self.tcfg["amp"])
+        self.epoch = 0  # the current epoch, 0-based
         self.step = 0
         self.skipped = 0
         self.train_skipped: Optional[int] = None  # distinct training samples skipped as bad (data.skip_bad)
@@ -611,6 +615,7 @@ class Trainer:
                 set_epoch(self.epoch, self.dist.rank)
         self.net.train()
         self.composer.train()
+        self.callbacks.call("on_epoch_start", self)
         # after an interruption: the batches already trained and their logged sums
         skip, sums, counts = self._resume_batches, dict(self._resume_sums), dict(self._resume_counts)
         self._resume_batches, self._resume_sums, self._resume_counts = 0, {}, {}
@@ -638,6 +643,9 @@ class Trainer:
                     sums[k] = sums.get(k, 0.0) + v
                     counts[k] = counts.get(k, 0) + 1
                 bar.set_postfix(loss=f"{sums['total'] / counts['total']:.4g}", refresh=False)
+            if self.callbacks:
+                self.callbacks.call("on_step_end", self, logs)
+                tick = time.perf_counter()  # the callbacks' time is not training time
             spent = self._budget_spent()
             if spent:
                 break
@@ -741,6 +749,7 @@ class Trainer:
             if score > self.best_score:
                 self.best_score, self.best_epoch = score, self.epoch + 1
                 ckpt_io.save_atomic(self._base_ckpt(metrics), self.out / "best.pt")
+            self.callbacks.call("on_validation_end", self, metrics)
         row: Dict[str, float] = {"epoch": self.epoch + 1, "step": self.step,
                                  "lr": self.optimizer.param_groups[0]["lr"], "train_wall_s": self.train_wall,
                                  "skipped_steps": self.skipped}
@@ -820,6 +829,7 @@ class Trainer:
                     self.train_skipped = self._train_skipped()
                     if main:
                         self._end_of_epoch(means, validate=last or (self.epoch + 1) % self.tcfg["val_every"] == 0)
+                    self.callbacks.call("on_epoch_end", self, means)
                     if ddp.any_true(main and self._patience_exhausted(), self.dist):
                         reason = "early_stopping"
                         break
@@ -949,9 +959,9 @@ def split_read(dataset: Any, cfg: Dict[str, Any], split: str) -> str:
     return str(name)
 
 
-def train(cfg: Dict[str, Any], task: Optional[Task] = None) -> Dict[str, Any]:
+def train(cfg: Dict[str, Any], task: Optional[Task] = None, callbacks: Sequence[Any] = ()) -> Dict[str, Any]:
     """Train the run described by ``cfg``; returns the test report (rank 0)."""
-    return Trainer(cfg, task).fit()
+    return Trainer(cfg, task, callbacks).fit()
 
 
 def _without_pretrained(cfg: Dict[str, Any]) -> Dict[str, Any]:

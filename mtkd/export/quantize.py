@@ -15,7 +15,7 @@ beside the fp32 file:
 The mtkd metadata of the fp32 file is kept (so ``mtkd predict --onnx`` runs
 the INT8 file alike), plus ``quantization``. Quantised outputs are not equal
 to the fp32 ones, so parity here is the metric drop: the fp32 and INT8 files
-are both scored in onnxruntime by :func:`mtkd.engine.evaluator.evaluate` on
+are both scored in onnxruntime by :func:`mtkd.tasks.multitask.evaluation.evaluate` on
 the first ``parity_images`` images of the val split (``parity_split`` names
 another), and ``<stem>.int8.json`` records both and ``drop`` = fp32 - int8
 per metric.

@@ -2,8 +2,8 @@
 
 :class:`OnnxModel` wraps an onnxruntime session in a module whose output dict
 is the exported form of a model's (``"boxes"``, ``"scores"``, ``"seg"``, see
-:mod:`mtkd.export.onnx`), so :func:`mtkd.engine.predict.predict_folder` and
-:func:`mtkd.engine.evaluator.evaluate` decode, un-letterbox and score it with
+:mod:`mtkd.export.onnx`), so :func:`mtkd.tasks.multitask.predict.predict_folder` and
+:func:`mtkd.tasks.multitask.evaluation.evaluate` decode, un-letterbox and score it with
 the same code as a PyTorch model. Everything it needs (class names, input
 size, normalisation, outputs) comes from the file's ``metadata_props``, which
 ``mtkd export`` writes; no config or checkpoint is read.
@@ -92,8 +92,8 @@ class OnnxModel(nn.Module):
 
 def predict_onnx(path: str | Path, source: str | Path, out: str | Path, conf: float = 0.25, iou: float = 0.6,
                  max_det: int = 300) -> List[Dict[str, Any]]:
-    """``mtkd predict --onnx``: :func:`mtkd.engine.predict.predict_folder` with the file in onnxruntime."""
-    from mtkd.engine.predict import predict_folder
+    """``mtkd predict --onnx``: :func:`mtkd.tasks.multitask.predict.predict_folder` with the file in onnxruntime."""
+    from mtkd.tasks.multitask.predict import predict_folder
 
     model = OnnxModel(path)
     return predict_folder(model, source, out, model.classes, model.imgsz, model.mean, model.std, conf=conf,

@@ -11,7 +11,7 @@ Config (keys of ``mtkd/configs/defaults.yaml``, read as follows):
   ``data.augment`` (``scale``, ``hflip``, ``enabled``); ``data.skip_bad``.
 * ``model.preset: student`` -> the 4-block CNN (``cnn4``); ``model.backbone``
   -> any torchvision/timm classifier name instead (see
-  :mod:`mtkd.classification.models`); ``model.pretrained`` (false, true for
+  :mod:`mtkd.tasks.classify.models`); ``model.pretrained`` (false, true for
   timm's weights, or a state dict path); the multi-task model keys must stay null.
 * ``teacher.model: {name: densenet121, pretrained: false, <constructor
   kwargs>}`` (``backbone`` is accepted for ``name``; default
@@ -32,16 +32,17 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from mtkd.classification.data import (ImageFolderDataset, build_transform, collate, compute_mean_std,
-                                      find_classes)
-from mtkd.classification.models import STUDENT, build_classifier, load_weights
-from mtkd.classification.predict import predict_folder
 from mtkd.engine.tasks import register_task
 from mtkd.errors import ConfigError, writing
 from mtkd.pretrained import check_pretrained
+from mtkd.tasks.classify.data import (ImageFolderDataset, build_transform, collate, compute_mean_std,
+                                      find_classes)
+from mtkd.tasks.classify.evaluation import evaluate
+from mtkd.tasks.classify.models import STUDENT, build_classifier, load_weights
+from mtkd.tasks.classify.plots import draw_val
+from mtkd.tasks.classify.predict import predict_folder
 
 #: Multi-task ``model:`` keys that mean nothing to a classifier (must stay null).
 _DENSE_MODEL_KEYS = ("neck_channels", "neck_depth", "head_channels", "reg_max", "seg_channels", "seg_c2",
@@ -136,31 +137,9 @@ class ClassifyTask:
         return model
 
     # -- evaluation --------------------------------------------------------------------
-    @torch.no_grad()
     def evaluate(self, model: nn.Module, loader: Any, dataset: Any, cfg: Dict[str, Any],
                  device: torch.device, amp: bool) -> Dict[str, float]:
-        was_training = model.training
-        model.eval()
-        max_batches = cfg["eval"].get("max_batches")
-        k = min(5, len(dataset.classes))
-        n = top1 = topk = 0
-        loss = 0.0
-        try:
-            for i, batch in enumerate(loader):
-                if max_batches is not None and i >= max_batches:
-                    break
-                images, labels = batch["images"].to(device), batch["labels"].to(device)
-                logits = model(images)["logits"].float()
-                loss += float(F.cross_entropy(logits, labels, reduction="sum"))
-                hits = logits.topk(k, dim=1).indices == labels[:, None]
-                top1 += int(hits[:, 0].sum())
-                topk += int(hits.any(dim=1).sum())
-                n += len(labels)
-        finally:
-            model.train(was_training)
-        if n == 0:
-            raise ConfigError("eval: no samples were evaluated (empty split or eval.max_batches = 0)")
-        return {"top1": 100.0 * top1 / n, "top5": 100.0 * topk / n, "loss": loss / n}
+        return evaluate(model, loader, dataset, device, cfg["eval"].get("max_batches"))
 
     def fitness(self, metrics: Dict[str, float]) -> float:
         return metrics["top1"]
@@ -172,37 +151,8 @@ class ClassifyTask:
 
     def draw_val(self, model: nn.Module, dataset: Any, path: Path, cfg: Dict[str, Any],
                  device: torch.device, n: int = 8) -> None:
-        """The first ``n`` images of ``dataset`` in a row (tiles of at least
-        96 px), each captioned ``pred prob`` over ``gt`` (green when right,
-        red when wrong)."""
-        from PIL import Image, ImageDraw
-
         mean, std = self.normalisation(cfg)
-        size = max(int(cfg["data"]["imgsz"]), 96)  # tiles wide enough for the captions
-        items = [dataset[i] for i in range(min(n, len(dataset)))]
-        if not items:
-            return
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                prob = model(torch.stack([it["image"] for it in items]).to(device))["logits"].float().softmax(1)
-        finally:
-            model.train(was_training)
-        conf, pred = prob.max(1)
-        canvas = Image.new("RGB", (size * len(items), size + 28), (255, 255, 255))
-        draw = ImageDraw.Draw(canvas)
-        m = torch.tensor(mean).view(3, 1, 1)
-        s = torch.tensor(std).view(3, 1, 1)
-        for j, it in enumerate(items):
-            img = ((it["image"] * s + m).clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()
-            canvas.paste(Image.fromarray(img).resize((size, size), Image.NEAREST), (j * size, 0))
-            ok = int(pred[j]) == it["label"]
-            draw.text((j * size + 2, size + 1), f"{dataset.classes[int(pred[j])]} {float(conf[j]):.2f}",
-                      fill=(0, 140, 0) if ok else (200, 0, 0))
-            draw.text((j * size + 2, size + 14), dataset.classes[it["label"]], fill=(0, 0, 0))
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        canvas.save(path)
+        draw_val(model, dataset, path, mean, std, int(cfg["data"]["imgsz"]), device, n)
 
     def predict(self, model: nn.Module, source: Path, out: Path, classes: List[str],
                 cfg: Dict[str, Any], device: torch.device) -> List[str]:

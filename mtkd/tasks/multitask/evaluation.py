@@ -4,75 +4,29 @@
 dataset's own labels at the original image size, so numbers do not depend on
 the input size or letterbox padding:
 
+Predictions come from the inference path
+:func:`mtkd.tasks.multitask.predict.predict_batch`:
+
 * detection: decoded boxes (:func:`mtkd.heads.decode.detections`) are mapped back
   with the batch's ``letterbox`` (``orig = (input - pad) / scale``), clipped
-  to the image, and scored with COCO mAP (:func:`~mtkd.engine.metrics.coco_map`
+  to the image, and scored with COCO mAP (:func:`~mtkd.tasks.multitask.metrics.coco_map`
   against ``dataset.coco_gt()``) and VOC mAP@0.5
-  (:func:`~mtkd.engine.metrics.voc_map50`, difficult boxes ignored);
+  (:func:`~mtkd.tasks.multitask.metrics.voc_map50`, difficult boxes ignored);
 * segmentation: logits are cropped to the un-padded region, resized
-  bilinearly to the original (h, w) and arg-maxed (:func:`seg_to_original`),
+  bilinearly to the original (h, w) and arg-maxed
+  (:func:`~mtkd.tasks.multitask.predict.seg_to_original`),
   then compared with ``dataset.load_sample(index).mask`` in a
-  :class:`~mtkd.engine.metrics.SegConfusion`.
+  :class:`~mtkd.tasks.multitask.metrics.SegConfusion`.
 """
 from __future__ import annotations
 
-import contextlib
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
+from typing import Any, Dict, Iterable, List, Mapping, Optional
 
 import torch
-import torch.nn.functional as F
 
-from mtkd.engine.metrics import SegConfusion, coco_map, voc_map50
-from mtkd.heads.decode import detections
 from mtkd.structures import Sample
-
-
-def boxes_to_original(boxes: torch.Tensor, letterbox: Sequence[float], orig_hw: Sequence[int]) -> torch.Tensor:
-    """Map (N, 4) xyxy input-pixel boxes to original pixels, clipped to the image.
-
-    ``letterbox`` is ``(scale, pad_x, pad_y)``; ``orig = (input - pad) / scale``.
-    """
-    scale, pad_x, pad_y = (float(v) for v in letterbox)
-    h, w = (int(v) for v in orig_hw)
-    pad = boxes.new_tensor([pad_x, pad_y, pad_x, pad_y])
-    out = (boxes.float() - pad) / scale
-    out[:, 0::2] = out[:, 0::2].clamp(0, w)
-    out[:, 1::2] = out[:, 1::2].clamp(0, h)
-    return out
-
-
-def seg_logits_to_original(logits: torch.Tensor, letterbox: Sequence[float],
-                           orig_hw: Sequence[int]) -> torch.Tensor:
-    """(K, H, W) input-resolution logits -> (K, h, w) float logits in original pixels.
-
-    The un-padded region is ``[round(pad), round(pad + size * scale))`` along
-    each axis (at least one pixel, clamped to the input); its logits are
-    resized bilinearly (``align_corners=False``, no antialiasing) to the
-    original (h, w). Resizing logits rather than the label map keeps class
-    boundaries sub-pixel accurate.
-    """
-    scale, pad_x, pad_y = (float(v) for v in letterbox)
-    h, w = (int(v) for v in orig_hw)
-    in_h, in_w = logits.shape[-2:]
-    y0 = min(max(int(round(pad_y)), 0), in_h - 1)
-    x0 = min(max(int(round(pad_x)), 0), in_w - 1)
-    y1 = min(max(int(round(pad_y + h * scale)), y0 + 1), in_h)
-    x1 = min(max(int(round(pad_x + w * scale)), x0 + 1), in_w)
-    crop = logits[None, :, y0:y1, x0:x1].float()
-    return F.interpolate(crop, size=(h, w), mode="bilinear", align_corners=False)[0]
-
-
-def seg_to_original(logits: torch.Tensor, letterbox: Sequence[float], orig_hw: Sequence[int]) -> torch.Tensor:
-    """(K, H, W) input-resolution logits -> (h, w) int64 class map in original pixels
-    (the arg-max of :func:`seg_logits_to_original`)."""
-    return seg_logits_to_original(logits, letterbox, orig_hw).argmax(0)
-
-
-def _autocast(device: torch.device, amp: bool) -> contextlib.AbstractContextManager:
-    if not amp:
-        return contextlib.nullcontext()
-    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-    return torch.autocast(device.type, dtype=dtype)
+from mtkd.tasks.multitask.metrics import SegConfusion, coco_map, voc_map50
+from mtkd.tasks.multitask.predict import Prediction, predict_batch
 
 
 def _restrict_gt(coco_gt: Mapping[str, Any], image_ids: set) -> Dict[str, Any]:
@@ -94,28 +48,19 @@ class _Scores:
         self.confusion: Optional[SegConfusion] = None
         self.has_det_head = False
 
-    def add(
-        self,
-        index: int,
-        sample: Sample,
-        letterbox: Sequence[float],
-        det: Optional[Dict[str, Any]],
-        seg: Optional[torch.Tensor],
-    ) -> None:
-        hw = sample.image.shape[:2]
+    def add(self, index: int, sample: Sample, pred: Prediction) -> None:
         self.seen.add(index)
-        if det is not None:
-            boxes = boxes_to_original(det["boxes"].float().cpu(), letterbox, hw)
-            scores, labels = det["scores"].float().cpu(), det["labels"].cpu()
-            self.preds.append({"image_id": index, "boxes": boxes, "scores": scores, "labels": labels})
+        if pred.boxes is not None:
+            self.has_det_head = True
+            self.preds.append({"image_id": index, "boxes": pred.boxes, "scores": pred.scores, "labels": pred.labels})
             if sample.has_det:
                 gt = {"image_id": index, "boxes": sample.boxes, "labels": sample.labels, "difficult": sample.difficult}
                 self.voc_gts.append(gt)
-        if seg is not None:
+        if pred.seg is not None:
             if self.confusion is None:
-                self.confusion = SegConfusion(seg.shape[0])
+                self.confusion = SegConfusion(pred.seg.shape[0])
             if sample.has_seg and sample.mask is not None:
-                self.confusion.update(seg_to_original(seg, letterbox, hw).cpu(), torch.from_numpy(sample.mask))
+                self.confusion.update(pred.mask().cpu(), torch.from_numpy(sample.mask))
 
 
 def evaluate(
@@ -163,17 +108,17 @@ def evaluate(
             for b, batch in enumerate(loader):
                 if max_batches is not None and b >= max_batches:
                     break
-                with _autocast(device, amp):
-                    out = model(batch["images"].to(device, non_blocking=True))
-                seg = out.get("seg")
-                decoded = detections(out, conf, iou, max_det)
-                acc.has_det_head |= decoded is not None
-                for j, index in enumerate(torch.as_tensor(batch["index"]).tolist()):
-                    if index in acc.seen:  # a skip_bad dataset may hand out a sample twice
-                        continue
-                    letterbox = torch.as_tensor(batch["letterbox"][j]).tolist()
-                    det_j = None if decoded is None else decoded[j]
-                    acc.add(index, dataset.load_sample(index), letterbox, det_j, None if seg is None else seg[j])
+                indices = torch.as_tensor(batch["index"]).tolist()
+                samples: Dict[int, Sample] = {}  # position in the batch -> labels of a sample not yet scored
+                for j, index in enumerate(indices):
+                    # a skip_bad dataset may hand out a sample twice
+                    if index not in acc.seen and index not in indices[:j]:
+                        samples[j] = dataset.load_sample(index)
+                sizes = [samples[j].image.shape[:2] if j in samples else None for j in range(len(indices))]
+                preds = predict_batch(model, batch["images"], batch["letterbox"], sizes, conf, iou, max_det,
+                                      device, amp)
+                for j, sample in samples.items():
+                    acc.add(indices[j], sample, preds[j])
     finally:
         model.train(was_training)
 

@@ -10,7 +10,7 @@
   with a warning naming it.
 * Class names come from a list (the dataset's or checkpoint's classes) or a
   labels file (``index name`` per line, see
-  :func:`mtkd.classification.data.parse_labels_file`); their count must equal
+  :func:`mtkd.tasks.classify.data.parse_labels_file`); their count must equal
   the model's number of outputs.
 """
 from __future__ import annotations
@@ -22,8 +22,8 @@ from typing import List, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from mtkd.classification.data import build_transform, list_images, load_rgb, parse_labels_file
 from mtkd.errors import DataError, MtkdError
+from mtkd.tasks.classify.data import build_transform, list_images, load_rgb, parse_labels_file
 
 
 def _class_names(classes_or_labels_file: Union[Sequence[str], str, Path]) -> List[str]:

@@ -10,7 +10,7 @@ adds what they lack for classification::
 ``make-data`` writes ``train/``, ``val/`` and ``test/`` splits plus
 ``labels.txt`` (:func:`make_classify_data`). ``predict`` prints one
 ``file class prob`` line per image of ``--source`` (see
-:func:`mtkd.classification.predict.predict_folder`).
+:func:`mtkd.tasks.classify.predict.predict_folder`).
 
 Choices made here:
 
@@ -44,7 +44,7 @@ def make_classify_data(out: Union[str, Path], n_classes: int = 8, n_per_class: i
     split is drawn with seed ``seed + 1`` (module doc). Returns ``out``.
     An existing ``out/test`` is replaced.
     """
-    from mtkd.classification.synthetic import make_synthetic_imagefolder
+    from mtkd.tasks.classify.synthetic import make_synthetic_imagefolder
 
     if n_test_per_class < 1:
         raise ConfigError(f"n_test_per_class: must be >= 1, got {n_test_per_class}")
@@ -70,7 +70,7 @@ def classify_predict(cfg: Dict[str, Any], ckpt: Union[str, Path], source: Union[
                      labels: Optional[Union[str, Path]] = None) -> List[str]:
     """``file class prob`` lines for image file ``source`` or every image under folder ``source``
     (module doc for the sources of imgsz, mean/std and class names)."""
-    from mtkd.classification.predict import predict_folder
+    from mtkd.tasks.classify.predict import predict_folder
     from mtkd.engine.trainer import load_model
     from mtkd.errors import DataError
 
