@@ -151,6 +151,17 @@ def check_round_to(round_to: Any, key: str = "--round-to") -> Optional[int]:
     return round_to
 
 
+def taylor_grads(model: nn.Module, grad_fn: Callable[[nn.Module], Any]) -> None:
+    """Fill ``.grad`` for Taylor importance: ``grad_fn(model)`` back-propagates a loss;
+    parameters the loss does not reach get zero gradients (they rank as unimportant)."""
+    model.zero_grad(set_to_none=True)
+    with torch.enable_grad():
+        grad_fn(model)
+    for p in model.parameters():
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+
+
 def build_pruner(model: nn.Module, example: torch.Tensor, importance: str, *, ratio: float,
                  ignored_layers: List[nn.Module], output_transform: Callable[[Any], torch.Tensor],
                  round_to: Optional[int] = 8, steps: int = 1, global_pruning: bool = False) -> Any:
@@ -231,12 +242,7 @@ def prune_model(model: nn.Module, imgsz: int, *, ratio: Optional[float] = None,
     try:
         for step in range(1, steps + 1):
             if grad_fn is not None and importance == "taylor":
-                model.zero_grad(set_to_none=True)
-                with torch.enable_grad():
-                    grad_fn(model)
-                for p in model.parameters():  # layers the loss does not reach rank as unimportant
-                    if p.grad is None:
-                        p.grad = torch.zeros_like(p)
+                taylor_grads(model, grad_fn)
             pruner.step()
             reached = round((ratio if ratio is not None else MAX_RATIO) * step / steps, 6)
             cost = gflops(model, imgsz)

@@ -178,7 +178,7 @@ def prune_detection(model: nn.Module, imgsz: int, ratio: float, *, importance: s
     models. The report: ``params_before/after``, ``gflops_before/after`` (at
     ``imgsz``), ``ratio``, ``importance``, ``round_to``, ``imgsz``.
     """
-    from mtkd.export.prune import build_pruner, check_importance, check_ratio, check_round_to, gflops
+    from mtkd.export.prune import build_pruner, check_importance, check_ratio, check_round_to, gflops, taylor_grads
     from mtkd.models.restore import import_torch_pruning
     from mtkd.models.surgery import C2fSplit, merge_c2f, split_c2f
 
@@ -207,12 +207,7 @@ def prune_detection(model: nn.Module, imgsz: int, ratio: float, *, importance: s
     _balance_halves(pruner, splits)
     try:
         if importance == "taylor":
-            model.zero_grad(set_to_none=True)
-            with torch.enable_grad():
-                grad_fn(model)
-            for p in model.parameters():  # layers the loss does not reach rank as unimportant
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
+            taylor_grads(model, grad_fn)
         pruner.step()
     finally:
         model.zero_grad(set_to_none=True)
