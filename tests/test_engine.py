@@ -638,6 +638,10 @@ def test_skip_bad_counts_in_results_csv_test_metrics_and_eval_json(tmp_path, cap
     assert (rows[-1]["skipped_samples"], rows[-1]["val/skipped_samples"]) == ("1", "1")
     metrics = evaluate_checkpoint(cfg, tmp_path / "run" / "best.pt", "test")
     assert (metrics["split"], metrics["split_read"], metrics["skipped_samples"]) == ("test", "train", 1)
+    # killed after the last checkpoint, before the report: the resumed run trains nothing and reports the same count
+    cfg["train"]["resume"] = True
+    again = Trainer(cfg).fit()
+    assert again["train_skipped_samples"] == 1 and again["map50_95"] == report["map50_95"]
     assert metrics["n_images"] == 2
 
 

@@ -678,7 +678,7 @@ class Trainer:
                 "composer": self.composer.state_dict(), "composer_extra": self.composer.extra_state(),
                 "aux_optimizers": self.aux.state_dict(),
                 "rng": ckpt_io.rng_state(), "history": self.logger.history, "skipped": self.skipped,
-                "train_wall": self.train_wall, "best_epoch": self.best_epoch,
+                "train_skipped": self.train_skipped, "train_wall": self.train_wall, "best_epoch": self.best_epoch,
                 "budget_step_time": self.budget_step_time, "total_steps": self.schedule.total}
 
     def _resume(self) -> int:
@@ -728,6 +728,7 @@ class Trainer:
         ckpt_io.set_rng_state(st["rng"])
         self.logger.history = list(st["history"])
         self.step, self.skipped, self.train_wall = ck["step"], st["skipped"], st["train_wall"]
+        self.train_skipped = st.get("train_skipped")  # the report's count when no epoch is left to run
         self.best_score, self.best_epoch = ck["best_score"], st["best_epoch"]
         return int(ck["epoch"])
 
