@@ -76,6 +76,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
+import yaml
+
 ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -860,6 +862,9 @@ def case_coco_absolute(ctx: Ctx, d: Path) -> Run:
 def case_yolo_bad_class(ctx: Ctx, d: Path) -> Run:
     root = d / "yolo"
     shutil.copytree(ctx.data / "yolo", root)
+    # the copied yaml's absolute `path:` still names the original tree: point it at the copy
+    data = yaml.safe_load((root / "data.yaml").read_text())
+    (root / "data.yaml").write_text(yaml.safe_dump(dict(data, path=str(root)), sort_keys=False))
     txt = sorted((root / "labels").rglob("*.txt"))
     txt = [t for t in txt if "train" in str(t) and t.read_text().strip()][0]
     txt.write_text("99 0.5 0.5 0.2 0.2\n")
