@@ -204,6 +204,14 @@ def test_tiny_run_writes_outputs_and_loss_falls(tmp_path):
     assert not torch.equal(last["model"]["head.weight"], last["train_state"]["model"]["head.weight"])
 
 
+def test_run_prints_and_records_its_class_list(tmp_path, capsys):
+    # An unknown class name in the annotations becomes a class when data.classes is unset:
+    # the run names the list it trains on, and records it in the run folder.
+    Trainer(toy_cfg(tmp_path / "run", epochs=1)).fit()
+    assert "classes (1, read from the data): blob" in capsys.readouterr().out
+    assert (tmp_path / "run" / "classes.txt").read_text(encoding="utf-8").splitlines() == ["blob"]
+
+
 def test_resume_matches_uninterrupted_run(tmp_path):
     full = Trainer(toy_cfg(tmp_path / "full", epochs=2))
     full.fit()

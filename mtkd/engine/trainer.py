@@ -808,6 +808,7 @@ class Trainer:
                     self.out.mkdir(parents=True, exist_ok=True)
                 with writing(self.out / "config.yaml"):
                     dump_config(self.cfg, self.out / "config.yaml")
+                self._record_classes()
                 stale = ckpt_io.remove_stale_temps(self.out)
                 if stale:
                     print(f"removed {len(stale)} temporary checkpoint file(s) of an interrupted save in {self.out}",
@@ -856,6 +857,16 @@ class Trainer:
         finally:
             self._teardown(clean)
         return report
+
+    def _record_classes(self) -> None:
+        """Print the class list the run trains on and write it to ``classes.txt`` of the run folder
+        (one name a line, index = class id), saying whether it came from ``data.classes`` or was
+        read from the data: a misspelt class name in the annotations shows up here as an extra class."""
+        source = "data.classes" if self.cfg.get("data", {}).get("classes") else "read from the data"
+        print(f"classes ({len(self.classes)}, {source}): {', '.join(map(str, self.classes))}", flush=True)
+        path = self.out / "classes.txt"
+        with writing(path):
+            path.write_text("".join(f"{name}\n" for name in self.classes), encoding="utf-8")
 
     def _train_skipped(self) -> Optional[int]:
         """Distinct training samples (labelled and unlabeled) skipped as bad so far, over all ranks
