@@ -91,6 +91,27 @@ def test_plan_kills_spreads_write_kills_over_chains() -> None:
     assert sum(k == "write" for c in plan for k in c) == 11
 
 
+def test_kill_loop_moves_the_kills_of_a_chain_that_ended_early_to_a_new_chain(monkeypatch, tmp_path) -> None:
+    # A run that finishes before its kill ends the chain; the kills it had left are made in a new
+    # chain, so every planned kill happens.
+    calls = []
+
+    def fake_chain(ctx, c, kinds, ref, rng, timeout):
+        calls.append(list(kinds))
+        done = min(len(kinds), 2)  # each chain's run ends before its third kill
+        kills = [{"kind": k, "killed": i < done} for i, k in enumerate(kinds[:done + 1])]
+        return {"chain": c, "kills": kills, "final": {"rc": 0}, "temps_at_end": [], "exact": True, "differs": []}
+
+    monkeypatch.setattr(faults, "reference_run",
+                        lambda ctx: {"out": tmp_path, "seconds": 1.0, "startup_s": 0.5, "train_s": 0.5})
+    monkeypatch.setattr(faults, "kill_chain", fake_chain)
+    ctx = faults.Ctx(work=tmp_path, data=tmp_path, epochs=2)
+    loop = faults.kill_loop(ctx, n=9, n_write=3, chains=2, seed=0, timeout=1.0)
+    assert loop["summary"]["tried"] == 9 and loop["summary"]["write_kills"] == 3
+    assert [len(k) for k in calls] == [5, 4, 3, 2, 1]
+    assert [r["chain"] for r in loop["chains"]] == [0, 1, 2, 3, 4]
+
+
 def _child(code: str, env: dict) -> subprocess.Popen:
     full = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **env}
     return subprocess.Popen([sys.executable, "-c", code], env=full, cwd=ROOT, stdout=subprocess.PIPE,

@@ -411,12 +411,20 @@ def kill_loop(ctx: "Ctx", n: int, n_write: int, chains: int, seed: int, timeout:
     ref = reference_run(ctx)
     print(f"[faults] reference: {ref['seconds']:.1f} s ({ref['startup_s']:.1f} s start-up)", flush=True)
     ctx.ckpt = ref["out"] / "best.pt"
-    results = []
-    for c, kinds in enumerate(plan_kills(n, n_write, chains, rng) if n else []):
-        r = kill_chain(ctx, c, kinds, ref, rng, timeout)
+    results: List[Dict[str, Any]] = []
+    queue = [kinds for kinds in (plan_kills(n, n_write, chains, rng) if n else [])]
+    # A run that ends before its kill (a late random delay, or no save left to pause) ends its
+    # chain, which is then compared with the reference; the kills it had left go to a new chain,
+    # so every planned kill is made. Bounded: at most 3x the planned chains.
+    while queue and len(results) < 3 * max(chains, 1):
+        kinds = queue.pop(0)
+        r = kill_chain(ctx, len(results), kinds, ref, rng, timeout)
         done = sum(k["killed"] for k in r["kills"])
-        print(f"[faults] chain {c}: {done} kills, exact={r['exact']} {'; '.join(r['differs'][:2])}", flush=True)
+        print(f"[faults] chain {r['chain']}: {done} kills, exact={r['exact']} {'; '.join(r['differs'][:2])}",
+              flush=True)
         results.append(r)
+        if done < len(kinds):
+            queue.append(list(kinds[done:]))
     kills = [k for r in results for k in r["kills"] if k["killed"]]
     summary = {
         "tried": len(kills),
