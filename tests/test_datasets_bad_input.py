@@ -123,13 +123,15 @@ def test_unknown_class_name_names_file_and_class(voc):
 
 
 @pytest.mark.parametrize(
-    "box, ok",
-    [((1, 1, 40.8, 30), True), ((1, 1, 42, 30), False), ((-1, 1, 10, 10), False), ((5, 5, 4, 10), False)],
+    "box, expected",
+    [((1, 1, 40.8, 30), [0, 0, 40, 30]),  # 0.8 px overshoot is clipped to the border
+     ((5, 5, 5, 10), [4, 4, 5, 10]),  # 1-based inclusive corners: xmin == xmax is 1 px wide
+     ((1, 1, 42, 30), None), ((-1, 1, 10, 10), None), ((5, 5, 4, 10), None)],  # xmax = xmin - 1: zero width
 )
-def test_box_outside_or_empty(voc, box, ok):
+def test_box_outside_or_empty(voc, box, expected):
     (voc / "Annotations" / "b.xml").write_text(voc_xml([("dog", box, False)]))
-    if ok:  # 0.8 px overshoot is clipped to the border
-        np.testing.assert_allclose(VOCDataset(voc, "train").load_sample(1).boxes, [[0, 0, 40, 30]])
+    if expected is not None:
+        np.testing.assert_allclose(VOCDataset(voc, "train").load_sample(1).boxes, [expected])
     else:
         raises_naming(voc / "Annotations" / "b.xml", lambda: VOCDataset(voc, "train"))
 

@@ -762,12 +762,14 @@ def case_box_outside(ctx: Ctx, d: Path) -> Run:
 
 
 def case_zero_box(ctx: Ctx, d: Path) -> Run:
+    """VOC corners are 1-based and inclusive (``xmin == xmax`` is a box 1 px wide), so a box of
+    zero width has ``xmax = xmin - 1``."""
     voc = _voc_copy(ctx, d)
     stem = _first(voc)
 
     def edit(root: Any) -> None:
         box = root.find("object/bndbox")
-        box.find("xmax").text = box.find("xmin").text
+        box.find("xmax").text = str(int(float(box.find("xmin").text)) - 1)
     _edit_xml(voc, stem, edit)
     return Run(_train(ctx, d, voc), mentions=(f"{stem}.xml",))
 
@@ -1063,7 +1065,7 @@ def cases() -> List[Case]:
              needs="yolo"),
         Case("missing_config", README, "a config file that does not exist", case_missing_config),
         Case("box_outside", README, "a VOC box 10 px outside the image", case_box_outside),
-        Case("zero_size_box", README, "a VOC box with xmin == xmax", case_zero_box),
+        Case("zero_size_box", README, "a VOC box with xmax = xmin - 1 (zero width)", case_zero_box),
         Case("unknown_class", README, "a VOC object class not in classes.txt", case_unknown_class),
         Case("yolo_class_id", README, "a YOLO label with class id 99", case_yolo_bad_class, needs="yolo"),
         Case("class_count_mismatch", README, "a teacher checkpoint with 3 classes", case_class_count),
