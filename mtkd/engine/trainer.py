@@ -529,10 +529,11 @@ class Trainer:
     def loss_terms(self, batch: Dict[str, Any]) -> Dict[str, float]:
         """Every loss term the composer logs for one batch (a collated batch, e.g. of
         ``train_loader``), without training: ``{"seg/hard": ..., "seg/soft/<label>": ...,
-        "total": ...}`` as in ``results.csv``.
+        "total": ...}``, the names ``results.csv`` logs under ``train/``.
 
-        Each term is its value before its ``weight``, alpha and ratio; ``total``
-        is the weighted sum the step would minimise. The batch goes through
+        Each loss's term is its value before its ``weight``, alpha and ratio;
+        the sums ``<task>/soft``, ``<task>`` and ``total`` are weighted as the
+        step weights them (``total`` is what it minimises). The batch goes through
         the losses' ``pre_step``, the student (in train mode, as in a step)
         and the teacher, without gradients unless a loss declares
         ``input_grad`` or ``teacher_grad``; no optimizer, EMA or auxiliary
