@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -229,3 +230,21 @@ def test_build_dataset_items(tmp_path, fmt):
     item = ds[0]
     assert item["image"].shape == (3, 64, 64) and item["mask"].shape == (64, 64)
     assert item["index"] == 0 and item["orig_size"] == ds.load_sample(0).size
+
+
+def test_list_images_is_recursive_sorted_and_case_blind(tmp_path):
+    from mtkd.datasets.common import list_images
+    from mtkd.errors import DataError
+
+    for rel in ("b.PNG", "a/c.jpg", "a/b.JpEg", "z.webp"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"")
+    (tmp_path / "notes.txt").write_text("not an image")
+    (tmp_path / "dir.jpg").mkdir()  # a folder with an image suffix is no image
+    assert list_images(tmp_path) == [tmp_path / p for p in ("a/b.JpEg", "a/c.jpg", "b.PNG", "z.webp")]
+    assert list_images(tmp_path, (".png",)) == [tmp_path / "b.PNG"]
+    assert list_images(tmp_path / "notes.txt") == [tmp_path / "notes.txt"]  # a file named explicitly
+    (tmp_path / "empty").mkdir()
+    assert list_images(tmp_path / "empty") == []
+    with pytest.raises(DataError, match=f"^{re.escape(str(tmp_path / 'missing'))}: no such image file or folder$"):
+        list_images(tmp_path / "missing")

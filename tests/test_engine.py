@@ -837,6 +837,45 @@ def test_callbacks_follow_epochs_steps_and_validation(tmp_path):
                      ("val", 1, True), ("end", 1, round(float(rows[1]["train/total"]), 6))]
 
 
+@register("toy_input_grad")
+class ToyInputGradLoss(Loss):
+    """Cross-entropy that needs the input's graph (``input_grad``), as Sobolev-style losses do."""
+
+    requires = frozenset({"input_grad"})
+
+    def forward(self, student_out, teacher_out, batch):
+        assert batch["images"].requires_grad and torch.is_grad_enabled()
+        return F.cross_entropy(student_out["seg"], batch["masks"])
+
+
+def test_loss_terms_are_unweighted_and_leave_no_trace(tmp_path):
+    cfg = toy_cfg(tmp_path / "run")
+    cfg["loss"]["seg"]["ratio"] = 2.0
+    trainer = Trainer(cfg)
+    trainer.build()
+    batch = next(iter(trainer.train_loader))
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    terms = trainer.loss_terms(batch)
+    assert set(terms) == {"seg/hard/ce", "seg/hard/reg", "seg/hard", "seg", "total"}
+    trainer.model.train()
+    with torch.no_grad():
+        ce = F.cross_entropy(trainer.model(batch["images"])["seg"], batch["masks"])
+    assert terms["seg/hard/ce"] == pytest.approx(float(ce), rel=1e-5)
+    assert terms["total"] == pytest.approx(2.0 * terms["seg/hard"], rel=1e-6)  # the ratio only in the total
+    trainer.model.load_state_dict(before)  # undo the check's own forward
+    assert trainer.loss_terms(batch) == terms
+    after = trainer.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # BatchNorm statistics restored
+    assert trainer.step == 0 and all(p.grad is None for p in trainer.params)
+    assert not (tmp_path / "run").exists()
+
+    cfg = toy_cfg(tmp_path / "grad")
+    cfg["loss"]["seg"]["hard"] = {"name": "toy_input_grad"}
+    trainer = Trainer(cfg)
+    trainer.build()
+    assert set(trainer.loss_terms(batch)) == {"seg/hard", "seg", "total"}
+
+
 def test_a_callback_without_hooks_is_refused():
     with pytest.raises(TypeError, match="none of the hooks"):
         Trainer(toy_cfg(Path("unused")), callbacks=[object()])

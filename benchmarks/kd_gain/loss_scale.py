@@ -3,8 +3,8 @@
 
 Builds the trainer of a config (fresh student, the configured teacher, the
 losses), runs ``--batches`` training batches through the student and the
-teacher without any optimizer step (no_grad, student in train mode) and
-prints the mean of each logged term over them. Logged values are the terms
+teacher without any optimizer step (``Trainer.loss_terms``: no gradients,
+student in train mode) and prints the mean of each logged term over them. Logged values are the terms
 *before* their ``weight`` (and before alpha/ratio), so a weight that makes a
 soft term match its hard term is ``hard / soft``. The numbers in the header
 of ``mtkd/configs/synthetic_kd.yaml`` come from::
@@ -27,22 +27,14 @@ from benchmarks.common import build_trainer, take_batches  # noqa: E402
 
 
 def term_means(config: str, overrides: Sequence[str], batches: int, seed: int = 0) -> Dict[str, float]:
-    """Mean of each logged loss term over the first ``batches`` training batches."""
-    import torch
-
-    from mtkd.engine.trainer import to_device
-
+    """Mean of each logged loss term over the first ``batches`` training batches
+    (:meth:`mtkd.engine.trainer.Trainer.loss_terms`)."""
     tr = build_trainer(config, overrides, seed)
-    tr.model.train()
     sums: Dict[str, float] = {}
     got = take_batches(tr.train_loader, batches)
     for batch in got:
-        batch = to_device(batch, tr.device)
-        with torch.no_grad():
-            s_out, t_out = tr._forward(batch)
-            _, logs = tr.composer(s_out, t_out, batch)
-        for k, v in logs.items():
-            sums[k] = sums.get(k, 0.0) + float(v)
+        for k, v in tr.loss_terms(batch).items():
+            sums[k] = sums.get(k, 0.0) + v
     return {k: v / len(got) for k, v in sums.items()}
 
 

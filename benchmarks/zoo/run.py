@@ -217,9 +217,11 @@ def loss_entry(name: str, n_data: int, steps_per_epoch: int, dense: bool,
 
 
 def count_images(folder: Path) -> int:
-    from mtkd.tasks.classify.data import list_images
+    from torchvision.datasets.folder import IMG_EXTENSIONS
 
-    return len(list_images(folder))
+    from mtkd.datasets.common import list_images
+
+    return len(list_images(folder, IMG_EXTENSIONS))
 
 
 def steps_per_epoch(n_train: int, batch: int) -> int:

@@ -33,7 +33,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from mtkd.datasets.common import IMAGE_SUFFIXES, Record, RecordDataset
+from mtkd.datasets.common import IMAGE_SUFFIXES, Record, RecordDataset, list_images
 from mtkd.datasets.voc import read_id_list
 from mtkd.datasets.yolo import _list_images, load_data_yaml, yolo_root
 from mtkd.errors import ConfigError, DataError
@@ -48,8 +48,7 @@ def is_folder_value(value: str) -> bool:
 
 def folder_images(folder: Path) -> List[Tuple[str, Path]]:
     """``(id, path)`` of every image under ``folder``, recursively, sorted by path."""
-    images = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    return [(p.relative_to(folder).with_suffix("").as_posix(), p) for p in images]
+    return [(p.relative_to(folder).with_suffix("").as_posix(), p) for p in list_images(folder)]
 
 
 def voc_split_images(root: Path, split: str) -> Tuple[List[Tuple[str, Path]], Path]:

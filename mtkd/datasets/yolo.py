@@ -35,7 +35,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import numpy as np
 import yaml
 
-from mtkd.datasets.common import IMAGE_SUFFIXES, Record, RecordDataset, check_labels, png_mask_fn
+from mtkd.datasets.common import Record, RecordDataset, check_labels, list_images, png_mask_fn
 from mtkd.errors import DataError
 from mtkd.registry import FORMATS
 from mtkd.structures import Sample
@@ -101,7 +101,7 @@ def _list_images(entry: Any, root: Path, source: Path) -> List[Path]:
         p = Path(str(e))
         p = p if p.is_absolute() else root / p
         if p.is_dir():
-            images += sorted(q for q in p.rglob("*") if q.suffix.lower() in IMAGE_SUFFIXES)
+            images += list_images(p)
         elif p.is_file() and p.suffix == ".txt":
             for line in p.read_text().splitlines():
                 if line.strip():

@@ -507,16 +507,48 @@ class Trainer:
             tqdm.write(f"time budget: {per_step * 1000:.1f} ms per step over the first {attempted} steps; "
                        f"LR schedule sized to {self.schedule.total} steps")
 
+    @contextlib.contextmanager
+    def _traceless_train_mode(self) -> Any:
+        """The student in train mode, its state (BatchNorm statistics) restored on leaving."""
+        saved = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        self.model.train()
+        try:
+            yield
+        finally:
+            self.model.load_state_dict(saved)
+
     def _lazy_forward(self) -> None:
         n = min(self.tcfg["batch"], len(self.train_ds))
         batch = to_device(self.task.collate([self.train_ds[i] for i in range(n)]), self.device)
-        saved = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-        self.model.train()
-        batch = self.composer.pre_step(batch, self.model, self.teacher)
-        with self._autocast():
-            s_out, t_out = self._forward(batch)
-            self.composer(s_out, t_out, batch)
-        self.model.load_state_dict(saved)
+        with self._traceless_train_mode():
+            batch = self.composer.pre_step(batch, self.model, self.teacher)
+            with self._autocast():
+                s_out, t_out = self._forward(batch)
+                self.composer(s_out, t_out, batch)
+
+    def loss_terms(self, batch: Dict[str, Any]) -> Dict[str, float]:
+        """Every loss term the composer logs for one batch (a collated batch, e.g. of
+        ``train_loader``), without training: ``{"seg/hard": ..., "seg/soft/<label>": ...,
+        "total": ...}``, the names ``results.csv`` logs under ``train/``.
+
+        Each loss's term is its value before its ``weight``, alpha and ratio;
+        the sums ``<task>/soft``, ``<task>`` and ``total`` are weighted as the
+        step weights them (``total`` is what it minimises). The batch goes through
+        the losses' ``pre_step``, the student (in train mode, as in a step)
+        and the teacher, without gradients unless a loss declares
+        ``input_grad`` or ``teacher_grad``; no optimizer, EMA or auxiliary
+        step is taken and the student's state is restored (losses keeping
+        state of their own may update it). Call after :meth:`build`.
+        """
+        batch = to_device(batch, self.device)
+        grad = bool({"input_grad", "teacher_grad"} & self.requires)
+        self.composer.train()
+        with self._traceless_train_mode():
+            batch = self.composer.pre_step(batch, self.model, self.teacher)
+            with torch.set_grad_enabled(grad), self._autocast():
+                s_out, t_out = self._forward(batch)
+                _, logs = self.composer(s_out, t_out, batch)
+        return {k: float(v) for k, v in logs.items()}
 
     # -- one step -------------------------------------------------------------------
     def _teacher_forward(self, images: torch.Tensor) -> Optional[Dict[str, Any]]:

@@ -41,6 +41,7 @@ from PIL import Image
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import v2
 
+from mtkd.datasets.common import list_images
 from mtkd.errors import ConfigError, DataError
 from mtkd.imageio import open_image, to_rgb
 
@@ -56,18 +57,6 @@ def find_classes(folder: PathLike) -> List[str]:
     if not classes:
         raise DataError(f"{folder}: no class sub-folders (expected <folder>/<class>/<images>)")
     return classes
-
-
-def is_image(path: Path) -> bool:
-    return path.is_file() and path.suffix.lower() in IMG_EXTENSIONS
-
-
-def list_images(folder: PathLike) -> List[Path]:
-    """Every image file under ``folder``, recursively, in sorted order."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise DataError(f"{folder}: image folder not found")
-    return sorted(p for p in folder.rglob("*") if is_image(p))
 
 
 def load_rgb(path: PathLike) -> Image.Image:
@@ -180,7 +169,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             if name not in index:
                 raise DataError(f"{self.folder / name}: class {name!r} is not among the training "
                                 f"classes ({', '.join(self.classes)})")
-            samples += [(p, index[name]) for p in list_images(self.folder / name)]
+            samples += [(p, index[name]) for p in list_images(self.folder / name, IMG_EXTENSIONS)]
         if skip_bad:
             good = self._drop_bad(samples)
             self.skipped = sorted(str(p) for p, _ in set(samples) - set(good))
@@ -232,7 +221,7 @@ def compute_mean_std(folder: PathLike, imgsz: int, max_images: Optional[int] = N
     """Per-channel mean and std (0..1 scale) over the images of ``folder``
     (recursively), each resized/centre-cropped to ``imgsz`` as for evaluation;
     pixels of all images pooled. ``max_images`` caps the count (evenly spaced)."""
-    paths = list_images(folder)
+    paths = list_images(folder, IMG_EXTENSIONS)
     if not paths:
         raise DataError(f"{folder}: no images to compute the normalisation from")
     if max_images is not None and len(paths) > max_images:

@@ -21,9 +21,11 @@ from typing import List, Optional, Sequence, Union
 
 import torch
 from torch import nn
+from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from mtkd.datasets.common import list_images
 from mtkd.errors import DataError, MtkdError
-from mtkd.tasks.classify.data import build_transform, list_images, load_rgb, parse_labels_file
+from mtkd.tasks.classify.data import build_transform, load_rgb, parse_labels_file
 
 
 def _class_names(classes_or_labels_file: Union[Sequence[str], str, Path]) -> List[str]:
@@ -43,7 +45,7 @@ def predict_folder(model: nn.Module, folder: Union[str, Path],
     """``["<file> <class> <prob>", ...]`` for every image under ``folder`` (or the image file it names)."""
     folder = Path(folder)
     names = _class_names(classes_or_labels_file)
-    paths = [folder] if folder.is_file() else list_images(folder)
+    paths = list_images(folder, IMG_EXTENSIONS)
     root = folder if folder.is_dir() else folder.parent
     if not paths:
         raise DataError(f"{folder}: no images found")

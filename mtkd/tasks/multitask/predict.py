@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from mtkd.datasets.common import read_image
+from mtkd.datasets.common import list_images, read_image
 from mtkd.datasets.transforms import build_transforms, unletterbox_boxes
 from mtkd.errors import ConfigError, DataError, writing
 from mtkd.heads.decode import detections, num_det_classes
@@ -195,19 +195,6 @@ def eval_item(image: np.ndarray, transform: Callable[[Sample], Dict[str, Any]], 
 PREDICT_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 
 
-def list_images(image_dir: Path) -> List[Path]:
-    """Image files under ``image_dir`` (recursive, sorted; DataError if none), or ``[image_dir]``
-    when it is a file (named explicitly, so read whatever its suffix)."""
-    if image_dir.is_file():
-        return [image_dir]
-    if not image_dir.is_dir():
-        raise DataError(f"{image_dir}: no such image file or folder")
-    files = sorted(p for p in image_dir.rglob("*") if p.is_file() and p.suffix.lower() in PREDICT_SUFFIXES)
-    if not files:
-        raise DataError(f"{image_dir}: no {'/'.join(s[1:] for s in PREDICT_SUFFIXES)} images found")
-    return files
-
-
 def _output_name(rel: Path, used: set) -> Path:
     name = rel.with_suffix(".png")
     if name in used:
@@ -251,7 +238,9 @@ def predict_folder(
     (paths relative to ``out_dir``, POSIX style).
     """
     image_dir, out_dir = Path(image_dir), Path(out_dir)
-    files = list_images(image_dir)
+    files = list_images(image_dir, PREDICT_SUFFIXES)
+    if not files:
+        raise DataError(f"{image_dir}: no {'/'.join(s[1:] for s in PREDICT_SUFFIXES)} images found")
     root = image_dir if image_dir.is_dir() else image_dir.parent
     transform = build_transforms({"imgsz": imgsz, "mean": list(mean), "std": list(std)}, train=False)
     device = torch.device(device)
