@@ -22,6 +22,8 @@ IMAGES = [
     ("a.png", (40, 100), (20, 8, 70, 30)),  # scale .64, pad_y 19
     ("sub/b.bmp", (120, 60), (10, 30, 50, 100)),  # scale .533, pad_x 16
     ("sub/deeper/c.png", (30, 30), (5, 5, 20, 25)),  # scale 2.13, no padding
+    ("d.tif", (50, 40), (4, 6, 30, 40)),  # every suffix the training loaders read is predicted
+    ("e.webp", (64, 64), (10, 10, 40, 50)),
 ]
 
 

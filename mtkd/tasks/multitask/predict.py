@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from mtkd.datasets.common import list_images, read_image
+from mtkd.datasets.common import IMAGE_SUFFIXES, list_images, read_image
 from mtkd.datasets.transforms import build_transforms, unletterbox_boxes
 from mtkd.errors import ConfigError, DataError, writing
 from mtkd.heads.decode import detections, num_det_classes
@@ -191,8 +191,8 @@ def eval_item(image: np.ndarray, transform: Callable[[Sample], Dict[str, Any]], 
                             index=index))
 
 
-#: Image suffixes :func:`predict_folder` reads (lower case).
-PREDICT_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+#: Image suffixes :func:`predict_folder` reads (lower case): the ones the training loaders read.
+PREDICT_SUFFIXES = IMAGE_SUFFIXES
 
 
 def _output_name(rel: Path, used: set) -> Path:
