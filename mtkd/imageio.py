@@ -17,18 +17,39 @@
   and a retry. A file that is not an image of a format PIL reads is a
   one-line DataError saying so.
 
-Only PIL and numpy are imported, so the classification package can use this
-without the detection datasets' dependencies.
+* **Listing.** :func:`list_images` finds the image files of a folder by
+  suffix (:data:`IMAGE_SUFFIXES` unless told otherwise).
+
+Only PIL and numpy are imported, so the classification package and the
+command-line parser can use this without the detection datasets'
+dependencies.
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Tuple
+from typing import Callable, List, Sequence, Tuple
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from mtkd.errors import DataError
+
+#: Image file suffixes the loaders, predict and the unlabeled-image reader recognise (lower case).
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+
+def list_images(path: Path | str, suffixes: Sequence[str] = IMAGE_SUFFIXES) -> List[Path]:
+    """The image files under folder ``path``, recursively, sorted by path: every file whose
+    lower-case suffix is in ``suffixes`` (lower case). ``[path]`` when ``path`` is a file (named
+    explicitly, so read whatever its suffix). May be empty; a DataError naming ``path`` when it
+    is neither a file nor a folder."""
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise DataError(f"{path}: no such image file or folder")
+    return sorted(p for p in path.rglob("*") if p.suffix.lower() in suffixes and p.is_file())
+
 
 #: EXIF orientations that turn the image by 90 degrees (width and height swap).
 SWAPPING_ORIENTATIONS = (5, 6, 7, 8)

@@ -233,7 +233,7 @@ def test_build_dataset_items(tmp_path, fmt):
 
 
 def test_list_images_is_recursive_sorted_and_case_blind(tmp_path):
-    from mtkd.datasets.common import list_images
+    from mtkd.imageio import list_images
     from mtkd.errors import DataError
 
     for rel in ("b.PNG", "a/c.jpg", "a/b.JpEg", "z.webp"):

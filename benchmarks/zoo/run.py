@@ -219,7 +219,7 @@ def loss_entry(name: str, n_data: int, steps_per_epoch: int, dense: bool,
 def count_images(folder: Path) -> int:
     from torchvision.datasets.folder import IMG_EXTENSIONS
 
-    from mtkd.datasets.common import list_images
+    from mtkd.imageio import list_images
 
     return len(list_images(folder, IMG_EXTENSIONS))
 

@@ -45,9 +45,6 @@ from mtkd.structures import VOID, Sample
 #: Pixels a box may overshoot the image border before it is an error.
 BOX_TOLERANCE = 1.0
 
-#: Image file suffixes the loaders recognise (lower case).
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
-
 #: Builds a mask of shape (h, w) for a record, or raises DataError.
 MaskFn = Callable[[int, int], np.ndarray]
 
@@ -110,17 +107,6 @@ def check_labels(labels: np.ndarray, nc: int, source: Path | str) -> None:
         raise DataError(f"{source}: class id {bad} is outside 0..{nc - 1} ({nc} classes configured)")
 
 
-def list_images(path: Path | str, suffixes: Sequence[str] = IMAGE_SUFFIXES) -> List[Path]:
-    """The image files under folder ``path``, recursively, sorted by path: every file whose
-    lower-case suffix is in ``suffixes`` (lower case). ``[path]`` when ``path`` is a file (named
-    explicitly, so read whatever its suffix). May be empty; a DataError naming ``path`` when it
-    is neither a file nor a folder."""
-    path = Path(path)
-    if path.is_file():
-        return [path]
-    if not path.is_dir():
-        raise DataError(f"{path}: no such image file or folder")
-    return sorted(p for p in path.rglob("*") if p.suffix.lower() in suffixes and p.is_file())
 
 
 def read_image(path: Path) -> np.ndarray:

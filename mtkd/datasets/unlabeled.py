@@ -5,7 +5,7 @@ What the value names:
 * **A folder** when it contains a path separator (``/``) or is an existing
   directory (relative paths from the working directory, like
   ``data.root``): every file under it, recursively, with a suffix of
-  :data:`~mtkd.datasets.common.IMAGE_SUFFIXES` (sorted by path). Sample ids
+  :data:`~mtkd.imageio.IMAGE_SUFFIXES` (sorted by path). Sample ids
   are the paths relative to the folder, without suffix.
 * **Otherwise a split name of** ``data.format``, read from the same tree as
   ``data.train`` with any labels ignored: VOC, the ids of
@@ -33,10 +33,11 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from mtkd.datasets.common import IMAGE_SUFFIXES, Record, RecordDataset, list_images
+from mtkd.datasets.common import Record, RecordDataset
 from mtkd.datasets.voc import read_id_list
 from mtkd.datasets.yolo import _list_images, load_data_yaml, yolo_root
 from mtkd.errors import ConfigError, DataError
+from mtkd.imageio import IMAGE_SUFFIXES, list_images
 from mtkd.structures import Sample
 
 

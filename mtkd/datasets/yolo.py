@@ -35,8 +35,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import numpy as np
 import yaml
 
-from mtkd.datasets.common import Record, RecordDataset, check_labels, list_images, png_mask_fn
+from mtkd.datasets.common import Record, RecordDataset, check_labels, png_mask_fn
 from mtkd.errors import DataError
+from mtkd.imageio import list_images
 from mtkd.registry import FORMATS
 from mtkd.structures import Sample
 

@@ -41,7 +41,7 @@ from PIL import Image
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import v2
 
-from mtkd.datasets.common import list_images
+from mtkd.imageio import list_images
 from mtkd.errors import ConfigError, DataError
 from mtkd.imageio import open_image, to_rgb
 

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from mtkd.datasets.common import list_images
+from mtkd.imageio import list_images
 from mtkd.errors import DataError, MtkdError
 from mtkd.tasks.classify.data import build_transform, load_rgb, parse_labels_file
 

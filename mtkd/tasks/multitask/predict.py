@@ -39,10 +39,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from mtkd.datasets.common import IMAGE_SUFFIXES, list_images, read_image
+from mtkd.datasets.common import read_image
 from mtkd.datasets.transforms import build_transforms, unletterbox_boxes
 from mtkd.errors import ConfigError, DataError, writing
 from mtkd.heads.decode import detections, num_det_classes
+from mtkd.imageio import IMAGE_SUFFIXES, list_images
 from mtkd.structures import Sample
 from mtkd.tasks.multitask.plots import draw_predictions, mask_palette
 
