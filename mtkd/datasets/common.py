@@ -107,8 +107,6 @@ def check_labels(labels: np.ndarray, nc: int, source: Path | str) -> None:
         raise DataError(f"{source}: class id {bad} is outside 0..{nc - 1} ({nc} classes configured)")
 
 
-
-
 def read_image(path: Path) -> np.ndarray:
     """Decode an image file to upright HxWx3 uint8 RGB (:func:`mtkd.imageio.to_rgb`: EXIF
     orientation applied, 16-bit scaled); DataError naming it on failure

@@ -41,9 +41,8 @@ from PIL import Image
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import v2
 
-from mtkd.imageio import list_images
 from mtkd.errors import ConfigError, DataError
-from mtkd.imageio import open_image, to_rgb
+from mtkd.imageio import list_images, open_image, to_rgb
 
 PathLike = Union[str, Path]
 

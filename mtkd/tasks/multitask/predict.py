@@ -192,10 +192,6 @@ def eval_item(image: np.ndarray, transform: Callable[[Sample], Dict[str, Any]], 
                             index=index))
 
 
-#: Image suffixes :func:`predict_folder` reads (lower case): the ones the training loaders read.
-PREDICT_SUFFIXES = IMAGE_SUFFIXES
-
-
 def _output_name(rel: Path, used: set) -> Path:
     name = rel.with_suffix(".png")
     if name in used:
@@ -239,9 +235,9 @@ def predict_folder(
     (paths relative to ``out_dir``, POSIX style).
     """
     image_dir, out_dir = Path(image_dir), Path(out_dir)
-    files = list_images(image_dir, PREDICT_SUFFIXES)
+    files = list_images(image_dir)
     if not files:
-        raise DataError(f"{image_dir}: no {'/'.join(s[1:] for s in PREDICT_SUFFIXES)} images found")
+        raise DataError(f"{image_dir}: no {'/'.join(s[1:] for s in IMAGE_SUFFIXES)} images found")
     root = image_dir if image_dir.is_dir() else image_dir.parent
     transform = build_transforms({"imgsz": imgsz, "mean": list(mean), "std": list(std)}, train=False)
     device = torch.device(device)
