@@ -28,7 +28,8 @@ def test_role_losses_and_teachers() -> None:
     atk = adv.attack_options(8 / 255, 3)
     assert atk["step_size"] == pytest.approx(2.5 * 8 / 255 / 3)
     assert adv.role_loss("plain", atk) == ([{"name": "ce"}], None)
-    assert adv.role_loss("teacher_at", atk) == ([{"name": "pgd_at", **atk}], None)
+    assert adv.role_loss("teacher_at", atk) == ([{"name": "trades", "beta": 6.0, **atk}], None)
+    assert adv.role_loss("teacher_at", atk, "pgd_at") == ([{"name": "pgd_at", **atk}], None)
     assert adv.role_loss("rslad", atk) == ([{"name": "adv_kd", "preset": "rslad", **atk}], "teacher_at")
     assert adv.role_loss("ard_nat", atk) == ([{"name": "adv_kd", "preset": "ard", **atk}], "teacher_nat")
     assert adv.role_loss("kd", atk)[1] == "teacher_at"
@@ -117,7 +118,7 @@ def test_adversarial_quick_classification_end_to_end(tmp_path: Path) -> None:
         assert r["attack"]["name"] == "pgd" and r["attack"]["steps"] == 2 and r["attack"]["eps_255"] == pytest.approx(4)
         assert "map50" not in r
     assert runs["rslad_nat"]["teacher"] == "teacher_nat" and runs["pgd_at"]["teacher"] is None
-    assert runs["teacher_at"]["loss"][0]["name"] == "pgd_at"
+    assert runs["teacher_at"]["loss"][0]["name"] == "trades"  # --teacher-at-loss default
     assert (out / "runs" / "pgd_at_s0" / "attack" / "attack.json").is_file()
     md = (out / "results.md").read_text()
     assert "| role | seeds | clean min / med / max | robust min / med / max |" in md and "| rslad_nat | 0 |" in md

@@ -13,7 +13,9 @@ Classification (default)
   is computed once from the training images and given to every run.
 * **Teachers** (``cnn4w``, ``--teacher-arch``; seed 0, ``--teacher-epochs``
   (20), trained once, side by side, and timed: ``wall_s``): ``teacher_nat`` (CE)
-  and ``teacher_at`` (``pgd_at``: Madry's PGD-AT).
+  and ``teacher_at``, adversarially trained with ``--teacher-at-loss``:
+  ``trades`` (beta 6, the default: RSLAD's and AdaAD's published students
+  distil TRADES-trained teachers) or ``pgd_at`` (Madry's PGD-AT).
 * **Students** (``mtkd/configs/classify/student_plain.yaml``: ``cnn4``, the
   same ``--epochs`` (10), batch, schedule and seeds for every role; the loss is
   ``loss.extra``):
@@ -114,7 +116,7 @@ CLEAN_SLACK = 2.0
 """The best preset's median clean top-1 may be this many points below PGD-AT's."""
 MT_MARGIN = 0.05
 """The multi-task preset's robust median must beat the plain student's by this much."""
-CHECKED = ("epochs", "teacher_epochs", "teacher_arch", "eps", "train_steps", "eval_steps", "data", "overrides",
+CHECKED = ("epochs", "teacher_epochs", "teacher_arch", "teacher_at_loss", "eps", "train_steps", "eval_steps", "data", "overrides",
            "init", "teacher")
 """Budget keys that must match the stored runs' for a sitting to add to them."""
 
@@ -139,6 +141,8 @@ def parse(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     c.add_argument("--epochs", type=int, default=None, help="student epochs, every role (default 10)")
     c.add_argument("--teacher-epochs", type=int, default=None, help="epochs of both teachers (default 20)")
     c.add_argument("--teacher-arch", default="cnn4w", help="teacher classifier (default cnn4w)")
+    c.add_argument("--teacher-at-loss", choices=("trades", "pgd_at"), default="trades",
+                   help="how teacher_at is adversarially trained (default trades)")
     c.add_argument("--eps", default="4/255", help="L-inf eps of training and evaluation (default 4/255)")
     c.add_argument("--eval-steps", type=int, default=None, help="PGD steps of the robust score (default 20)")
     c.add_argument("--checks", action=argparse.BooleanOptionalAction, default=None,
@@ -301,13 +305,17 @@ def attack_options(eps: float, steps: int) -> Dict[str, Any]:
     return {"eps": eps, "steps": steps, "step_size": 2.5 * eps / max(steps, 1)}
 
 
-def role_loss(role: str, atk: Dict[str, Any]) -> Tuple[List[Dict[str, Any]], Optional[str]]:
-    """``(loss.extra, teacher)`` of a classification role; teacher ``"teacher_at"``, ``"teacher_nat"`` or None."""
+def role_loss(role: str, atk: Dict[str, Any], teacher_at_loss: str = "trades"
+              ) -> Tuple[List[Dict[str, Any]], Optional[str]]:
+    """``(loss.extra, teacher)`` of a classification role; teacher ``"teacher_at"``, ``"teacher_nat"`` or None.
+    ``teacher_at`` trains like the role ``teacher_at_loss`` (``trades`` or ``pgd_at``)."""
+    if role == "teacher_at":
+        role = teacher_at_loss
     if role in ("plain", "teacher_nat"):
         return [{"name": "ce"}], None
     if role == "kd":
         return [{"name": "ce", "weight": 0.1}, {"name": "st", "weight": 0.9, "T": 4.0}], "teacher_at"
-    if role in ("pgd_at", "teacher_at"):
+    if role == "pgd_at":
         return [{"name": "pgd_at", **atk}], None
     if role == "trades":
         return [{"name": "trades", "beta": 6.0, **atk}], None
@@ -369,6 +377,7 @@ def run_classify(args: argparse.Namespace, extra: List[str]) -> Dict[str, Any]:
     data = classify_data(args)
     base = classify_base(data, args.imgsz, extra)
     budget = {"epochs": args.epochs, "teacher_epochs": args.teacher_epochs, "teacher_arch": args.teacher_arch,
+              "teacher_at_loss": args.teacher_at_loss,
               "eps": eps, "train_steps": args.train_steps, "eval_steps": args.eval_steps, "data": str(data),
               "overrides": extra, "seeds": list(args.seeds), "jobs": args.jobs, "imgsz": args.imgsz}
     out = Path(args.out)
@@ -391,7 +400,7 @@ def run_classify(args: argparse.Namespace, extra: List[str]) -> Dict[str, Any]:
     # phase 1: both teachers, side by side
     jobs = []
     for role in TEACHERS:
-        loss, _ = role_loss(role, atk)
+        loss, _ = role_loss(role, atk, args.teacher_at_loss)
         out_dir = res.run_dir(role, 0)
         if todo(role, 0) or not (out_dir / "best.pt").is_file():
             jobs.append(((role, 0, out_dir, {"loss": loss}),
