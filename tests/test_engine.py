@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 from pathlib import Path
 from typing import Any, Dict, List
 
@@ -22,7 +23,7 @@ from PIL import Image
 from torch import nn
 
 from mtkd import checkpoint as ckpt_io
-from mtkd.engine.callbacks import EarlyStopping
+from mtkd.engine.callbacks import EarlyStopping, Plots
 from mtkd.engine.config import build_config
 from mtkd.engine.ema import ModelEMA
 from mtkd.engine.tasks import register_task
@@ -958,6 +959,47 @@ def test_early_stopping_of_a_resumed_run_counts_from_the_checkpointed_best_epoch
     report = resumed.fit()
     assert resumed.start_epoch == 2
     assert report["stop_reason"] == "early_stopping" and report["epochs_run"] == 3 and report["best_epoch"] == 1
+
+
+def test_plots_callback_draws_val_pred_per_validation_and_curves_once_after_training(tmp_path, monkeypatch):
+    events: List[tuple] = []
+
+    class Recorder:
+        def on_epoch_end(self, trainer, means):
+            events.append(("end", trainer.epoch, (trainer.out / "val_pred.png").is_file()))
+
+        def on_train_end(self, trainer):
+            events.append(("train_end", trainer.epoch, (trainer.out / "curves.png").is_file(),
+                           (trainer.out / "test_metrics.json").is_file()))
+
+    trainer = Trainer(toy_cfg(tmp_path / "on", epochs=3, val_every=2, plots=True), callbacks=[Recorder()])
+    assert [type(cb) for cb in trainer.callbacks.callbacks] == [Plots, Recorder]
+    drawn: List[int] = []
+    draw_val = trainer.task.draw_val
+    monkeypatch.setattr(trainer.task, "draw_val",
+                        lambda *args: drawn.append(trainer.epoch) or draw_val(*args))
+    trainer.fit()
+    # validated at epoch 2 (val_every) and 3 (the last); drawn before the given callbacks' on_epoch_end;
+    # curves.png once, after the last epoch and before the test report
+    assert drawn == [1, 2]
+    assert events == [("end", 0, False), ("end", 1, True), ("end", 2, True), ("train_end", 2, True, False)]
+    assert (tmp_path / "on" / "test_metrics.json").is_file()
+
+
+def test_without_plots_nothing_is_drawn_and_matplotlib_is_not_imported(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # importing matplotlib now fails
+    monkeypatch.setitem(sys.modules, "mtkd.engine.plots", None)
+    ended: List[int] = []
+
+    class Recorder:
+        def on_train_end(self, trainer):
+            ended.append(trainer.epoch)
+
+    trainer = Trainer(toy_cfg(tmp_path / "off", epochs=2, plots=False), callbacks=[Recorder()])
+    assert not any(isinstance(cb, Plots) for cb in trainer.callbacks.callbacks)
+    trainer.fit()
+    assert ended == [1]
+    assert not (tmp_path / "off" / "curves.png").exists() and not (tmp_path / "off" / "val_pred.png").exists()
 
 
 def test_a_trainer_starts_at_epoch_zero_before_fit(tmp_path):

@@ -10,16 +10,21 @@ not change it, except to end the run with
 ``on_step_end`` is not counted as training time.
 
 Under DDP ``on_epoch_start``, ``on_step_end`` and ``on_epoch_end`` run on
-every rank, ``on_validation_end`` on rank 0, which alone validates.
+every rank, ``on_validation_end`` and ``on_train_end`` on rank 0, which
+alone validates and writes files.
 
-Built-in callback, which the trainer puts before the given ones:
+Built-in callbacks, which the trainer puts before the given ones:
 
 * :class:`EarlyStopping` (installed when ``train.patience`` is set): ends
   the run ``patience`` epochs after the best val score.
+* :class:`Plots` (installed when ``train.plots`` is true): draws
+  ``val_pred.png`` after each validation and ``curves.png`` after training.
 """
 from __future__ import annotations
 
 from typing import Any, Dict, Iterable, Optional
+
+from mtkd.errors import writing
 
 
 class Callback:
@@ -38,6 +43,10 @@ class Callback:
 
     def on_epoch_end(self, trainer: Any, means: Dict[str, float]) -> None:
         """After epoch ``trainer.epoch`` is trained, validated, logged and saved: the epoch's mean loss terms."""
+
+    def on_train_end(self, trainer: Any) -> None:
+        """Rank 0, after the last epoch (the stop line printed, ``results.csv`` closed), before the test
+        report; also when a resumed run had no epoch left to train."""
 
 
 HOOKS = tuple(name for name in vars(Callback) if name.startswith("on_"))
@@ -99,3 +108,37 @@ class EarlyStopping(Callback):
         if best > 0 and trainer.epoch + 1 - best >= self.patience:
             trainer.request_stop("early_stopping", f"no val improvement for {self.patience} epochs")
 
+
+class Plots(Callback):
+    """``val_pred.png`` (the task's ``draw_val`` on the val set with the evaluated weights) after
+    each validation, and ``curves.png`` (:func:`mtkd.engine.plots.plot_loss_curves` of
+    ``results.csv``) once after training, both in the run folder.
+
+    ``val_pred.png`` is drawn at the end of a validated epoch, once the epoch
+    is logged and ``last.pt`` saved; ``curves.png`` only once, as
+    matplotlib takes seconds, and only when the run has logged an epoch.
+    matplotlib is imported then, not before.
+    """
+
+    def __init__(self) -> None:
+        self._validated = False
+
+    def on_validation_end(self, trainer: Any, metrics: Dict[str, float]) -> None:
+        self._validated = True
+
+    def on_epoch_end(self, trainer: Any, means: Dict[str, float]) -> None:
+        if not self._validated:
+            return
+        self._validated = False
+        path = trainer.out / "val_pred.png"
+        with writing(path):
+            trainer.task.draw_val(trainer.eval_model, trainer.val_ds, path, trainer.cfg, trainer.device)
+
+    def on_train_end(self, trainer: Any) -> None:
+        if not trainer.logger.history:
+            return
+        from mtkd.engine.plots import plot_loss_curves
+
+        path = trainer.out / "curves.png"
+        with writing(path):
+            plot_loss_curves(trainer.logger.csv_path, path)

@@ -64,10 +64,10 @@ teacher's forward keeps its graph; ``input_grad``: the input images get
   ``max_steps``, ``epochs``, ``early_stopping`` or the reason another
   callback gave :meth:`Trainer.request_stop`) with ``steps`` and
   ``train_wall_s``.
-* **Callbacks.** Early stopping (``train.patience``) is a built-in
-  callback of :mod:`mtkd.engine.callbacks`, which the trainer installs
-  before the ones it is given; a callback ends the run through
-  :meth:`Trainer.request_stop`.
+* **Callbacks.** Early stopping (``train.patience``) and the plots
+  (``train.plots``) are the built-in callbacks of
+  :mod:`mtkd.engine.callbacks`, which the trainer installs before the ones
+  it is given; a callback ends the run through :meth:`Trainer.request_stop`.
 * **Non-finite loss.** ``train.nonfinite: stop`` raises a one-line MtkdError
   naming the step and the non-finite terms; ``skip`` warns, counts the step
   in ``skipped_steps`` and takes no optimizer step. Steps in these messages
@@ -146,7 +146,7 @@ from tqdm import tqdm
 from mtkd import checkpoint as ckpt_io
 from mtkd.engine import distributed as ddp
 from mtkd.engine.aux import AuxOptimizers
-from mtkd.engine.callbacks import CallbackList, EarlyStopping
+from mtkd.engine.callbacks import CallbackList, EarlyStopping, Plots
 from mtkd.engine.config import dump_config
 from mtkd.engine.ema import ModelEMA
 from mtkd.engine.logger import RunLogger
@@ -362,6 +362,8 @@ class Trainer:
         builtin: List[Any] = []
         if self.tcfg["patience"] is not None:
             builtin.append(EarlyStopping(self.tcfg["patience"]))
+        if self.tcfg["plots"]:
+            builtin.append(Plots())
         return builtin
 
     def request_stop(self, reason: str, detail: str = "") -> None:
@@ -792,10 +794,7 @@ class Trainer:
         return int(ck["epoch"])
 
     def _end_of_epoch(self, means: Dict[str, float], validate: bool) -> None:
-        """Rank 0: validate, choose best, log, draw ``val_pred.png``, save ``last.pt``.
-
-        ``curves.png`` is drawn once, after training (matplotlib takes seconds).
-        """
+        """Rank 0: validate, choose best (``best.pt``), log, save ``last.pt``."""
         metrics: Dict[str, float] = {}
         if validate:
             metrics = self.task.evaluate(self.eval_model, self.val_loader, self.val_ds, self.cfg,
@@ -819,9 +818,6 @@ class Trainer:
         ckpt = self._base_ckpt(metrics)
         ckpt["train_state"] = self._train_state()
         ckpt_io.save_atomic(ckpt, self.out / "last.pt")
-        if self.tcfg["plots"] and validate:
-            with writing(self.out / "val_pred.png"):
-                self.task.draw_val(self.eval_model, self.val_ds, self.out / "val_pred.png", self.cfg, self.device)
 
     def test_report(self) -> Dict[str, Any]:
         """Rank 0: the best weights on the TEST split -> ``test_metrics.json``."""
@@ -901,11 +897,7 @@ class Trainer:
             if main:
                 print(self._stop_message(), flush=True)
                 self.logger.close()
-                if self.tcfg["plots"] and self.logger.history:
-                    from mtkd.engine.plots import plot_loss_curves
-
-                    with writing(self.out / "curves.png"):
-                        plot_loss_curves(self.logger.csv_path, self.out / "curves.png")
+                self.callbacks.call("on_train_end", self)
                 report = self.test_report()
             clean = True
         finally:
