@@ -7,7 +7,9 @@ the graph on some steps, on one rank or both, trains in step on both ranks,
 and that only rank 0 wrote files; that two ranks of 4 images train student
 and adapters as one process does on those 8 images; and that feat_gan's
 discriminators (R1 penalty on) stay identical across ranks that see different
-features. Each takes ~15-30 s (process start-up dominates).
+features; and that a stop a callback asks for on one rank (early stopping on
+rank 0, another callback on rank 1) ends the run on both. Each takes ~15-30 s
+(process start-up dominates).
 """
 from __future__ import annotations
 
@@ -224,3 +226,52 @@ def test_torchrun_two_ranks_train_like_one_process_on_both_halves(tmp_path, monk
     moved = (one["train_state"]["composer"]["extra.toy_fit.adapter.weight"]
              - init["composer.extra.toy_fit.adapter.weight"]).abs().max()
     assert moved > 1e-3  # far above the tolerance: the adapter's updates are compared
+
+
+STOP_SCRIPT = textwrap.dedent("""
+    import json, os, sys
+    from pathlib import Path
+    sys.path.insert(0, {tests!r})
+    import torch
+    torch.set_num_threads(1)
+    import test_engine
+    from mtkd.engine.trainer import Trainer
+
+    out = Path(sys.argv[1])
+    rank = int(os.environ["RANK"])
+    info = {{}}
+
+    class Recorder:
+        def __init__(self, name):
+            self.name = name
+
+        def on_epoch_end(self, trainer, means):
+            info.setdefault(self.name, []).append(trainer.epoch)
+
+    class StopOnRank1:
+        def on_epoch_end(self, trainer, means):
+            if trainer.dist.rank == 1:
+                trainer.request_stop("rank1", "asked on rank 1")
+
+    # lr 0: epoch 1 stays the best; rank 0 decides early stopping, both ranks stop after epoch 3
+    es = Trainer(test_engine.toy_cfg(out / "es", epochs=10, batch=4, lr=0.0, patience=2), callbacks=[Recorder("es")])
+    es.fit()
+    own = Trainer(test_engine.toy_cfg(out / "own", epochs=10, batch=4), callbacks=[Recorder("own"), StopOnRank1()])
+    own.fit()
+    info.update(stops=[es.stop_reason, own.stop_reason, own.stop_detail])
+    (out / f"stop{{rank}}.json").write_text(json.dumps(info))
+""")
+
+
+@pytest.mark.slow
+def test_torchrun_a_stop_asked_on_one_rank_stops_both(tmp_path):
+    script = tmp_path / "stop_run.py"
+    script.write_text(STOP_SCRIPT.format(tests=str(TESTS)))
+    proc = _torchrun(script, str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for rank in (0, 1):
+        info = json.loads((tmp_path / f"stop{rank}.json").read_text())
+        assert info == {"es": [0, 1, 2], "own": [0], "stops": ["early_stopping", "rank1", "asked on rank 1"]}
+    assert json.loads((tmp_path / "es" / "test_metrics.json").read_text())["stop_reason"] == "early_stopping"
+    assert json.loads((tmp_path / "own" / "test_metrics.json").read_text())["stop_reason"] == "rank1"
+    assert "stopped: rank1, asked on rank 1 (asked by a callback" in proc.stdout

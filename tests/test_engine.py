@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 from pathlib import Path
 from typing import Any, Dict, List
 
@@ -22,6 +23,7 @@ from PIL import Image
 from torch import nn
 
 from mtkd import checkpoint as ckpt_io
+from mtkd.engine.callbacks import EarlyStopping, Plots
 from mtkd.engine.config import build_config
 from mtkd.engine.ema import ModelEMA
 from mtkd.engine.tasks import register_task
@@ -879,6 +881,125 @@ def test_loss_terms_are_unweighted_and_leave_no_trace(tmp_path):
 def test_a_callback_without_hooks_is_refused():
     with pytest.raises(TypeError, match="none of the hooks"):
         Trainer(toy_cfg(Path("unused")), callbacks=[object()])
+
+
+def test_early_stopping_decides_on_rank_0_from_the_trainers_best_epoch():
+    from types import SimpleNamespace
+
+    asked: List[tuple] = []
+
+    def trainer(epoch: int, best: int, main: bool = True) -> Any:
+        return SimpleNamespace(epoch=epoch, best_epoch=best, dist=SimpleNamespace(is_main=main),
+                               request_stop=lambda reason, detail="": asked.append((epoch, reason, detail)))
+
+    es = EarlyStopping(2)
+    es.on_epoch_end(trainer(5, 0), {})  # nothing validated yet
+    es.on_epoch_end(trainer(1, 1), {})  # epoch 2, best epoch 1: one epoch without improvement
+    es.on_epoch_end(trainer(2, 1, main=False), {})  # only rank 0, which validates, decides
+    assert asked == []
+    es.on_epoch_end(trainer(2, 1), {})  # epoch 3, best epoch 1: two epochs without improvement
+    assert asked == [(2, "early_stopping", "no val improvement for 2 epochs")]
+    for bad in (0, 1.5, True, None):
+        with pytest.raises(ValueError, match="patience"):
+            EarlyStopping(bad)
+
+
+def test_early_stopping_is_installed_from_train_patience_before_the_given_callbacks(tmp_path):
+    class Mine:
+        def on_epoch_end(self, trainer, means):
+            pass
+
+    mine = Mine()
+    installed = Trainer(toy_cfg(tmp_path / "a", patience=3), callbacks=[mine]).callbacks.callbacks
+    assert [type(cb) for cb in installed] == [EarlyStopping, Mine]
+    assert installed[0].patience == 3 and installed[1] is mine
+    assert Trainer(toy_cfg(tmp_path / "b"), callbacks=[mine]).callbacks.callbacks == [mine]
+
+
+def test_early_stopping_and_given_callbacks_run_side_by_side(tmp_path, capsys):
+    epochs: List[int] = []
+
+    class Recorder:
+        def on_epoch_end(self, trainer, means):
+            epochs.append(trainer.epoch)
+
+    # lr 0: epoch 1 stays the best, so patience 2 stops after epoch 3; the given callback sees every epoch
+    report = Trainer(toy_cfg(tmp_path / "es", epochs=10, lr=0.0, patience=2), callbacks=[Recorder()]).fit()
+    assert epochs == [0, 1, 2] and report["stop_reason"] == "early_stopping" and report["epochs_run"] == 3
+    assert "stopped: early stopping, no val improvement for 2 epochs (best epoch 1;" in capsys.readouterr().out
+
+    class StopAfterEpoch2:
+        def on_epoch_end(self, trainer, means):
+            if trainer.epoch + 1 == 2:
+                trainer.request_stop("enough", "two epochs are plenty")
+
+    report = Trainer(toy_cfg(tmp_path / "own", epochs=10, patience=5), callbacks=[StopAfterEpoch2()]).fit()
+    assert report["stop_reason"] == "enough" and report["epochs_run"] == 2 and report["steps"] == 6
+    assert json.loads((tmp_path / "own" / "test_metrics.json").read_text())["stop_reason"] == "enough"
+    assert ("stopped: enough, two epochs are plenty (asked by a callback; after 6 steps, epoch 2)"
+            in capsys.readouterr().out)
+
+
+def test_early_stopping_of_a_resumed_run_counts_from_the_checkpointed_best_epoch(tmp_path, monkeypatch):
+    # killed after epoch 2 (best epoch 1, lr 0); resumed, it stops after epoch 3 as the uninterrupted run does
+    end_of_epoch = Trainer._end_of_epoch
+
+    def killed_after_epoch_2(self, means, validate):
+        end_of_epoch(self, means, validate)
+        if self.epoch + 1 == 2:
+            raise Killed()
+
+    monkeypatch.setattr(Trainer, "_end_of_epoch", killed_after_epoch_2)
+    cfg = toy_cfg(tmp_path / "es", epochs=10, lr=0.0, patience=2)
+    with pytest.raises(Killed):
+        Trainer(cfg).fit()
+    monkeypatch.setattr(Trainer, "_end_of_epoch", end_of_epoch)
+    cfg["train"]["resume"] = True
+    resumed = Trainer(cfg)
+    report = resumed.fit()
+    assert resumed.start_epoch == 2
+    assert report["stop_reason"] == "early_stopping" and report["epochs_run"] == 3 and report["best_epoch"] == 1
+
+
+def test_plots_callback_draws_val_pred_per_validation_and_curves_once_after_training(tmp_path, monkeypatch):
+    events: List[tuple] = []
+
+    class Recorder:
+        def on_epoch_end(self, trainer, means):
+            events.append(("end", trainer.epoch, (trainer.out / "val_pred.png").is_file()))
+
+        def on_train_end(self, trainer):
+            events.append(("train_end", trainer.epoch, (trainer.out / "curves.png").is_file(),
+                           (trainer.out / "test_metrics.json").is_file()))
+
+    trainer = Trainer(toy_cfg(tmp_path / "on", epochs=3, val_every=2, plots=True), callbacks=[Recorder()])
+    assert [type(cb) for cb in trainer.callbacks.callbacks] == [Plots, Recorder]
+    drawn: List[int] = []
+    draw_val = trainer.task.draw_val
+    monkeypatch.setattr(trainer.task, "draw_val",
+                        lambda *args: drawn.append(trainer.epoch) or draw_val(*args))
+    trainer.fit()
+    # validated at epoch 2 (val_every) and 3 (the last); drawn before the given callbacks' on_epoch_end;
+    # curves.png once, after the last epoch and before the test report
+    assert drawn == [1, 2]
+    assert events == [("end", 0, False), ("end", 1, True), ("end", 2, True), ("train_end", 2, True, False)]
+    assert (tmp_path / "on" / "test_metrics.json").is_file()
+
+
+def test_without_plots_nothing_is_drawn_and_matplotlib_is_not_imported(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # importing matplotlib now fails
+    monkeypatch.setitem(sys.modules, "mtkd.engine.plots", None)
+    ended: List[int] = []
+
+    class Recorder:
+        def on_train_end(self, trainer):
+            ended.append(trainer.epoch)
+
+    trainer = Trainer(toy_cfg(tmp_path / "off", epochs=2, plots=False), callbacks=[Recorder()])
+    assert not any(isinstance(cb, Plots) for cb in trainer.callbacks.callbacks)
+    trainer.fit()
+    assert ended == [1]
+    assert not (tmp_path / "off" / "curves.png").exists() and not (tmp_path / "off" / "val_pred.png").exists()
 
 
 def test_a_trainer_starts_at_epoch_zero_before_fit(tmp_path):

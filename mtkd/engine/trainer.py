@@ -61,8 +61,13 @@ teacher's forward keeps its graph; ``input_grad``: the input images get
   budget runs out mid-epoch, that partial epoch is validated, logged and
   saved, and training ends. One line says why the run stopped, and
   ``test_metrics.json`` records it as ``stop_reason`` (``time_budget``,
-  ``max_steps``, ``epochs`` or ``early_stopping``) with ``steps`` and
+  ``max_steps``, ``epochs``, ``early_stopping`` or the reason another
+  callback gave :meth:`Trainer.request_stop`) with ``steps`` and
   ``train_wall_s``.
+* **Callbacks.** Early stopping (``train.patience``) and the plots
+  (``train.plots``) are the built-in callbacks of
+  :mod:`mtkd.engine.callbacks`, which the trainer installs before the ones
+  it is given; a callback ends the run through :meth:`Trainer.request_stop`.
 * **Non-finite loss.** ``train.nonfinite: stop`` raises a one-line MtkdError
   naming the step and the non-finite terms; ``skip`` warns, counts the step
   in ``skipped_steps`` and takes no optimizer step. Steps in these messages
@@ -141,7 +146,7 @@ from tqdm import tqdm
 from mtkd import checkpoint as ckpt_io
 from mtkd.engine import distributed as ddp
 from mtkd.engine.aux import AuxOptimizers
-from mtkd.engine.callbacks import CallbackList
+from mtkd.engine.callbacks import CallbackList, EarlyStopping, Plots
 from mtkd.engine.config import dump_config
 from mtkd.engine.ema import ModelEMA
 from mtkd.engine.logger import RunLogger
@@ -316,7 +321,6 @@ class Trainer:
 
     def __init__(self, cfg: Dict[str, Any], task: Optional[Task] = None, callbacks: Sequence[Any] = ()):
         self.cfg = cfg
-        self.callbacks = CallbackList(callbacks)
         self.tcfg = cfg["train"]
         if self.tcfg["nonfinite"] not in ("stop", "skip"):
             raise ConfigError(f"train.nonfinite: expected stop or skip, got {self.tcfg['nonfinite']!r}")
@@ -326,6 +330,7 @@ class Trainer:
         _check_optional(self.tcfg, "max_steps", int, 1)
         _check_optional(self.tcfg, "time_budget_s", (int, float), 0)
         _check_optional(self.tcfg, "patience", int, 1)
+        self.callbacks = CallbackList(self._builtin_callbacks() + list(callbacks))
         resume = self.tcfg["resume"]
         if resume is not None and not isinstance(resume, (bool, str)):
             raise ConfigError(f"train.resume: expected a path or true, got {resume!r}")
@@ -341,6 +346,8 @@ class Trainer:
         self.train_wall = 0.0
         self.budget_step_time: Optional[float] = None
         self.stop_reason: Optional[str] = None
+        self.stop_detail = ""  # why a callback asked to stop (request_stop), for the stop line
+        self._stop_request: Optional[tuple] = None  # (reason, detail) of this rank's request_stop
         self.signal: Optional[signal.Signals] = None  # the first SIGINT/SIGTERM received while training
         self.epoch_batches = 0  # batches of the current epoch done (trained or skipped as non-finite)
         self._resume_batches = 0
@@ -349,6 +356,27 @@ class Trainer:
         self._resume_counts: Dict[str, int] = {}
         self.best_score = -math.inf
         self.best_epoch = 0
+
+    def _builtin_callbacks(self) -> List[Any]:
+        """The callbacks the config asks for (:mod:`mtkd.engine.callbacks`), in the order they run."""
+        builtin: List[Any] = []
+        if self.tcfg["patience"] is not None:
+            builtin.append(EarlyStopping(self.tcfg["patience"]))
+        if self.tcfg["plots"]:
+            builtin.append(Plots())
+        return builtin
+
+    def request_stop(self, reason: str, detail: str = "") -> None:
+        """End the run after the current epoch; for callbacks (e.g. :class:`~mtkd.engine.callbacks.EarlyStopping`).
+
+        Read once the epoch's ``on_epoch_end`` hooks have run: the epoch is
+        trained, validated (when ``train.val_every`` says so), logged and
+        saved as usual, then every rank stops (a request on any rank
+        suffices). ``reason`` becomes the report's ``stop_reason``, ``detail``
+        says why in the stop line. The first request of a run counts.
+        """
+        if self._stop_request is None:
+            self._stop_request = (str(reason), str(detail))
 
     # -- building -------------------------------------------------------------------
     def _autocast(self) -> contextlib.AbstractContextManager:
@@ -655,6 +683,7 @@ class Trainer:
         spent: Optional[str] = None
         bar = tqdm(self.train_loader, desc=f"epoch {self.epoch + 1}/{self.tcfg['epochs']}",
                    disable=not self.dist.is_main, leave=False, dynamic_ncols=True)
+        step_hooks = self.callbacks.has("on_step_end")
         tick = time.perf_counter()
         for batch in bar:
             if self.epoch_batches < skip:
@@ -675,7 +704,7 @@ class Trainer:
                     sums[k] = sums.get(k, 0.0) + v
                     counts[k] = counts.get(k, 0) + 1
                 bar.set_postfix(loss=f"{sums['total'] / counts['total']:.4g}", refresh=False)
-            if self.callbacks:
+            if step_hooks:
                 self.callbacks.call("on_step_end", self, logs)
                 tick = time.perf_counter()  # the callbacks' time is not training time
             spent = self._budget_spent()
@@ -764,16 +793,8 @@ class Trainer:
         self.best_score, self.best_epoch = ck["best_score"], st["best_epoch"]
         return int(ck["epoch"])
 
-    def _patience_exhausted(self) -> bool:
-        """Early stopping: ``train.patience`` epochs since the best val score."""
-        patience = self.tcfg["patience"]
-        return patience is not None and self.best_epoch > 0 and self.epoch + 1 - self.best_epoch >= patience
-
     def _end_of_epoch(self, means: Dict[str, float], validate: bool) -> None:
-        """Rank 0: validate, choose best, log, draw ``val_pred.png``, save ``last.pt``.
-
-        ``curves.png`` is drawn once, after training (matplotlib takes seconds).
-        """
+        """Rank 0: validate, choose best (``best.pt``), log, save ``last.pt``."""
         metrics: Dict[str, float] = {}
         if validate:
             metrics = self.task.evaluate(self.eval_model, self.val_loader, self.val_ds, self.cfg,
@@ -797,9 +818,6 @@ class Trainer:
         ckpt = self._base_ckpt(metrics)
         ckpt["train_state"] = self._train_state()
         ckpt_io.save_atomic(ckpt, self.out / "last.pt")
-        if self.tcfg["plots"] and validate:
-            with writing(self.out / "val_pred.png"):
-                self.task.draw_val(self.eval_model, self.val_ds, self.out / "val_pred.png", self.cfg, self.device)
 
     def test_report(self) -> Dict[str, Any]:
         """Rank 0: the best weights on the TEST split -> ``test_metrics.json``."""
@@ -864,8 +882,8 @@ class Trainer:
                     if main:
                         self._end_of_epoch(means, validate=last or (self.epoch + 1) % self.tcfg["val_every"] == 0)
                     self.callbacks.call("on_epoch_end", self, means)
-                    if ddp.any_true(main and self._patience_exhausted(), self.dist):
-                        reason = "early_stopping"
+                    if ddp.any_true(self._stop_request is not None, self.dist):
+                        reason, self.stop_detail = self._agreed_stop_request()
                         break
                     ddp.barrier(self.dist)
                 self._raise_if_signalled()
@@ -879,16 +897,16 @@ class Trainer:
             if main:
                 print(self._stop_message(), flush=True)
                 self.logger.close()
-                if self.tcfg["plots"] and self.logger.history:
-                    from mtkd.engine.plots import plot_loss_curves
-
-                    with writing(self.out / "curves.png"):
-                        plot_loss_curves(self.logger.csv_path, self.out / "curves.png")
+                self.callbacks.call("on_train_end", self)
                 report = self.test_report()
             clean = True
         finally:
             self._teardown(clean)
         return report
+
+    def _agreed_stop_request(self) -> tuple:
+        """``(reason, detail)`` of the lowest rank that asked to stop, the same on every rank (a collective call)."""
+        return next(r for r in ddp.gather_objects(self._stop_request, self.dist) if r is not None)
 
     def _record_classes(self) -> None:
         """Print the class list the run trains on and write it to ``classes.txt`` of the run folder
@@ -968,10 +986,12 @@ class Trainer:
                     f"({self.train_wall:.1f} s of training; LR schedule of {self.schedule.total} steps)")
         if reason == "max_steps":
             return f"stopped: train.max_steps={t['max_steps']} reached ({at})"
+        if reason == "epochs":
+            return f"stopped: all train.epochs={t['epochs']} done ({self.step} steps)"
+        why = f", {self.stop_detail}" if self.stop_detail else ""
         if reason == "early_stopping":
-            return (f"stopped: early stopping, no val improvement for {t['patience']} epochs "
-                    f"(best epoch {self.best_epoch}; {at})")
-        return f"stopped: all train.epochs={t['epochs']} done ({self.step} steps)"
+            return f"stopped: early stopping{why} (best epoch {self.best_epoch}; {at})"
+        return f"stopped: {reason}{why} (asked by a callback; {at})"
 
     def _teardown(self, clean: bool) -> None:
         if getattr(self, "logger", None) is not None:
