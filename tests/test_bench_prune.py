@@ -93,6 +93,15 @@ def test_verdicts_judge_the_half_flops_targets() -> None:
     assert "not yet measurable" in lines[0] and summary["targets"]["kd"]["keeps >= 95% of unpruned"] is None
 
 
+def test_latency_image_side_defaults_and_errors() -> None:
+    assert pb.parse([]).ort_imgsz == 128  # the latency rows' side: 128 px
+    assert pb.parse(["--quick"]).ort_imgsz == 0  # 0: the data's side
+    assert pb.parse(["--ort-imgsz", "64"]).ort_imgsz == 64
+    for bad in ("100", "-32", "16"):
+        with pytest.raises(SystemExit):
+            pb.parse(["--ort-imgsz", bad])
+
+
 def test_a_sitting_with_other_settings_is_refused(tmp_path: Path) -> None:
     budget = {k: 1 for k in pb.CHECKED}
     (tmp_path / "results.json").write_text(json.dumps({"budget": budget}))
@@ -130,7 +139,7 @@ def test_ort_latency_times_each_model_at_each_batch(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_quick_run_end_to_end_and_resume(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    argv = ["--quick", "--out", str(out)]
+    argv = ["--quick", "--out", str(out), "--ort-imgsz", "96"]
     payload = pb.main(argv)
     saved = json.loads((out / "results.json").read_text())
     assert saved == json.loads(json.dumps(payload, default=str))
@@ -152,6 +161,12 @@ def test_quick_run_end_to_end_and_resume(tmp_path: Path) -> None:
     md = (out / "results.md").read_text()
     assert "| kd_teacher | 0 |" in md and "target (kd): median keeps" in md
     assert (out / "runs" / "onnx" / "student_f0.50.onnx").is_file()
+    # the latency rows are exported and timed at --ort-imgsz, not at the data's side
+    import onnx
+
+    assert saved["latency_settings"]["imgsz"] == saved["budget"]["ort_imgsz"] == 96
+    dims = onnx.load(str(out / "runs" / "onnx" / "student.onnx")).graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_value for d in dims][1:] == [3, 96, 96]
     # INT8: the kd student's file, scored on the test split in onnxruntime, smaller, timed beside its FP32 file
     for role, src, arch in (("int8", "kd", "student_f0.50"), ("unpruned_int8", "unpruned", "student")):
         q = runs[role]

@@ -32,7 +32,8 @@ Protocol (small testbed by default: ``data/small``, ``mtkd/configs/small/``):
 * **Latency.** Every architecture (the unpruned student and teacher, each
   pruned model) is exported with :func:`mtkd.export.onnx.export_checkpoint`
   (parity-checked against PyTorch) and run in onnxruntime on the CPU with
-  ``intra_op_num_threads=1``, at batch 16 and at batch 1, at ``data.imgsz``:
+  ``intra_op_num_threads=1``, at batch 16 and at batch 1, at ``--ort-imgsz``
+  (128 px; each exported at that side, as the models are fully convolutional):
   all models timed alternately (:func:`benchmarks.common.interleaved_times`),
   ``--ort-warmup`` untimed runs each, then the median of ``--ort-runs`` (>= 50).
   A run's ``ort_ms`` (batch 16) and ``ort_ms_b1`` are those of its
@@ -82,6 +83,7 @@ stay in the budget and are timed again with this sitting's.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import sys
@@ -119,7 +121,7 @@ UNPRUNED_INT8 = "unpruned_int8"
 COST = ("params", "gflops", "ratio", "ort_ms", "ort_ms_b1", "onnx_mb", "steps", "wall_s")
 CHECKED = ("steps", "importance", "round_to", "overrides", "student_sha256", "teacher_sha256", "int8_calib")
 """Budget keys that must match the stored runs' for a sitting to add to them."""
-QUICK = {"seeds": [0], "sizes": [HALF], "steps": 2, "jobs": 1, "ort_runs": 5, "ort_warmup": 1}
+QUICK = {"seeds": [0], "sizes": [HALF], "steps": 2, "jobs": 1, "ort_runs": 5, "ort_warmup": 1, "ort_imgsz": 0}
 """What ``--quick`` changes (unless given): one seed, the half size, 2 steps, few timing runs."""
 QUICK_SET = ["train.batch=4"]
 QUICK_DATA = {"n_train": 16, "n_val": 4, "n_test": 4}
@@ -159,6 +161,8 @@ def parse(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--int8-calib", type=int, default=None, metavar="N",
                    help="training images calibrating the INT8 ranges (default: mtkd export's, 64)")
     p.add_argument("--ort-runs", type=int, default=None, help="timed onnxruntime runs per model and batch (default 50)")
+    p.add_argument("--ort-imgsz", type=int, default=None,
+                   help="image side of the latency rows (default 128; --quick: the data's)")
     p.add_argument("--ort-warmup", type=int, default=None, help="untimed runs first (default 5)")
     p.add_argument("--jobs", type=int, default=None,
                    help="recovery runs at a time, one torch thread each (default 2 with 2+ cores, else 1)")
@@ -184,7 +188,8 @@ def parse(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     defaults = {"out": str(ROOT / "benchmarks/prune"), "data": tb["data"], "seeds": [0, 1, 2],
                 "student": str(kd_gain / "runs/plain_s0/best.pt"), "teacher": tb["teacher_ckpt"],
                 "student_config": tb["student"], "teacher_config": tb["teacher"], "kd_config": tb["kd"],
-                "sizes": [0.75, HALF, 0.3], "jobs": default_jobs(), "ort_runs": 50, "ort_warmup": 5}
+                "sizes": [0.75, HALF, 0.3], "jobs": default_jobs(), "ort_runs": 50, "ort_warmup": 5,
+                "ort_imgsz": 128}
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -198,6 +203,8 @@ def parse(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         p.error("--int8-calib: must be at least 1")
     if args.ort_runs < 1 or args.ort_warmup < 0:
         p.error("--ort-runs must be at least 1 and --ort-warmup at least 0")
+    if args.ort_imgsz < 0 or 0 < args.ort_imgsz < 32 or args.ort_imgsz % 32:
+        p.error(f"--ort-imgsz: a multiple of 32 (0: the data's side), got {args.ort_imgsz}")
     return args
 
 
@@ -527,7 +534,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
               "sizes": all_sizes(results_path, args.sizes, args.force),
               "seeds": list(args.seeds), "importance": args.importance, "round_to": args.round_to,
               "overrides": extra, "student_sha256": digests["student"], "teacher_sha256": digests["teacher"],
-              "ort_runs": args.ort_runs, "ort_warmup": args.ort_warmup, "jobs": args.jobs, "quick": args.quick,
+              "ort_runs": args.ort_runs, "ort_warmup": args.ort_warmup, "ort_imgsz": args.ort_imgsz,
+              "jobs": args.jobs, "quick": args.quick,
               "int8_calib": calib}
     check_previous(results_path, budget, args.force)
     res = Results(args.out, NAME, data=args.data, budget=budget, metrics=METRICS, cost=COST,
@@ -603,16 +611,17 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         ckpt = Path(args.out) / "runs" / f"prune_{arch}" / "best.pt"
         if arch not in archs and "error" not in info and ckpt.is_file():
             archs[arch] = ckpt
-    timing = {"runs": args.ort_runs, "warmup": args.ort_warmup, "archs": sorted(archs)}
+    imgsz = args.ort_imgsz or int(cfgs["student"]["data"]["imgsz"])
+    timing = {"runs": args.ort_runs, "warmup": args.ort_warmup, "archs": sorted(archs), "imgsz": imgsz}
     if args.force or res.payload.get("latency_settings") != timing:
         from mtkd.export.onnx import export_checkpoint
 
         onnx_paths = {}
         for arch, ckpt in archs.items():
-            cfg = cfgs["teacher" if arch.startswith("teacher") else "student"]
+            cfg = copy.deepcopy(cfgs["teacher" if arch.startswith("teacher") else "student"])
+            cfg["data"]["imgsz"] = imgsz
             onnx_paths[arch] = Path(args.out) / "runs" / "onnx" / f"{arch}.onnx"
             export_checkpoint(cfg, ckpt, onnx_paths[arch])
-        imgsz = int(cfgs["student"]["data"]["imgsz"])
         log(f"timing {len(archs)} models in onnxruntime (1 thread, batch 16 and 1, {imgsz} px, "
             f"{args.ort_runs} runs after {args.ort_warmup} warm-up)")
         latency.clear()
