@@ -131,19 +131,22 @@ GAN_SCRIPT = textwrap.dedent("""
 """)
 
 
-def _torchrun(script: Path, *args: str) -> subprocess.CompletedProcess:
+def _torchrun(tmp_path: Path, name: str, source: str) -> subprocess.CompletedProcess:
+    """Write ``source`` to ``tmp_path/name`` and run it on 2 ranks with ``tmp_path`` as its argument;
+    fails the test unless it exits 0."""
+    script = tmp_path / name
+    script.write_text(source)
     env = dict(os.environ, OMP_NUM_THREADS="1")  # with conftest's offline switches
-    return subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), *args],
-        capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+         str(tmp_path)], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
 
 
 @pytest.mark.slow
 def test_torchrun_feat_gan_discriminators_stay_in_sync(tmp_path):
-    script = tmp_path / "gan_run.py"
-    script.write_text(GAN_SCRIPT.format())
-    proc = _torchrun(script, str(tmp_path))
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    _torchrun(tmp_path, "gan_run.py", GAN_SCRIPT.format())
     r0, r1 = (torch.load(tmp_path / f"gan{r}.pt", weights_only=True) for r in (0, 1))
     assert r0["logs"]["extra/feat_gan/d_loss"] != r1["logs"]["extra/feat_gan/d_loss"]  # different features
     assert r0["disc"].keys() == r1["disc"].keys()
@@ -153,10 +156,7 @@ def test_torchrun_feat_gan_discriminators_stay_in_sync(tmp_path):
 
 @pytest.mark.slow
 def test_torchrun_two_ranks_gloo(tmp_path):
-    script = tmp_path / "ddp_run.py"
-    script.write_text(SCRIPT.format(tests=str(TESTS)))
-    proc = _torchrun(script, str(tmp_path))
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    _torchrun(tmp_path, "ddp_run.py", SCRIPT.format(tests=str(TESTS)))
     infos = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     # 24 images over 2 ranks, batch 4 -> 3 steps per epoch on each rank
     for info in infos:
@@ -200,10 +200,7 @@ EQUIVALENCE_SCRIPT = textwrap.dedent("""
 def test_torchrun_two_ranks_train_like_one_process_on_both_halves(tmp_path, monkeypatch):
     """2 ranks x 4 images per step end (up to rounding) where 1 process x 8 images ends: DDP averages
     the student's and the adapters' gradients alike (BatchNorm-free model, SGD)."""
-    script = tmp_path / "equivalence.py"
-    script.write_text(EQUIVALENCE_SCRIPT.format(tests=str(TESTS)))
-    proc = _torchrun(script, str(tmp_path))
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    _torchrun(tmp_path, "equivalence.py", EQUIVALENCE_SCRIPT.format(tests=str(TESTS)))
     monkeypatch.setattr(test_engine.ToyTask, "build_model", without_batchnorm)
     trainer = Trainer(equivalence_cfg(tmp_path / "one", batch=8))
     build = trainer.build
@@ -265,10 +262,7 @@ STOP_SCRIPT = textwrap.dedent("""
 
 @pytest.mark.slow
 def test_torchrun_a_stop_asked_on_one_rank_stops_both(tmp_path):
-    script = tmp_path / "stop_run.py"
-    script.write_text(STOP_SCRIPT.format(tests=str(TESTS)))
-    proc = _torchrun(script, str(tmp_path))
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = _torchrun(tmp_path, "stop_run.py", STOP_SCRIPT.format(tests=str(TESTS)))
     for rank in (0, 1):
         info = json.loads((tmp_path / f"stop{rank}.json").read_text())
         assert info == {"es": [0, 1, 2], "own": [0], "stops": ["early_stopping", "rank1", "asked on rank 1"]}
