@@ -542,6 +542,9 @@ def markdown(payload: Mapping[str, Any], derived: Sequence[str] = (),
                 cells.append("-" if st is None else f"{fmt(st['min'])} / {fmt(st['median'])} / {fmt(st['max'])}")
             for c in cost:
                 st = s[c]
+                if st is not None and c == "params":  # always in millions, also below 0.1 M
+                    cells.append(f"{st['median'] / 1e6:.2f}M")
+                    continue
                 cells.append("-" if st is None else fmt(st["median"], {"wall_s": 1, "epochs": 0, "steps": 0}.get(c, 3)))
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")

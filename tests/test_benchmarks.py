@@ -61,6 +61,10 @@ def test_results_json_and_markdown_resume_and_replace(tmp_path: Path) -> None:
     md = (tmp_path / "results.md").read_text()
     assert "| plain | 0,1,2 | 0.200 / 0.220 / 0.240 | 0.400 / 0.440 / 0.500 | 0.300 / 0.330 / 0.360 |" in md
     assert "- a verdict" in md
+    assert "| 3.60M | 0.210 |" in md  # params in millions
+    tiny = common.markdown({"benchmark": "t", "runs": [dict(_rec("p", s, 0.1, 0.2, 0.3), params=42837 + s)
+                                                       for s in range(3)]})
+    assert "| 0.04M |" in tiny  # also below 0.1 M, where a median of ints is a float
 
     again = common.Results(tmp_path, "fake", data="d2")  # a later sitting
     assert again.has("kd", 2) and not again.has("kd", 3)
