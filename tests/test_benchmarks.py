@@ -444,3 +444,56 @@ def test_run_jobs_records_run_errors_but_stops_when_interrupted() -> None:
         run_jobs(jobs, 1, None, on_done, desc="t", job=job)
     assert ran == [0, 1, 2, 3]
     assert done == [(0, None), (1, "ConfigError"), (2, None)]
+
+
+def _load_script(path: str):
+    spec = importlib.util.spec_from_file_location("bench_" + Path(path).stem, ROOT / "benchmarks" / path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_seg_errors_splits_the_confusion_into_finding_and_naming() -> None:
+    import torch
+
+    seg_errors = _load_script("kd_gain/seg_errors.py")
+    # rows = target (0 background, classes 1 and 2), columns = prediction
+    m = torch.tensor([[80, 4, 6],
+                      [2, 10, 8],
+                      [8, 2, 20]])
+    got = seg_errors.split_confusion(m)
+    # objects in labels and prediction: 10+8+2+20 = 40; background called object 10, object called background 10
+    assert got["fg_iou"] == pytest.approx(40 / 60)
+    assert got["fg_class_acc"] == pytest.approx(30 / 40)
+    assert got["bg_iou"] == pytest.approx(80 / (80 + 10 + 10))
+    ious = [80 / 100, 10 / (20 + 16 - 10), 20 / (30 + 34 - 20)]
+    assert got["miou"] == pytest.approx(sum(ious) / 3)
+
+
+def test_seg_errors_miou_matches_the_evaluator(tmp_path: Path) -> None:
+    from mtkd.engine.config import dump_config, load_config
+    from mtkd.engine.trainer import evaluate_checkpoint
+
+    make_synthetic(tmp_path / "data", n_train=2, n_val=3, n_test=0, imgsz=(32, 48), formats=("voc",))
+    seg_errors = _load_script("kd_gain/seg_errors.py")
+    data = common.data_overrides(tmp_path / "data")
+    cfg = load_config(ROOT / "mtkd/configs/small/student.yaml", [*data, "data.imgsz=64", "data.cache=false"])
+    run = tmp_path / "runs" / "plain_s3"
+    run.mkdir(parents=True)
+    dump_config(cfg, run / "config.yaml")
+    common.random_checkpoint(run / "best.pt", cfg["model"], _classes(tmp_path / "data"))
+    payload = seg_errors.main(["--data", str(tmp_path / "data"), "--out", str(tmp_path / "out"),
+                               f"plain={tmp_path}/runs/plain_s*"])
+    (rec,) = payload["runs"]
+    assert rec["role"] == "plain" and rec["seed"] == 3 and rec["split"] == "val"
+    want = evaluate_checkpoint(cfg, run / "best.pt", split="val")["miou"]
+    assert rec["metrics"]["miou"] == pytest.approx(want, abs=1e-9)
+    assert 0.0 <= rec["metrics"]["fg_class_acc"] <= 1.0
+    assert json.loads((tmp_path / "out" / "seg_errors.json").read_text())["runs"] == payload["runs"]
+    assert "| plain | 3 |" in (tmp_path / "out" / "seg_errors.md").read_text()
+    with pytest.raises(SystemExit, match="ROLE=GLOB"):
+        seg_errors.main(["--data", str(tmp_path / "data"), "--out", str(tmp_path / "out"), f"kd={tmp_path}/none*"])
+
+
+def _classes(root: Path) -> list:
+    return (root / "voc" / "classes.txt").read_text().split()
