@@ -14,7 +14,7 @@ import csv
 import json
 import sys
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Callable, Dict, List
 
 import pytest
 import torch
@@ -545,6 +545,20 @@ class Killed(Exception):
     """Stands in for the process being killed right after ``last.pt`` was written."""
 
 
+def kill_after_epoch(monkeypatch, n: int) -> Callable[[], None]:
+    """Make every Trainer raise :class:`Killed` once epoch ``n`` (1-based) has ended and
+    ``last.pt`` is written; returns the function that undoes it."""
+    end_of_epoch = Trainer._end_of_epoch
+
+    def killed(self, means, validate):
+        end_of_epoch(self, means, validate)
+        if self.epoch + 1 == n:
+            raise Killed()
+
+    monkeypatch.setattr(Trainer, "_end_of_epoch", killed)
+    return lambda: monkeypatch.setattr(Trainer, "_end_of_epoch", end_of_epoch)
+
+
 def test_time_budget_sizes_the_schedule_and_says_why_it_stopped(tmp_path, monkeypatch, capsys):
     from mtkd.engine import trainer as trainer_mod
 
@@ -565,19 +579,12 @@ def test_time_budget_sizes_the_schedule_and_says_why_it_stopped(tmp_path, monkey
 
     # killed after epoch 5 (30 steps, schedule already sized), resumed on a machine twice as fast:
     # the frozen step time keeps the 64-step schedule instead of re-measuring (or using 600 steps)
-    end_of_epoch = Trainer._end_of_epoch
-
-    def killed_after_epoch_5(self, means, validate):
-        end_of_epoch(self, means, validate)
-        if self.epoch + 1 == 5:
-            raise Killed()
-
-    monkeypatch.setattr(Trainer, "_end_of_epoch", killed_after_epoch_5)
+    revive = kill_after_epoch(monkeypatch, 5)
     monkeypatch.setattr(trainer_mod, "time", FakeClock(1 / 64))
     part = toy_cfg(tmp_path / "part", epochs=100, batch=4, time_budget_s=1.0, val_every=1000)
     with pytest.raises(Killed):
         Trainer(part).fit()
-    monkeypatch.setattr(Trainer, "_end_of_epoch", end_of_epoch)
+    revive()
     monkeypatch.setattr(trainer_mod, "time", FakeClock(1 / 128))
     part["train"]["resume"] = True
     resumed = Trainer(part).fit()
@@ -942,18 +949,11 @@ def test_early_stopping_and_given_callbacks_run_side_by_side(tmp_path, capsys):
 
 def test_early_stopping_of_a_resumed_run_counts_from_the_checkpointed_best_epoch(tmp_path, monkeypatch):
     # killed after epoch 2 (best epoch 1, lr 0); resumed, it stops after epoch 3 as the uninterrupted run does
-    end_of_epoch = Trainer._end_of_epoch
-
-    def killed_after_epoch_2(self, means, validate):
-        end_of_epoch(self, means, validate)
-        if self.epoch + 1 == 2:
-            raise Killed()
-
-    monkeypatch.setattr(Trainer, "_end_of_epoch", killed_after_epoch_2)
+    revive = kill_after_epoch(monkeypatch, 2)
     cfg = toy_cfg(tmp_path / "es", epochs=10, lr=0.0, patience=2)
     with pytest.raises(Killed):
         Trainer(cfg).fit()
-    monkeypatch.setattr(Trainer, "_end_of_epoch", end_of_epoch)
+    revive()
     cfg["train"]["resume"] = True
     resumed = Trainer(cfg)
     report = resumed.fit()
