@@ -486,8 +486,10 @@ def test_seg_errors_miou_matches_the_evaluator(tmp_path: Path) -> None:
                                f"plain={tmp_path}/runs/plain_s*"])
     (rec,) = payload["runs"]
     assert rec["role"] == "plain" and rec["seed"] == 3 and rec["split"] == "val"
-    want = evaluate_checkpoint(cfg, run / "best.pt", split="val")["miou"]
-    assert rec["metrics"]["miou"] == pytest.approx(want, abs=1e-9)
+    want = evaluate_checkpoint(cfg, run / "best.pt", split="val")
+    assert rec["metrics"]["miou"] == pytest.approx(want["miou"], abs=1e-9)
+    assert rec["params"] == want["params"] and rec["gflops"] == pytest.approx(want["gflops"])
+    assert rec["epochs"] is None and rec["steps"] is None and rec["wall_s"] > 0  # random_checkpoint trained nothing
     assert 0.0 <= rec["metrics"]["fg_class_acc"] <= 1.0
     assert json.loads((tmp_path / "out" / "seg_errors.json").read_text())["runs"] == payload["runs"]
     assert "| plain | 3 |" in (tmp_path / "out" / "seg_errors.md").read_text()

@@ -19,8 +19,9 @@ beside ``miou`` (every class, background included, as in training) and
 
 Each ``ROLE=GLOB`` names run folders (``best.pt`` and ``config.yaml``
 inside); a seed is read from a folder name ending in ``_s<N>``. Writes
-``--out``/``seg_errors.json`` (``runs``: role, seed, run, metrics) and a
-Markdown table of min / median / max per role.
+``--out``/``seg_errors.json`` (``runs``: role, seed, run, split, the
+checkpoint's epochs and steps, params, gflops, ``wall_s`` of the scoring,
+metrics) and a Markdown table of min / median / max per role.
 """
 from __future__ import annotations
 
@@ -29,8 +30,9 @@ import glob
 import json
 import re
 import sys
+import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
@@ -59,9 +61,11 @@ def split_confusion(matrix: torch.Tensor) -> Dict[str, float]:
             "fg_class_acc": float(tp[1:].sum() / fg_both) if fg_both > 0 else 0.0}
 
 
-def confusion(run: Path, data: Sequence[str], split: str) -> torch.Tensor:
+def confusion(run: Path, data: Sequence[str], split: str) -> Tuple[torch.Tensor, Dict[str, Any]]:
     """Segmentation confusion matrix of ``run/best.pt`` on ``split``, in original pixels
-    (the evaluator's own prediction path)."""
+    (the evaluator's own prediction path), and the record's other fields (epochs, steps,
+    params, gflops of that checkpoint)."""
+    from mtkd.checkpoint import load_checkpoint
     from mtkd.engine.config import load_config
     from mtkd.engine.trainer import load_model
     from mtkd.tasks.multitask.metrics import SegConfusion
@@ -69,6 +73,10 @@ def confusion(run: Path, data: Sequence[str], split: str) -> torch.Tensor:
 
     cfg = load_config(run / "config.yaml", [*data, "train.device=cpu"])
     task, model, _, device = load_model(cfg, run / "best.pt")
+    ck = load_checkpoint(run / "best.pt")
+    info = task.model_info(model, cfg)
+    fields = {"epochs": ck.get("epoch"), "steps": ck.get("step"),
+              "params": info.get("params"), "gflops": info.get("gflops")}
     ds = task.build_dataset(cfg, split, False)
     conf: Optional[SegConfusion] = None
     with torch.inference_mode():
@@ -82,7 +90,7 @@ def confusion(run: Path, data: Sequence[str], split: str) -> torch.Tensor:
                     conf.update(p.mask().cpu(), torch.from_numpy(s.mask))
     if conf is None:
         raise SystemExit(f"{run}: no segmentation output on data.{split}")
-    return conf.matrix
+    return conf.matrix, fields
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
@@ -105,9 +113,12 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
             raise SystemExit(f"{spec}: expected ROLE=GLOB matching run folders with a best.pt")
         for run in folders:
             seed = re.search(r"_s(\d+)$", run.name)
-            metrics = split_confusion(confusion(run, data, args.split))
+            start = time.perf_counter()
+            matrix, fields = confusion(run, data, args.split)
+            metrics = split_confusion(matrix)
             runs.append({"role": role, "seed": int(seed.group(1)) if seed else None, "run": str(run),
-                         "split": args.split, "metrics": metrics})
+                         "split": args.split, **fields, "wall_s": round(time.perf_counter() - start, 2),
+                         "metrics": metrics})
             print(f"{role:10s} {run}: " + "  ".join(f"{k} {metrics[k]:.3f}" for k in KEYS), flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
