@@ -62,35 +62,24 @@ def split_confusion(matrix: torch.Tensor) -> Dict[str, float]:
 
 
 def confusion(run: Path, data: Sequence[str], split: str) -> Tuple[torch.Tensor, Dict[str, Any]]:
-    """Segmentation confusion matrix of ``run/best.pt`` on ``split``, in original pixels
-    (the evaluator's own prediction path), and the record's other fields (epochs, steps,
-    params, gflops of that checkpoint)."""
+    """Segmentation confusion matrix of ``run/best.pt`` on ``split``, accumulated by the
+    evaluator itself (:func:`mtkd.tasks.multitask.evaluation.collect`, original pixels), and the
+    record's other fields (epochs, steps, params, gflops of that checkpoint)."""
     from mtkd.checkpoint import load_checkpoint
     from mtkd.engine.config import load_config
     from mtkd.engine.trainer import load_model
-    from mtkd.tasks.multitask.metrics import SegConfusion
-    from mtkd.tasks.multitask.predict import predict_batch
+    from mtkd.tasks.multitask.evaluation import collect
 
     cfg = load_config(run / "config.yaml", [*data, "train.device=cpu"])
     task, model, _, device = load_model(cfg, run / "best.pt")
-    ck = load_checkpoint(run / "best.pt")
-    info = task.model_info(model, cfg)
-    fields = {"epochs": ck.get("epoch"), "steps": ck.get("step"),
-              "params": info.get("params"), "gflops": info.get("gflops")}
     ds = task.build_dataset(cfg, split, False)
-    conf: Optional[SegConfusion] = None
-    with torch.inference_mode():
-        for batch in DataLoader(ds, batch_size=64, collate_fn=task.collate):
-            samples = [ds.load_sample(int(i)) for i in batch["index"]]
-            preds = predict_batch(model, batch["images"], batch["letterbox"], [s.image.shape[:2] for s in samples],
-                                  0.25, 0.6, 100, device, False)
-            for s, p in zip(samples, preds):
-                conf = conf or SegConfusion(p.seg.shape[0])
-                if s.has_seg and s.mask is not None:
-                    conf.update(p.mask().cpu(), torch.from_numpy(s.mask))
-    if conf is None:
+    scores = collect(model, DataLoader(ds, batch_size=64, collate_fn=task.collate), ds, device=device)
+    if scores.confusion is None:
         raise SystemExit(f"{run}: no segmentation output on data.{split}")
-    return conf.matrix, fields
+    ck = load_checkpoint(run / "best.pt")  # its epoch and step (load_model keeps only the weights)
+    info = task.model_info(model, cfg)
+    return scores.confusion.matrix, {"epochs": ck.get("epoch"), "steps": ck.get("step"),
+                                     "params": info.get("params"), "gflops": info.get("gflops")}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:

@@ -38,8 +38,9 @@ def _restrict_gt(coco_gt: Mapping[str, Any], image_ids: set) -> Dict[str, Any]:
     }
 
 
-class _Scores:
-    """Per-image accumulation of predictions and labels in original pixels."""
+class Scores:
+    """Per-image accumulation of predictions and labels in original pixels (:func:`collect`);
+    ``confusion`` is the segmentation :class:`SegConfusion` (``None`` without a seg head)."""
 
     def __init__(self) -> None:
         self.preds: List[Dict[str, Any]] = []
@@ -61,6 +62,43 @@ class _Scores:
                 self.confusion = SegConfusion(pred.seg.shape[0])
             if sample.has_seg and sample.mask is not None:
                 self.confusion.update(pred.mask().cpu(), torch.from_numpy(sample.mask))
+
+
+def collect(
+    model: torch.nn.Module,
+    loader: Iterable[Mapping[str, Any]],
+    dataset: Any,
+    conf: float = 0.001,
+    iou: float = 0.6,
+    max_det: int = 100,
+    device: str | torch.device = "cpu",
+    amp: bool = False,
+    max_batches: Optional[int] = None,
+) -> Scores:
+    """The predictions and labels :func:`evaluate` scores, accumulated (same arguments)."""
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    acc = Scores()
+    try:
+        with torch.inference_mode():
+            for b, batch in enumerate(loader):
+                if max_batches is not None and b >= max_batches:
+                    break
+                indices = torch.as_tensor(batch["index"]).tolist()
+                samples: Dict[int, Sample] = {}  # position in the batch -> labels of a sample not yet scored
+                for j, index in enumerate(indices):
+                    # a skip_bad dataset may hand out a sample twice
+                    if index not in acc.seen and index not in indices[:j]:
+                        samples[j] = dataset.load_sample(index)
+                sizes = [samples[j].image.shape[:2] if j in samples else None for j in range(len(indices))]
+                preds = predict_batch(model, batch["images"], batch["letterbox"], sizes, conf, iou, max_det,
+                                      device, amp)
+                for j, sample in samples.items():
+                    acc.add(indices[j], sample, preds[j])
+    finally:
+        model.train(was_training)
+    return acc
 
 
 def evaluate(
@@ -99,29 +137,7 @@ def evaluate(
     image is decoded once more through ``load_sample`` for its labels. The
     model must already be on ``device``.
     """
-    device = torch.device(device)
-    was_training = model.training
-    model.eval()
-    acc = _Scores()
-    try:
-        with torch.inference_mode():
-            for b, batch in enumerate(loader):
-                if max_batches is not None and b >= max_batches:
-                    break
-                indices = torch.as_tensor(batch["index"]).tolist()
-                samples: Dict[int, Sample] = {}  # position in the batch -> labels of a sample not yet scored
-                for j, index in enumerate(indices):
-                    # a skip_bad dataset may hand out a sample twice
-                    if index not in acc.seen and index not in indices[:j]:
-                        samples[j] = dataset.load_sample(index)
-                sizes = [samples[j].image.shape[:2] if j in samples else None for j in range(len(indices))]
-                preds = predict_batch(model, batch["images"], batch["letterbox"], sizes, conf, iou, max_det,
-                                      device, amp)
-                for j, sample in samples.items():
-                    acc.add(indices[j], sample, preds[j])
-    finally:
-        model.train(was_training)
-
+    acc = collect(model, loader, dataset, conf, iou, max_det, device, amp, max_batches)
     result: Dict[str, float] = {"n_images": len(acc.seen)}
     if acc.has_det_head:
         result.update(coco_map(acc.preds, _restrict_gt(dataset.coco_gt(), acc.seen)))
