@@ -15,7 +15,7 @@ beside ``miou`` (every class, background included, as in training) and
 
     python benchmarks/kd_gain/seg_errors.py --data data/small \\
         teacher=runs/small/teacher 'plain=benchmarks/kd_gain/runs/plain_s*' \\
-        'kd=benchmarks/kd_gain/cwd40_a0.3_segcwd/runs/kd_s?'
+        'kd=benchmarks/kd_gain/segcwd_c2c3/runs/kd_s?'
 
 Each ``ROLE=GLOB`` names run folders (``best.pt`` and ``config.yaml``
 inside); a seed is read from a folder name ending in ``_s<N>``. Writes
