@@ -8,7 +8,9 @@ and that only rank 0 wrote files; that two ranks of 4 images train student
 and adapters as one process does on those 8 images; and that feat_gan's
 discriminators (R1 penalty on) stay identical across ranks that see different
 features; and that a stop a callback asks for on one rank (early stopping on
-rank 0, another callback on rank 1) ends the run on both. Each takes ~15-30 s
+rank 0, another callback on rank 1) ends the run on both; and that ``mtkd yolo
+train``'s neck adapters, in their own DDP wrapper, start from rank 0's weights
+and get the mean of both ranks' gradients. Each takes ~15-30 s
 (process start-up dominates).
 """
 from __future__ import annotations
@@ -273,3 +275,67 @@ def test_torchrun_a_stop_asked_on_one_rank_stops_both(tmp_path, case, epochs, re
     if case == "own":
         assert all(json.loads((out / f"stop{r}.json").read_text())["detail"] == "asked on rank 1" for r in (0, 1))
         assert "stopped: rank1, asked on rank 1 (asked by a callback" in proc.stdout
+
+
+YOLO_KD_SCRIPT = textwrap.dedent("""
+    import sys
+    import torch
+    torch.set_num_threads(1)
+    from mtkd.engine import distributed as ddp
+    from mtkd.structures import DetOutput
+    from mtkd.yolo.losses import YoloKD
+    from mtkd.yolo.trainer import kd_forward
+
+    info = ddp.setup("cpu")
+    torch.manual_seed(info.rank)  # adapters start different on each rank
+    s_ch, t_ch = {{"p3": 4, "p4": 6}}, {{"p3": 8, "p4": 6}}
+    kd = YoloKD(cls=0.0, dfl=0.0, obj=0.0, feat=1.0, student_channels=s_ch, teacher_channels=t_ch)
+    before = {{k: v.detach().clone() for k, v in kd.state_dict().items()}}
+    fwd = kd_forward(kd, info.world_size, info.device)
+    start = {{k: v.detach().clone() for k, v in kd.state_dict().items()}}
+    g = torch.Generator().manual_seed(100 + info.rank)  # each rank sees its own features
+    det = DetOutput(cls=torch.zeros(2, 5, 3), obj=torch.zeros(2, 5), box=torch.zeros(2, 5, 4),
+                    anchors=torch.zeros(5, 2), strides=torch.ones(5, 1))
+    s_feats = {{k: torch.randn(2, c, 4, 4, generator=g) for k, c in s_ch.items()}}
+    t_feats = {{k: torch.randn(2, c, 4, 4, generator=g) for k, c in t_ch.items()}}
+    terms = fwd(det, det, s_feats, t_feats)
+    sum(terms.values()).backward()
+    grads = {{k: p.grad.clone() for k, p in kd.named_parameters()}}
+    torch.save({{"wrapped": type(fwd).__name__, "before": before, "start": start, "grads": grads,
+                "s_feats": s_feats, "t_feats": t_feats}}, sys.argv[1] + f"/yolo_kd{{info.rank}}.pt")
+    del fwd
+    ddp.shutdown(info)
+""")
+
+
+@pytest.mark.slow
+def test_torchrun_yolo_kd_adapters_are_averaged_by_their_own_ddp_wrapper(tmp_path):
+    """``mtkd yolo train``'s neck adapters under DDP: rank 0's adapters are broadcast at the wrap, and
+    each rank ends its backward with the mean of both ranks' gradients, as one process computes it."""
+    from mtkd.structures import DetOutput
+    from mtkd.yolo.losses import YoloKD
+    from mtkd.yolo.trainer import kd_forward
+
+    _torchrun(tmp_path, "yolo_kd.py", YOLO_KD_SCRIPT.format())
+    r0, r1 = (torch.load(tmp_path / f"yolo_kd{r}.pt", weights_only=True) for r in (0, 1))
+    assert r0["wrapped"] == r1["wrapped"] == "DistributedDataParallel"
+    name = "terms.kd_feat.adapters.convs.p3.weight"  # 4 -> 8 channels: PyTorch's random init
+    assert not torch.equal(r0["before"][name], r1["before"][name])  # seeded apart
+    for key, value in r0["start"].items():
+        assert torch.equal(value, r1["start"][key]), key  # rank 0's broadcast
+    kd = YoloKD(cls=0.0, dfl=0.0, obj=0.0, feat=1.0, student_channels={"p3": 4, "p4": 6},
+                teacher_channels={"p3": 8, "p4": 6})
+    kd.load_state_dict(r0["start"])
+    assert kd_forward(kd, 1, torch.device("cpu")) is kd  # one process: no wrapper
+    det = DetOutput(cls=torch.zeros(2, 5, 3), obj=torch.zeros(2, 5), box=torch.zeros(2, 5, 4),
+                    anchors=torch.zeros(5, 2), strides=torch.ones(5, 1))
+    per_rank = []
+    for r in (r0, r1):
+        kd.zero_grad()
+        sum(kd(det, det, r["s_feats"], r["t_feats"]).values()).backward()
+        per_rank.append({k: p.grad.clone() for k, p in kd.named_parameters()})
+    assert not torch.allclose(per_rank[0][name], per_rank[1][name])  # the ranks' own gradients differ
+    for key in per_rank[0]:
+        mean = (per_rank[0][key] + per_rank[1][key]) / 2
+        for r in (r0, r1):
+            assert torch.allclose(r["grads"][key], mean, rtol=1e-5, atol=1e-7), key

@@ -12,7 +12,7 @@ from __future__ import annotations
 import gc
 import os
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, List
+from typing import Any, Dict, List
 
 import torch
 import torch.distributed as dist
@@ -79,20 +79,6 @@ def broadcast_module(module: nn.Module, info: DistInfo) -> None:
     with torch.no_grad():
         for t in list(module.parameters()) + list(module.buffers()):
             dist.broadcast(t.data, src=0)
-
-
-def average_grads(params: Iterable[torch.Tensor], info: DistInfo) -> None:
-    """All-reduce (mean) the gradients of parameters that DDP does not own.
-
-    Every rank must hold gradients for the same parameters (true of parameters in every
-    step's graph); one missing on some ranks only would pair mismatched collectives.
-    """
-    if not info.enabled:
-        return
-    for p in params:
-        if p.grad is not None:
-            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
-            p.grad.div_(info.world_size)
 
 
 def any_true(flag: bool, info: DistInfo) -> bool:

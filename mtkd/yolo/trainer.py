@@ -45,10 +45,11 @@ state in ``last.pt`` includes the adapters' moments (tensors only).
 DDP (multi-GPU, Ultralytics' own relaunch): Ultralytics wraps the student
 alone in ``DistributedDataParallel`` in the middle of ``_setup_train``, before
 ``build_optimizer`` makes the adapters, and its EMA, validation and saving
-all read that wrapped module, so the adapters cannot join the wrapper without
-replacing the student there. Their gradients are averaged here instead
-(:func:`mtkd.engine.distributed.average_grads`) before each optimiser step;
-the CWD adapters are in every step's graph, so every rank has their gradients.
+all read that wrapped module; putting the adapters inside it would ship them
+in the saved student. So the KD module that owns them gets its own
+``DistributedDataParallel`` wrapper (:func:`kd_forward`), through which the
+criterion calls it: DDP broadcasts rank 0's adapters at the start and
+averages their gradients in the same backward as the student's.
 
 Usage::
 
@@ -69,7 +70,7 @@ import torch
 from torch import nn
 
 import mtkd
-from mtkd.engine.distributed import DistInfo, average_grads
+from mtkd.engine.distributed import DistInfo, wrap
 from mtkd.errors import ConfigError
 from mtkd.yolo.adapter import detect_to_detoutput, name_list, neck_channels, neck_feats
 from mtkd.yolo.losses import YoloKD, check_value
@@ -195,11 +196,13 @@ class KDCriterion:
     criterion, so no EMA copy or checkpoint ever carries the teacher.
     """
 
-    def __init__(self, base: Any, head: nn.Module, teacher: Any, kd: YoloKD):
+    def __init__(self, base: Any, head: nn.Module, teacher: Any, kd: YoloKD,
+                 forward: Optional[nn.Module] = None):
         self.base = base
         self.head = head
         self.teacher = teacher
         self.kd = kd
+        self.kd_forward = kd if forward is None else forward  # ``kd`` or its DDP wrapper
 
     def __call__(self, preds: Any, batch: Dict[str, Any]) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         loss, items = self.base(preds, batch)
@@ -208,7 +211,7 @@ class KDCriterion:
         images = batch["img"]
         student = detect_to_detoutput(preds, self.head)
         teacher, t_feats = self.teacher(images)
-        terms = self.kd(student, teacher, neck_feats(preds) if self.kd.w_feat else None, t_feats)
+        terms = self.kd_forward(student, teacher, neck_feats(preds) if self.kd.w_feat else None, t_feats)
         if not terms:
             return loss, items
         kd_vec = torch.stack(list(terms.values())).to(loss.dtype) * images.shape[0]
@@ -222,6 +225,15 @@ class KDCriterion:
     def __reduce_ex__(self, protocol: Any) -> Any:
         # Rebuild as (a copy of) the plain criterion: stdlib ``copy.copy`` applied to the base.
         return copy.copy, (self.base,)
+
+
+def kd_forward(kd: YoloKD, world_size: int, device: torch.device) -> nn.Module:
+    """What the criterion calls: ``kd`` itself, or under DDP (``world_size > 1``) ``kd`` in its own
+    ``DistributedDataParallel`` wrapper when it has trainable adapters, so their gradients are
+    averaged across ranks like the student's. Needs the process group when it wraps."""
+    if not any(p.requires_grad for p in kd.parameters()):
+        return kd
+    return wrap(kd, DistInfo(world_size=world_size, device=device))
 
 
 class _StudentAndAdapters(nn.Module):
@@ -280,7 +292,8 @@ class KDDetectionTrainer(DetectionTrainer):
         super()._setup_train()
         student = unwrap_model(self.model)
         base = student.criterion if getattr(student, "criterion", None) is not None else student.init_criterion()
-        student.criterion = KDCriterion(base, student.model[-1], self.kd_teacher, self.kd_loss)
+        student.criterion = KDCriterion(base, student.model[-1], self.kd_teacher, self.kd_loss,
+                                        kd_forward(self.kd_loss, self.world_size, self.device))
 
     def build_optimizer(self, model: nn.Module, name: str = "auto", lr: float = 0.001, momentum: float = 0.9,
                         decay: float = 1e-5, iterations: float = 1e5) -> torch.optim.Optimizer:
@@ -348,10 +361,3 @@ class KDDetectionTrainer(DetectionTrainer):
         record = self.kd_record()
         with _without_kd_args(self.args, ema_args), _checkpoint_entry("mtkd", record):
             return super().save_model()
-
-    # -- the step ----------------------------------------------------------------------------
-    def optimizer_step(self) -> None:
-        """All-reduce the adapters' gradients under DDP (they are outside its wrapper), then step."""
-        if self.kd_loss is not None:
-            average_grads(self.kd_loss.parameters(), DistInfo(world_size=self.world_size))
-        super().optimizer_step()
