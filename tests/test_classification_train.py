@@ -50,3 +50,81 @@ def test_predict_checkpoint_writes_lines(run):
     assert len(lines) == 3
     assert (tmp / "pred" / "predictions.txt").read_text().splitlines() == lines
     assert all(len(line.split(" ")) == 3 for line in lines)
+
+
+def test_robust_validation_scores_attacked_top1_and_chooses_best_on_it(tmp_path):
+    """``eval.attack`` adds ``robust_top1`` to val and test; ``train.save_best_on: robust_top1`` picks on it."""
+    root = make_synthetic_imagefolder(tmp_path / "data", n_classes=3, n_per_class=6, imgsz=16, seed=2)
+    cfg = build_config({
+        "task": "classify", "out": str(tmp_path / "run"),
+        "data": {"format": "imagefolder", "root": str(root), "imgsz": 16, "mean": None, "std": None},
+        "model": {"preset": "student"},
+        "loss": {"extra": [{"name": "ce"}]},
+        "eval": {"attack": {"name": "pgd", "eps": "8/255", "steps": 3}},
+        "train": {"epochs": 2, "batch": 6, "workers": 0, "ema": False, "tensorboard": False, "plots": False,
+                  "device": "cpu", "save_best_on": "robust_top1"},
+    })
+    report = train(cfg)
+    assert 0.0 <= report["robust_top1"] <= report["top1"]
+    rows = (tmp_path / "run" / "results.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    robust = [float(r.split(",")[header.index("val/robust_top1")]) for r in rows[1:]]
+    assert len(robust) == 2
+    import torch
+
+    best = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
+    assert best["metrics"]["robust_top1"] == max(robust)
+
+
+def test_eval_attack_is_checked_before_training_and_only_for_classifiers(tmp_path):
+    from mtkd.errors import ConfigError
+    from mtkd.tasks.classify.evaluation import eval_attack
+
+    assert eval_attack({"attack": None}) is None
+    spec = eval_attack({"attack": {"eps": "4/255", "steps": 5}})
+    assert (spec.name, spec.steps) == ("pgd", 5) and abs(spec.eps - 4 / 255) < 1e-12
+    with pytest.raises(ConfigError, match="eval.attack: unknown key"):
+        eval_attack({"attack": {"eps": 0.1, "stepz": 3}})
+    with pytest.raises(ConfigError, match="eval.attack.eps"):
+        eval_attack({"attack": {"eps": 0}})
+    root = make_synthetic_imagefolder(tmp_path / "data", n_classes=3, n_per_class=2, imgsz=16, seed=3)
+    cfg = build_config({"task": "classify", "out": str(tmp_path / "run"),
+                        "data": {"format": "imagefolder", "root": str(root), "imgsz": 16},
+                        "model": {"preset": "student"}, "loss": {"extra": [{"name": "ce"}]},
+                        "eval": {"attack": {"eps": -1}}, "train": {"workers": 0, "device": "cpu"}})
+    with pytest.raises(ConfigError, match="eval.attack.eps"):
+        train(cfg)
+    assert not (tmp_path / "run" / "results.csv").exists()
+
+
+def test_robust_top1_falls_under_a_real_attack_and_equals_top1_under_a_null_one(tmp_path):
+    import torch
+
+    from mtkd.adversarial.attacks import make_attack
+    from mtkd.tasks.classify.data import ImageFolderDataset, collate  # noqa: F401
+    from mtkd.tasks.classify.evaluation import evaluate
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 3))
+
+    class Wrap(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = model
+
+        def forward(self, x):
+            return {"logits": self.net(x)}
+
+    images = torch.rand(12, 3, 4, 4)
+    with torch.no_grad():
+        labels = Wrap()(images)["logits"].argmax(1)  # the model is right on every image
+    loader = [{"images": images, "labels": labels}]
+    ds = type("D", (), {"classes": ["a", "b", "c"]})()
+    null = make_attack("pgd", 0.1, steps=0, random_start=False)
+    strong = make_attack("pgd", 0.5, steps=10)
+    m0 = evaluate(Wrap(), loader, ds, torch.device("cpu"), attack=null, mean=[0, 0, 0], std=[1, 1, 1])
+    assert m0["top1"] == m0["robust_top1"] == 100.0
+    m1 = evaluate(Wrap(), loader, ds, torch.device("cpu"), attack=strong, mean=[0, 0, 0], std=[1, 1, 1])
+    m2 = evaluate(Wrap(), loader, ds, torch.device("cpu"), attack=strong, mean=[0, 0, 0], std=[1, 1, 1])
+    assert m1["top1"] == 100.0 and m1["robust_top1"] < 50.0
+    assert m1["robust_top1"] == m2["robust_top1"]  # seeded random start: repeatable

@@ -39,7 +39,7 @@ from mtkd.errors import ConfigError, writing
 from mtkd.pretrained import check_pretrained
 from mtkd.tasks.classify.data import (ImageFolderDataset, build_transform, collate, compute_mean_std,
                                       find_classes)
-from mtkd.tasks.classify.evaluation import evaluate
+from mtkd.tasks.classify.evaluation import eval_attack, evaluate
 from mtkd.tasks.classify.models import STUDENT, build_classifier, load_weights
 from mtkd.tasks.classify.plots import draw_val
 from mtkd.tasks.classify.predict import predict_folder
@@ -98,6 +98,7 @@ class ClassifyTask:
 
     # -- models ----------------------------------------------------------------------
     def build_model(self, cfg: Dict[str, Any], num_classes: int) -> nn.Module:
+        eval_attack(cfg["eval"])  # a bad eval.attack fails before training, not at the first validation
         m = cfg["model"]
         for key in _DENSE_MODEL_KEYS:
             if m.get(key) is not None:
@@ -139,7 +140,10 @@ class ClassifyTask:
     # -- evaluation --------------------------------------------------------------------
     def evaluate(self, model: nn.Module, loader: Any, dataset: Any, cfg: Dict[str, Any],
                  device: torch.device, amp: bool) -> Dict[str, float]:
-        return evaluate(model, loader, dataset, device, cfg["eval"].get("max_batches"))
+        attack = eval_attack(cfg["eval"])
+        mean, std = self.normalisation(cfg) if attack is not None else (None, None)
+        return evaluate(model, loader, dataset, device, cfg["eval"].get("max_batches"), attack, mean, std,
+                        int(cfg.get("seed") or 0))
 
     def fitness(self, metrics: Dict[str, float]) -> float:
         return metrics["top1"]

@@ -57,6 +57,9 @@ class MultiTaskTask:
     def build_model(self, cfg: Dict[str, Any], num_classes: int) -> nn.Module:
         from mtkd.models import build_model
 
+        if cfg["eval"].get("attack") is not None:
+            raise ConfigError("eval.attack: robust validation scores classifiers (task: classify); "
+                              "score a multi-task model's robustness with mtkd attack")
         model = build_model(model_kwargs(cfg["model"]), num_classes)
         seg, size = getattr(model, "seg_head", None), cfg["data"]["imgsz"]
         if seg is not None and isinstance(size, int) and (seg.classifier.in_channels // 32) * (size // 32) ** 2 < 2:
