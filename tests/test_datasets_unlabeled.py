@@ -142,6 +142,22 @@ def test_split_name_readers_ignore_labels(tmp_path):
     assert [r.id for r in ds.records] == ["x", "y"]
 
 
+@pytest.mark.parametrize("escape", ["../../outside.jpg", "ABSOLUTE"])
+def test_coco_unlabeled_file_name_outside_the_image_folder_is_refused(tmp_path, escape):
+    coco = tmp_path / "coco"
+    write_image(coco / "images" / "unl" / "x.jpg", seed=5)
+    outside = coco / "outside.jpg"  # exists, so only the confinement check can refuse it
+    write_image(outside, seed=6)
+    file_name = str(outside) if escape == "ABSOLUTE" else escape
+    ann = coco / "annotations" / "instances_unl.json"
+    ann.parent.mkdir(parents=True)
+    ann.write_text(json.dumps({"images": [{"id": 2, "file_name": "x.jpg"}, {"id": 7, "file_name": file_name}]}))
+    with pytest.raises(DataError) as info:
+        build_unlabeled({**CFG, "format": "coco", "root": str(coco), "unlabeled": "unl"}, ["a"])
+    msg = str(info.value)
+    assert "\n" not in msg and str(ann) in msg and "image 7 " in msg and "outside" in msg
+
+
 def test_missing_folder_or_split_is_one_line_error_naming_key_and_path(tmp_path):
     voc = write_voc(tmp_path / "voc")
     missing = tmp_path / "nope"

@@ -109,6 +109,15 @@ def _inside_folder(file_name: str) -> bool:
     return not any(p.anchor or ".." in p.parts for p in (PurePosixPath(file_name), PureWindowsPath(file_name)))
 
 
+def image_path_of(ann_path: Path, img_dir: Path, im: Dict[str, Any]) -> Path:
+    """The path of image entry ``im`` of ``ann_path`` below ``img_dir``; a DataError naming the
+    annotation file and the image id when its ``file_name`` leaves that folder."""
+    if not _inside_folder(im["file_name"]):
+        raise DataError(f"{ann_path}: image {im.get('id')} file_name {im['file_name']!r} points outside "
+                        f"the image folder {img_dir}")
+    return img_dir / im["file_name"]
+
+
 def load_coco_json(path: Path) -> Dict[str, Any]:
     """Read an instances JSON; DataError naming it when missing or malformed."""
     try:
@@ -196,9 +205,7 @@ class COCODataset(RecordDataset):
             h, w = int(im["height"]), int(im["width"])
         except (KeyError, TypeError, ValueError) as exc:
             raise DataError(f"{ann_path}: image entry {im.get('id')} malformed ({exc!r})") from None
-        if not _inside_folder(im["file_name"]):
-            raise DataError(f"{ann_path}: image {im.get('id')} file_name {im['file_name']!r} points outside "
-                            f"the image folder {img_dir}")
+        image_path = image_path_of(ann_path, img_dir, im)
         if not image_path.is_file():
             raise DataError(f"{image_path}: image file not found")
         source = f"{ann_path} (image {im['id']}, {image_path.name})"

@@ -33,6 +33,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from mtkd.datasets.coco import image_path_of
 from mtkd.datasets.common import Record, RecordDataset
 from mtkd.datasets.voc import read_id_list
 from mtkd.datasets.yolo import _list_images, load_data_yaml, yolo_root
@@ -77,7 +78,8 @@ def yolo_split_images(data_yaml: Path, split: str) -> List[Tuple[str, Path]]:
 
 
 def coco_split_images(root: Path, split: str, ann_file: str, image_dir: str) -> Tuple[List[Tuple[str, Path]], Path]:
-    """``(file stem, path)`` of the ``images`` of a COCO json (sorted by image id), and the json."""
+    """``(file stem, path)`` of the ``images`` of a COCO json (sorted by image id), and the json; a
+    ``file_name`` that leaves the image folder is a DataError."""
     if not root.is_dir():
         raise DataError(f"{root}: COCO root not found")
     ann_path = root / ann_file.format(split=split)
@@ -92,7 +94,8 @@ def coco_split_images(root: Path, split: str, ann_file: str, image_dir: str) -> 
         raise DataError(f"{ann_path}: needs an 'images' list")
     try:
         images = sorted(data["images"], key=lambda im: int(im["id"]))
-        return [(str(Path(im["file_name"]).with_suffix("")), img_dir / im["file_name"]) for im in images], ann_path
+        return [(str(Path(im["file_name"]).with_suffix("")), image_path_of(ann_path, img_dir, im))
+                for im in images], ann_path
     except (KeyError, TypeError, ValueError) as exc:
         raise DataError(f"{ann_path}: malformed image entry ({exc!r})") from None
 
