@@ -294,6 +294,21 @@ def test_exif_rotated_image_in_yolo_dataset(tmp_path):
     assert sample.image.shape == (40, 30, 3)
 
 
+def test_exif_rotated_image_in_voc_dataset_matches_its_upright_xml_size(tmp_path):
+    """A VOC XML declares the upright size (40x30 here) of a JPEG stored 30x40 with an EXIF turn: it loads
+    upright, box inside, instead of failing the declared-size check."""
+    root = write_voc(tmp_path / "voc")
+    write_rotated_jpeg(root / "JPEGImages" / "z.jpg")
+    (root / "Annotations" / "z.xml").write_text(voc_xml([("cat", (2, 22, 30, 40), False)], w=30, h=40))
+    (root / "ImageSets" / "Main" / "train.txt").write_text("a\nb\nz\n")
+    ds = VOCDataset(root, "train")
+    z = [r.id for r in ds.records].index("z")
+    sample = ds.load_sample(z)
+    assert sample.image.shape == (40, 30, 3)
+    assert sample.image[:20].mean() > 200 and sample.image[20:].mean() < 50  # white half on top: turned
+    np.testing.assert_allclose(sample.boxes, [[1, 21, 30, 40]])
+
+
 @pytest.mark.parametrize("escape", ["../../outside.jpg", "ABSOLUTE", "sub/../../i.jpg"])
 def test_coco_file_name_outside_the_image_folder(tmp_path, escape):
     root = write_coco(tmp_path / "coco")

@@ -86,7 +86,7 @@ from ultralytics.utils.torch_utils import unwrap_model
 #: fine-tuning; ``benchmarks/yolo_kd/README.md`` records how they were chosen. Tune them
 #: on your own data.
 KD_DEFAULTS: Dict[str, Any] = {
-    "kd_teacher": None,  # path: Ultralytics .pt, mtkd checkpoint, or YAML with an mtkd teacher: section
+    "kd_teacher": None,  # path: an Ultralytics detection .pt or an mtkd checkpoint
     "kd_cls": 0.5,  # class-score KL (teacher-score gated)
     "kd_dfl": 0.25,  # box-distribution KL (L1 on ltrb, column kd_box, for heads without DFL)
     "kd_obj": 0.1,  # objectness-proxy KL, dense
