@@ -46,7 +46,9 @@ def test_classify_outcomes() -> None:
     assert faults.classify("succeed", _proc(0), problem="read as 151x137")[0] == "silent"
     assert faults.classify("succeed", _proc(0))[0] == "ok"
     sig = _proc(143, "interrupted by SIGTERM; resume with: mtkd train c.yaml --resume\n")
-    assert faults.classify("fail", sig, line=r"resume with: .*--resume")[0] == "clear"
+    assert faults.classify("fail", sig, line=r"resume with: .*--resume", exit_code=None)[0] == "clear"
+    # a one-line error must exit 2, the CLI's status for it
+    assert faults.classify("fail", _proc(1, "error: /d/a.xml: not well-formed\n"))[0] == "unclear"
 
 
 def test_message_problem_names_leftovers_and_forbidden_words(tmp_path: Path) -> None:

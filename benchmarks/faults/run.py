@@ -175,12 +175,13 @@ def last_line(text: str) -> str:
 
 # -- classification -----------------------------------------------------------------------------
 def classify(expect: str, proc: Proc, problem: Optional[str] = None,
-             line: str = r"^error: ") -> tuple[str, str]:
+             line: str = r"^error: ", exit_code: Optional[int] = 2) -> tuple[str, str]:
     """``(outcome, why)`` of one bad-input run (see the module docstring).
 
     ``expect`` is ``"fail"`` or ``"succeed"``; ``problem`` is what the case's
     own check found wrong (``None``: nothing); ``line`` the pattern the last
-    stderr line of an expected failure must match.
+    stderr line of an expected failure must match, and ``exit_code`` its exit
+    status (2, the CLI's status for a one-line error; ``None``: any non-zero).
     """
     if proc.rc is None:
         return "timeout", f"did not end in time; last stderr line: {last_line(proc.stderr)[:200]}"
@@ -192,6 +193,8 @@ def classify(expect: str, proc: Proc, problem: Optional[str] = None,
             return "silent", "exit 0" + (f"; {problem}" if problem else "")
         if not re.search(line, final):
             return "unclear", f"exit {proc.rc}, last stderr line is not the one-line error: {final[:200]}"
+        if exit_code is not None and proc.rc != exit_code:
+            return "unclear", f"exit {proc.rc}, expected {exit_code}: {final[:200]}"
         if problem:
             return "unclear", problem
         return "clear", final[:300]
@@ -475,6 +478,7 @@ class Run:
     fsize: Optional[int] = None
     send: Optional[int] = None  # a signal sent once training has started
     line: str = r"^error: "
+    exit_code: Optional[int] = 2  # of an expected failure; None: any non-zero (the case's check judges it)
 
 
 @dataclasses.dataclass
@@ -648,6 +652,49 @@ def case_exif_voc(ctx: Ctx, d: Path) -> Run:
             _exif_rotated(rgb, img)
             break
     return Run(_train(ctx, d, voc), expect="succeed")
+
+
+def _yolo_copy(ctx: Ctx, d: Path) -> Path:
+    """A copy of the YOLO tree whose data.yaml points at the copy (the original's ``path:`` is absolute)."""
+    root = d / "yolo"
+    shutil.copytree(ctx.data / "yolo", root)
+    data = yaml.safe_load((root / "data.yaml").read_text())
+    (root / "data.yaml").write_text(yaml.safe_dump(dict(data, path=str(root)), sort_keys=False))
+    return root
+
+
+def case_exif_yolo(ctx: Ctx, d: Path) -> Run:
+    """A training image with a YOLO label and no mask, stored turned with an EXIF tag that turns it back:
+    training succeeds, and the dataset reads it as displayed (the stored pixels turned back)."""
+    import numpy as np
+    from PIL import Image
+
+    root = _yolo_copy(ctx, d)
+    label = [t for t in sorted((root / "labels").rglob("*.txt")) if "train" in str(t) and t.read_text().strip()][0]
+    image = next(p for p in (root / "images" / "train").iterdir() if p.stem == label.stem)
+    rgb = np.asarray(Image.open(image).convert("RGB"))
+    mask = root / "masks" / "train" / f"{label.stem}.png"
+    if mask.exists():
+        mask.unlink()
+    jpg = image.with_suffix(".jpg")
+    if jpg != image:
+        image.unlink()
+    _exif_rotated(rgb, jpg)
+
+    def check(proc: Proc) -> Optional[str]:
+        from mtkd.datasets import YOLODataset
+
+        ds = YOLODataset(root / "data.yaml", "train")
+        k = [r.id for r in ds.records].index(label.stem)
+        got = ds.load_sample(k).image.astype(np.float64)
+        if got.shape != rgb.shape:
+            return f"read as {got.shape[0]}x{got.shape[1]} (h x w), displayed {rgb.shape[0]}x{rgb.shape[1]}"
+        upright = float(np.abs(got - rgb).mean())
+        turned = np.rot90(rgb)  # the stored pixels, when h == w
+        stored = float(np.abs(got - turned).mean()) if turned.shape == rgb.shape else float("inf")
+        return None if upright < stored else f"read as stored (diff to displayed {upright:.1f}, to stored {stored:.1f})"
+
+    return Run(_train(ctx, d, root / "data.yaml", "data.format=yolo"), expect="succeed", check=check)
 
 
 def case_predict_file(ctx: Ctx, d: Path) -> Run:
@@ -870,11 +917,7 @@ def case_coco_absolute(ctx: Ctx, d: Path) -> Run:
 
 
 def case_yolo_bad_class(ctx: Ctx, d: Path) -> Run:
-    root = d / "yolo"
-    shutil.copytree(ctx.data / "yolo", root)
-    # the copied yaml's absolute `path:` still names the original tree: point it at the copy
-    data = yaml.safe_load((root / "data.yaml").read_text())
-    (root / "data.yaml").write_text(yaml.safe_dump(dict(data, path=str(root)), sort_keys=False))
+    root = _yolo_copy(ctx, d)
     txt = sorted((root / "labels").rglob("*.txt"))
     txt = [t for t in txt if "train" in str(t) and t.read_text().strip()][0]
     txt.write_text("99 0.5 0.5 0.2 0.2\n")
@@ -998,7 +1041,7 @@ def _signal_case(sig: int) -> Callable[[Ctx, Path], Run]:
                 return "no readable last.pt"
             return None
 
-        return Run(args, send=sig, check=check, line=r"resume with: .*--resume")
+        return Run(args, send=sig, check=check, line=r"resume with: .*--resume", exit_code=None)
     return build
 
 
@@ -1010,11 +1053,11 @@ def _yolo(ctx: Ctx, d: Path, *kv: str, teacher: Optional[Path] = None, model: st
 
 
 def case_yolo_missing_model(ctx: Ctx, d: Path) -> Run:
-    return Run(_yolo(ctx, d, model="yolov8n.pt"), mentions=("yolov8n.pt",))
+    return Run(_yolo(ctx, d, model="yolov8n.pt"), mentions=("yolov8n.pt",), absent=(d / "proj",))
 
 
 def case_yolo_missing_data(ctx: Ctx, d: Path) -> Run:
-    return Run(_yolo(ctx, d, data=d / "nope.yaml"), mentions=("nope.yaml",))
+    return Run(_yolo(ctx, d, data=d / "nope.yaml"), mentions=("nope.yaml",), absent=(d / "proj",))
 
 
 def case_yolo_teacher_dir(ctx: Ctx, d: Path) -> Run:
@@ -1036,7 +1079,18 @@ def case_yolo_kd_negative(ctx: Ctx, d: Path) -> Run:
 
 def case_yolo_names(ctx: Ctx, d: Path) -> Run:
     ck = _random_ckpt(d / "renamed.pt", "student_small", list(reversed(ctx.classes)))
-    return Run(_yolo(ctx, d, teacher=ck), mentions=("kd_names_ok",))
+    return Run(_yolo(ctx, d, teacher=ck), mentions=("kd_names_ok",), absent=(d / "proj",))
+
+
+def case_yolo_seg_teacher(ctx: Ctx, d: Path) -> Run:
+    import torch
+    from ultralytics.nn.tasks import SegmentationModel
+
+    d.mkdir(parents=True, exist_ok=True)
+    path = d / "yolov8n-seg.pt"
+    torch.save({"model": SegmentationModel("yolov8n-seg.yaml", nc=len(ctx.classes), verbose=False),
+                "train_args": {}}, path)
+    return Run(_yolo(ctx, d, teacher=path), mentions=("yolov8n-seg.pt", "segment"), absent=(d / "proj",))
 
 
 def case_tiny_imgsz(ctx: Ctx, d: Path) -> Run:
@@ -1081,6 +1135,8 @@ def cases() -> List[Case]:
         Case("float_image", ISSUE, "a float TIFF given to predict", case_float_image),
         Case("exif_predict", ISSUE, "an EXIF-rotated JPEG in predict", case_exif_predict),
         Case("exif_voc", ISSUE, "an EXIF-rotated JPEG in a VOC training set", case_exif_voc),
+        Case("exif_yolo", ISSUE, "an EXIF-rotated JPEG with a YOLO label and no mask in training", case_exif_yolo,
+             needs="yolo"),
         Case("coco_file_name_escape", ISSUE, "COCO file_name ../../../outside.jpg", case_coco_escape,
              needs="coco"),
         Case("coco_file_name_absolute", ISSUE, "COCO file_name an absolute path", case_coco_absolute,
@@ -1115,6 +1171,8 @@ def cases() -> List[Case]:
         Case("sigterm", ISSUE, "SIGTERM during training", _signal_case(signal.SIGTERM)),
         Case("sigint", ISSUE, "SIGINT (Ctrl-C) during training", _signal_case(signal.SIGINT)),
         Case("metrics_split_read", ISSUE, "eval data.test=val records the split read", case_split_recorded),
+        Case("yolo_seg_teacher", ISSUE, "mtkd yolo train teacher= an Ultralytics -seg model",
+             case_yolo_seg_teacher, needs="yolo"),
         Case("yolo_teacher_names", ISSUE, "a teacher with the data's class count but other names",
              case_yolo_names, needs="yolo"),
         Case("tiny_imgsz", FOUND, "data.imgsz=32 with student_small: its seg head's stride-32 map would be 1x1; refused in one line", case_tiny_imgsz),
@@ -1145,7 +1203,7 @@ def run_case(ctx: Ctx, case: Case, timeout: float) -> Dict[str, Any]:
         problem = message_problem(res, run.mentions, run.forbid, run.absent)
     elif problem is None and run.expect == "fail" and res.rc == 0 and run.absent:
         problem = message_problem(res, (), (), run.absent)
-    outcome, why = classify(run.expect, res, problem, run.line)
+    outcome, why = classify(run.expect, res, problem, run.line, run.exit_code)
     rec.update(expect=run.expect, outcome=outcome, why=why, rc=res.rc, seconds=round(res.seconds, 1),
                command="mtkd " + " ".join(str(a).replace(str(ctx.work), "$WORK") for a in run.args))
     return rec
