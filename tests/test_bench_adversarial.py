@@ -42,6 +42,18 @@ def test_role_losses_and_teachers() -> None:
             build_loss(entry["name"], role, **opts)
 
 
+def test_select_robust_chooses_the_checkpoints_of_attack_trained_runs_on_robust_val_top1() -> None:
+    atk = adv.attack_options(4 / 255, 3)
+    for role in ("pgd_at", "trades", "rslad", "ard_nat", "teacher_at"):
+        ov = adv.select_overrides(adv.role_loss(role, atk)[0], 4 / 255, "robust")
+        assert "train.save_best_on=robust_top1" in ov, role
+        (attack,) = [o for o in ov if o.startswith("eval.attack=")]
+        assert json.loads(attack.split("=", 1)[1]) == {"name": "pgd", "eps": 4 / 255, "steps": adv.SELECT_STEPS}
+    for role in ("plain", "kd", "teacher_nat"):
+        assert adv.select_overrides(adv.role_loss(role, atk)[0], 4 / 255, "robust") == [], role
+    assert adv.select_overrides(adv.role_loss("pgd_at", atk)[0], 4 / 255, "clean") == []
+
+
 def test_classify_target_needs_the_best_presets_worst_seed_above_pgd_at_best_seed() -> None:
     runs = [_rec("pgd_at", s, 80.0, r) for s, r in enumerate((30.0, 32.0, 31.0))]
     runs += [_rec("rslad", s, 79.0, r) for s, r in enumerate((33.0, 35.0, 34.0))]
@@ -119,6 +131,9 @@ def test_adversarial_quick_classification_end_to_end(tmp_path: Path) -> None:
         assert "map50" not in r
     assert runs["rslad_nat"]["teacher"] == "teacher_nat" and runs["pgd_at"]["teacher"] is None
     assert runs["teacher_at"]["loss"][0]["name"] == "trades"  # --teacher-at-loss default
+    assert saved["budget"]["select"] == "robust"  # pgd_at's best.pt was chosen on robust val top-1:
+    csv = (out / "runs" / "pgd_at_s0" / "results.csv").read_text().splitlines()
+    assert "val/robust_top1" in csv[0].split(",")
     assert (out / "runs" / "pgd_at_s0" / "attack" / "attack.json").is_file()
     md = (out / "results.md").read_text()
     assert "| role | seeds | clean min / med / max | robust min / med / max |" in md and "| rslad_nat | 0 |" in md

@@ -31,8 +31,15 @@ Classification (default)
   Every crafting loss trains with the same cheap attack: PGD-``--train-steps``
   (3) at ``--eps`` (4/255) with step 2.5 eps / steps and the loss's own
   random start.
+* **Checkpoint choice** (``--select``): ``robust`` (the default) keeps, for
+  every run that trains on attacked images (``pgd_at``, ``trades``, the
+  presets and ``teacher_at``), the epoch of best val top-1 under PGD-10 at
+  the training eps (``eval.attack``, ``train.save_best_on: robust_top1``):
+  robust accuracy peaks before clean accuracy in adversarial training (Rice
+  et al., ICML 2020). ``plain``, ``kd`` and ``teacher_nat`` keep clean val
+  top-1. ``clean`` chooses every run on clean val top-1.
 * **Scores** (each run, in its worker after training, on the TEST split with
-  its ``best.pt``, chosen on clean val top-1 as in every benchmark):
+  its ``best.pt``):
   ``clean`` (top-1, %) and ``robust`` (top-1 under PGD-``--eval-steps`` (20)
   at the training eps, step 2.5 eps / 20, uniform random start, against the
   labels), through :func:`mtkd.adversarial.report.robustness_report` (the
@@ -116,7 +123,7 @@ CLEAN_SLACK = 2.0
 """The best preset's median clean top-1 may be this many points below PGD-AT's."""
 MT_MARGIN = 0.05
 """The multi-task preset's robust median must beat the plain student's by this much."""
-CHECKED = ("epochs", "teacher_epochs", "teacher_arch", "teacher_at_loss", "eps", "train_steps", "eval_steps", "data", "overrides",
+CHECKED = ("epochs", "teacher_epochs", "teacher_arch", "teacher_at_loss", "select", "eps", "train_steps", "eval_steps", "data", "overrides",
            "init", "teacher")
 """Budget keys that must match the stored runs' for a sitting to add to them."""
 
@@ -145,6 +152,9 @@ def parse(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="how teacher_at is adversarially trained (default trades)")
     c.add_argument("--eps", default="4/255", help="L-inf eps of training and evaluation (default 4/255)")
     c.add_argument("--eval-steps", type=int, default=None, help="PGD steps of the robust score (default 20)")
+    c.add_argument("--select", choices=("robust", "clean"), default="robust",
+                   help="val top-1 that chooses the best checkpoint of the runs that train on attacked images: "
+                        f"under PGD-{SELECT_STEPS} (robust, default) or clean")
     c.add_argument("--checks", action=argparse.BooleanOptionalAction, default=None,
                    help="gradient-masking checks on the teachers (default on)")
     c.add_argument("--classes", type=int, default=None, help="synthetic set: classes (default 6)")
@@ -305,6 +315,18 @@ def attack_options(eps: float, steps: int) -> Dict[str, Any]:
     return {"eps": eps, "steps": steps, "step_size": 2.5 * eps / max(steps, 1)}
 
 
+#: PGD steps of the robust val score that ``--select robust`` chooses checkpoints on.
+SELECT_STEPS = 10
+
+
+def select_overrides(loss: Sequence[Dict[str, Any]], eps: float, select: str) -> List[str]:
+    """Overrides that choose the best checkpoint of a run with ``loss.extra`` ``loss`` (``--select``)."""
+    crafts = any(term["name"] in ("pgd_at", "trades", "adv_kd") for term in loss)
+    if select != "robust" or not crafts:
+        return []
+    return [f"eval.attack={q({'name': 'pgd', 'eps': eps, 'steps': SELECT_STEPS})}", "train.save_best_on=robust_top1"]
+
+
 def role_loss(role: str, atk: Dict[str, Any], teacher_at_loss: str = "trades"
               ) -> Tuple[List[Dict[str, Any]], Optional[str]]:
     """``(loss.extra, teacher)`` of a classification role; teacher ``"teacher_at"``, ``"teacher_nat"`` or None.
@@ -377,7 +399,7 @@ def run_classify(args: argparse.Namespace, extra: List[str]) -> Dict[str, Any]:
     data = classify_data(args)
     base = classify_base(data, args.imgsz, extra)
     budget = {"epochs": args.epochs, "teacher_epochs": args.teacher_epochs, "teacher_arch": args.teacher_arch,
-              "teacher_at_loss": args.teacher_at_loss,
+              "teacher_at_loss": args.teacher_at_loss, "select": args.select,
               "eps": eps, "train_steps": args.train_steps, "eval_steps": args.eval_steps, "data": str(data),
               "overrides": extra, "seeds": list(args.seeds), "jobs": args.jobs, "imgsz": args.imgsz}
     out = Path(args.out)
@@ -404,7 +426,8 @@ def run_classify(args: argparse.Namespace, extra: List[str]) -> Dict[str, Any]:
         out_dir = res.run_dir(role, 0)
         if todo(role, 0) or not (out_dir / "best.pt").is_file():
             jobs.append(((role, 0, out_dir, {"loss": loss}),
-                         {"config": str(TEACHER_CFG), "overrides": base + arch + [f"loss.extra={q(loss)}"],
+                         {"config": str(TEACHER_CFG),
+                          "overrides": base + arch + [f"loss.extra={q(loss)}"] + select_overrides(loss, eps, args.select),
                           "seed": 0, "out": str(out_dir), "epochs": args.teacher_epochs}))
     common.run_jobs(jobs, args.jobs, threads, on_done, desc=f"{NAME} teachers",
                     job=functools.partial(job, checks=bool(args.checks)))
@@ -416,7 +439,7 @@ def run_classify(args: argparse.Namespace, extra: List[str]) -> Dict[str, Any]:
             if not todo(role, seed):
                 continue
             loss, teacher = role_loss(role, atk)
-            ov = base + [f"loss.extra={q(loss)}"]
+            ov = base + [f"loss.extra={q(loss)}"] + select_overrides(loss, eps, args.select)
             if teacher is not None:
                 if not ckpts[teacher].is_file():
                     log(f"{role} seed {seed}: no {teacher} checkpoint ({ckpts[teacher]}), skipped")
