@@ -101,7 +101,6 @@ def test_robust_top1_falls_under_a_real_attack_and_equals_top1_under_a_null_one(
     import torch
 
     from mtkd.adversarial.attacks import make_attack
-    from mtkd.tasks.classify.data import ImageFolderDataset, collate  # noqa: F401
     from mtkd.tasks.classify.evaluation import evaluate
 
     torch.manual_seed(0)
