@@ -422,6 +422,11 @@ def test_presets_resolve_to_the_documented_options(preset):
     (dict(target="both"), "adv_kd.target"),
     (dict(output="multitask", preset="rslad"), "takes no preset"),
     (dict(output="multitask", w_ce=0.5), "w_ce: not used"),
+    (dict(preset="rslad", det_kd={"w_obj": 10}), "only with output multitask"),
+    (dict(output="multitask", det_kd={"w_nope": 1}), "loss adv_kd.det_kd: bad arguments"),
+    (dict(output="multitask", seg_kd={"name": "nope"}), "nope"),
+    (dict(output="multitask", seg_kd={"weight": -1}), "seg_kd.weight: must be >= 0"),
+    (dict(output="multitask", det_kd=[1]), "det_kd: expected a mapping"),
 ])
 def test_adv_kd_bad_options_are_config_errors(kwargs, match):
     from mtkd.losses import build_loss
@@ -556,6 +561,19 @@ def test_multitask_adv_kd_distils_seg_and_det_on_adversarial_inputs(multitask_ba
     total.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
     assert all(p.grad is None for p in teacher.parameters())
+    # seg_kd / det_kd: the terms' own weights and options; weight 0 drops a term
+    for entry, check in (
+            ({"det_kd": {"weight": 0}}, lambda lg: "extra/adv_kd/adv_det" not in lg),
+            ({"det_kd": {"weight": 3}}, lambda lg: lg["extra/adv_kd/adv_det"].item() == pytest.approx(
+                3 * logs["extra/adv_kd/adv_det"].item(), rel=1e-5)),
+            ({"det_kd": {"w_obj": 2, "w_cls": 0, "w_box": 0}}, lambda lg: lg["extra/adv_kd/adv_det"].item() != pytest.approx(
+                logs["extra/adv_kd/adv_det"].item(), rel=1e-3)),
+            ({"seg_kd": {"T": 4.0}}, lambda lg: lg["extra/adv_kd/adv_seg"].item() != pytest.approx(
+                logs["extra/adv_kd/adv_seg"].item(), rel=1e-3))):
+        c2 = _composer({"name": "adv_kd", "output": "multitask", "target": "adv", "steps": 2, "w_clean": 0.5,
+                        **entry})
+        _, lg = c2({k: v.detach() if torch.is_tensor(v) else v for k, v in s_out.items()}, t_out, b)
+        assert check(lg), entry
 
 
 def test_classify_train_with_rslad_runs_one_split_student_forward(classify_run):

@@ -156,16 +156,23 @@ def test_adversarial_quick_multitask_end_to_end(tmp_path: Path) -> None:
     teacher = random_checkpoint(tmp_path / "teacher.pt", {"preset": "teacher_small"}, classes, seed=1)
     out = tmp_path / "mt"
     adv.main(["--multitask", "--quick", "--data", str(tmp_path / "d"), "--init", str(init), "--teacher-ckpt",
-              str(teacher), "--out", str(out), "--device", "cpu"])
+              str(teacher), "--out", str(out), "--device", "cpu", "--mt-teacher-at", "1"])
     saved = json.loads((out / "results.json").read_text())
     runs = {r["role"]: r for r in saved["runs"]}
-    assert list(runs) == list(adv.MT_ROLES)
+    assert sorted(runs) == sorted(adv.MT_TEACHERS + adv.MT_ROLES)
     for role, r in runs.items():
-        assert all(k in r for k in RECORD_KEYS) and r["steps"] == 1, role
         assert all(_finite(r[k]) for k in ("map50", "miou", "robust_map50", "robust_miou")), role
+        assert all(_finite(r[f"val_{k}"]) for k in ("map50", "miou", "robust_map50", "robust_miou")), role
         assert r["attack"]["eps_255"] == pytest.approx(4) and r["attack"]["steps"] == 1
+        if role != "teacher":
+            assert all(k in r for k in RECORD_KEYS) and r["steps"] == 1, role
+    assert runs["teacher"]["checkpoint"] == str(teacher)
     cfg = (out / "runs" / "pgd_at_s0" / "config.yaml").read_text()
     assert "output: multitask" in cfg and "init.pt" in cfg
+    t_cfg = (out / "runs" / "teacher_at_s0" / "config.yaml").read_text()
+    assert "output: multitask" in t_cfg and "teacher.pt" in t_cfg and "teacher_small" in t_cfg
+    kd_cfg = (out / "runs" / "adv_kd_s0" / "config.yaml").read_text()
+    assert str(out / "runs" / "teacher_at_s0" / "best.pt") in kd_cfg
     assert "target (robust mAP50 and mIoU)" in (out / "results.md").read_text()
     with pytest.raises(SystemExit):
         adv.parse(["--multitask"])  # --init is required

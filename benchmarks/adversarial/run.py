@@ -109,12 +109,14 @@ CONFIGS = ROOT / "mtkd" / "configs"
 TEACHER_CFG = CONFIGS / "classify" / "teacher.yaml"
 STUDENT_CFG = CONFIGS / "classify" / "student_plain.yaml"
 MT_STUDENT_CFG = CONFIGS / "small" / "student.yaml"
+MT_TEACHER_CFG = CONFIGS / "small" / "teacher.yaml"
 
 TEACHERS = ("teacher_nat", "teacher_at")
 PRESETS = ("ard", "rslad", "adaad", "kd_adv")
 NAT_PRESETS = ("ard", "rslad")
 ROLES = ("plain", "kd", "pgd_at", "trades") + PRESETS + tuple(f"{p}_nat" for p in NAT_PRESETS)
 MT_ROLES = ("plain", "pgd_at", "adv_kd")
+MT_TEACHERS = ("teacher", "teacher_at")
 MT_PRESET = "adv_kd"
 CLS_METRICS = ("clean", "robust")
 MT_METRICS = ("map50", "miou", "robust_map50", "robust_miou")
@@ -124,7 +126,7 @@ CLEAN_SLACK = 2.0
 MT_MARGIN = 0.05
 """The multi-task preset's robust median must beat the plain student's by this much."""
 CHECKED = ("epochs", "teacher_epochs", "teacher_arch", "teacher_at_loss", "select", "eps", "train_steps", "eval_steps", "data", "overrides",
-           "init", "teacher")
+           "init", "teacher", "teacher_at_epochs", "adv_kd")
 """Budget keys that must match the stored runs' for a sitting to add to them."""
 
 
@@ -168,6 +170,8 @@ def parse(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     m.add_argument("--mt-epochs", type=int, default=None, help="fine-tuning epochs (default 1)")
     m.add_argument("--mt-eps", default="4/255", help="L-inf eps of training and evaluation (default 4/255)")
     m.add_argument("--mt-eval-steps", type=int, default=None, help="PGD steps of the robust scores (default 10)")
+    m.add_argument("--mt-teacher-at", type=int, default=None,
+                   help="epochs of PGD-AT fine-tuning of the teacher for adv_kd (default 0: the natural teacher)")
     m.add_argument("--mt-adv-kd", default='{"target": "clean", "T": 2.0, "w_adv": 1.0}',
                    help="JSON options of the adv_kd role's loss (besides output, eps, steps, step_size)")
     args = p.parse_args(argv)
@@ -176,7 +180,7 @@ def parse(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         tb = common.TESTBEDS["small"]
         args.testbed = "small"
         defaults: Dict[str, Any] = {"out": str(ROOT / "benchmarks" / NAME / "multitask"), "data": tb["data"],
-                                    "teacher_ckpt": tb["teacher_ckpt"], "mt_epochs": 1, "train_steps": 1 if q else 3,
+                                    "teacher_ckpt": tb["teacher_ckpt"], "mt_epochs": 1, "mt_teacher_at": 0, "train_steps": 1 if q else 3,
                                     "mt_eval_steps": 1 if q else 10, "roles": list(MT_ROLES)}
         if args.init is None:
             p.error("--multitask needs --init CKPT (the plain student's checkpoint to fine-tune)")
@@ -201,18 +205,24 @@ def parse(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 # -- one run: train, then attack its best.pt ---------------------------------------------------
-def robust_scores(out: str | Path, seed: int, eps: float, steps: int, checks: bool = False) -> Dict[str, Any]:
-    """The robust record keys of a finished run: its ``best.pt`` attacked with PGD-``steps`` at ``eps``
-    on the test split (:func:`mtkd.adversarial.report.robustness_report`, written to ``<out>/attack``).
+def robust_scores(out: str | Path, seed: int, eps: float, steps: int, checks: bool = False,
+                  ckpt: Optional[str | Path] = None, config: Optional[str | Path] = None,
+                  overrides: Sequence[str] = ()) -> Dict[str, Any]:
+    """The robust record keys of a finished run: its ``best.pt`` (or ``ckpt``, with the config ``config``)
+    attacked with PGD-``steps`` at ``eps`` (:func:`mtkd.adversarial.report.robustness_report`, written to
+    ``<out>/attack``); ``overrides`` apply to ``config``.
 
-    Classification: ``clean`` and ``robust`` top-1; multi-task: ``robust_map50``, ``robust_miou`` and
-    ``robust_map50_95``. Always ``attack`` (the settings) and, with ``checks``, the masking checks."""
+    Classification: ``clean`` and ``robust`` top-1 on the test split; multi-task: ``robust_map50``,
+    ``robust_miou`` and ``robust_map50_95`` on the test split, and the same on the val split as
+    ``val_robust_*`` with the clean ``val_*`` of the attacked checkpoint (settings are chosen on these).
+    Always ``attack`` (the settings) and, with ``checks``, the masking checks."""
     from mtkd.adversarial.report import robustness_report
     from mtkd.engine.config import load_config
 
     out = Path(out)
-    cfg = load_config(str(out / "config.yaml"))
-    rep = robustness_report(cfg, out / "best.pt", attack="pgd", eps=[eps], steps=steps, split="test",
+    cfg = load_config(str(config if config is not None else out / "config.yaml"), list(overrides))
+    ckpt = Path(ckpt) if ckpt is not None else out / "best.pt"
+    rep = robustness_report(cfg, ckpt, attack="pgd", eps=[eps], steps=steps, split="test",
                             out=out / "attack", checks=checks, n_draw=0, seed=seed)
     attacked = rep["attacked"][0]["metrics"]
     rec: Dict[str, Any] = {"attack": {"name": "pgd", "eps": eps, "eps_255": eps * 255, "steps": steps,
@@ -222,11 +232,37 @@ def robust_scores(out: str | Path, seed: int, eps: float, steps: int, checks: bo
     if rep["task"] == "classify":
         rec.update(clean=float(rep["clean"]["top1"]), robust=float(attacked["top1"]))
     else:
-        rec.update({f"robust_{k}": float(attacked[k]) for k in ("map50", "miou", "map50_95") if k in attacked})
+        keys = ("map50", "miou", "map50_95")
+        rec.update({f"robust_{k}": float(attacked[k]) for k in keys if k in attacked})
+        val = robustness_report(cfg, ckpt, attack="pgd", eps=[eps], steps=steps, split="val",
+                                out=out / "attack_val", checks=False, n_draw=0, seed=seed)
+        rec.update({f"val_robust_{k}": float(v) for k, v in val["attacked"][0]["metrics"].items() if k in keys})
+        rec.update({f"val_{k}": float(v) for k, v in val["clean"].items() if k in keys})
     if checks:
         rec["checks"] = {c["name"]: c["passed"] for c in rep["checks"]}
         rec["check_warnings"] = list(rep["warnings"])
     return rec
+
+
+def score_job(ckpt: str, config: str, overrides: Sequence[str], seed: int, out: str, threads: Optional[int],
+              eps: float = 8 / 255, steps: int = 20, checks: bool = False) -> Tuple[Dict[str, Any], float]:
+    """An existing checkpoint's clean and robust scores, as :func:`train_attack_job` gives a trained
+    run's (the job of :func:`common.run_jobs`): the report holds its clean test metrics."""
+    import time
+
+    import torch
+
+    from mtkd.env import go_offline
+
+    go_offline()
+    if threads:
+        torch.set_num_threads(int(threads))
+    t0 = time.perf_counter()
+    rec = robust_scores(out, seed, eps, steps, checks, ckpt=ckpt, config=config, overrides=overrides)
+    rep = json.loads((Path(out) / "attack" / "attack.json").read_text())
+    report = {k: v for k, v in rep["clean"].items() if isinstance(v, (int, float))}
+    report["record"] = rec
+    return report, time.perf_counter() - t0
 
 
 def train_attack_job(config: str, overrides: Sequence[str], seed: int, out: str, epochs: Optional[int],
@@ -460,7 +496,7 @@ def multitask_verdicts(runs: Sequence[Dict[str, Any]]) -> Tuple[List[str], Dict[
     the plain student's robust median + :data:`MT_MARGIN`."""
     lines: List[str] = []
     summary: Dict[str, Any] = {}
-    for role in MT_ROLES:
+    for role in MT_TEACHERS + MT_ROLES:
         parts = [f"{m} {statistics.median(v):.3f}" for m in MT_METRICS if (v := _values(runs, role, m))]
         if parts:
             lines.append(f"{role}: median " + ", ".join(parts))
@@ -484,6 +520,12 @@ def multitask_verdicts(runs: Sequence[Dict[str, Any]]) -> Tuple[List[str], Dict[
     return lines, summary
 
 
+def mt_pgd_at(cfg: Dict[str, Any], atk: Dict[str, Any]) -> Dict[str, Any]:
+    """The ``pgd_at`` entry of a multi-task role: the hard losses on ``x'`` at the config's ratios."""
+    w_det, w_seg = (float(cfg["loss"].get(t, {}).get("ratio", 1.0)) for t in ("det", "seg"))
+    return {"name": "pgd_at", "output": "multitask", "w_det": w_det, "w_seg": w_seg, **atk}
+
+
 def mt_role_overrides(role: str, cfg: Dict[str, Any], atk: Dict[str, Any], adv_kd: Dict[str, Any],
                       teacher: Path) -> List[str]:
     """The overrides of a multi-task role on top of the student config (module doc)."""
@@ -491,9 +533,7 @@ def mt_role_overrides(role: str, cfg: Dict[str, Any], atk: Dict[str, Any], adv_k
     if role == "plain":
         return []
     if role == "pgd_at":
-        w_det, w_seg = (float(cfg["loss"].get(t, {}).get("ratio", 1.0)) for t in ("det", "seg"))
-        entry = {"name": "pgd_at", "output": "multitask", "w_det": w_det, "w_seg": w_seg, **atk}
-        return [f"loss.extra={q(extra + [entry])}"]
+        return [f"loss.extra={q(extra + [mt_pgd_at(cfg, atk)])}"]
     entry = {"name": "adv_kd", **adv_kd, "output": "multitask", **atk}
     return [f"loss.extra={q(extra + [entry])}", f"teacher.ckpt={q(str(teacher))}"]
 
@@ -507,7 +547,7 @@ def run_multitask(args: argparse.Namespace) -> Dict[str, Any]:
     eps = parse_eps(args.mt_eps, "--mt-eps")
     init, teacher = Path(args.init), Path(args.teacher_ckpt)
     for flag, path in (("--init", init), ("--teacher-ckpt", teacher)):
-        if not path.is_file() and (flag == "--init" or MT_PRESET in args.roles):
+        if not path.is_file():
             raise ConfigError(f"{flag} {path}: checkpoint not found")
     try:
         adv_kd = json.loads(args.mt_adv_kd)
@@ -515,7 +555,7 @@ def run_multitask(args: argparse.Namespace) -> Dict[str, Any]:
         raise ConfigError(f"--mt-adv-kd: not JSON ({exc.msg})") from None
     budget = {"epochs": args.mt_epochs, "eps": eps, "train_steps": args.train_steps, "eval_steps": args.mt_eval_steps,
               "data": args.data, "overrides": extra, "init": str(init), "teacher": str(teacher), "adv_kd": adv_kd,
-              "seeds": list(args.seeds), "jobs": args.jobs}
+              "teacher_at_epochs": args.mt_teacher_at, "seeds": list(args.seeds), "jobs": args.jobs}
     out = Path(args.out)
     check_budget(out / "results.json", budget, args.force)
     res = common.Results(out, f"{NAME} (multi-task)", data=args.data, budget=budget, metrics=MT_METRICS, cost=COST)
@@ -524,22 +564,52 @@ def run_multitask(args: argparse.Namespace) -> Dict[str, Any]:
         lines, summary = multitask_verdicts(res.runs)
         res.write(derived=lines, summary=summary)
 
+    atk = attack_options(eps, args.train_steps)
+    threads = 1 if args.jobs > 1 else None
+    score = functools.partial(train_attack_job, eps=eps, steps=args.mt_eval_steps)
+    # phase 1: the natural teacher's scores and, with --mt-teacher-at, its PGD-AT fine-tune, side by side
+    t_cfg = load_config(MT_TEACHER_CFG, data_ov + extra)
+    jobs = []
+    if args.force or not res.has("teacher", 0):
+        jobs.append((("teacher", 0, res.run_dir("teacher", 0), {"checkpoint": str(teacher)}),
+                     {"config": str(MT_TEACHER_CFG), "overrides": data_ov + extra, "seed": 0,
+                      "out": str(res.run_dir("teacher", 0)), "epochs": 0}))
+    t_at = res.run_dir("teacher_at", 0)
+    if args.mt_teacher_at and (args.force or not res.has("teacher_at", 0) or not (t_at / "best.pt").is_file()):
+        ov = data_ov + [f"model.init={q(str(teacher))}"] + extra + [
+            f"loss.extra={q(list(t_cfg['loss'].get('extra') or []) + [mt_pgd_at(t_cfg, atk)])}"]
+        jobs.append((("teacher_at", 0, t_at, {}), {"config": str(MT_TEACHER_CFG), "overrides": ov, "seed": 0,
+                                                   "out": str(t_at), "epochs": args.mt_teacher_at}))
+    common.run_jobs(jobs, args.jobs, threads, recorder(res, refresh), desc=f"{NAME} multi-task teachers",
+                    job=functools.partial(_mt_teacher_job, ckpt=str(teacher), eps=eps, steps=args.mt_eval_steps))
+    kd_teacher = t_at / "best.pt" if args.mt_teacher_at else teacher
+    # phase 2: the students, seed-major
     base = data_ov + [f"model.init={q(str(init))}"] + extra
     cfg = load_config(MT_STUDENT_CFG, base)
-    atk = attack_options(eps, args.train_steps)
     jobs = []
     for seed in args.seeds:
         for role in args.roles:
             if res.has(role, seed) and not args.force:
                 continue
+            if role == MT_PRESET and not kd_teacher.is_file():
+                log(f"{role} seed {seed}: no teacher checkpoint ({kd_teacher}), skipped")
+                continue
             out_dir = res.run_dir(role, seed)
-            ov = base + mt_role_overrides(role, cfg, atk, adv_kd, teacher)
+            ov = base + mt_role_overrides(role, cfg, atk, adv_kd, kd_teacher)
             jobs.append(((role, seed, out_dir, {}), {"config": str(MT_STUDENT_CFG), "overrides": ov, "seed": seed,
                                                      "out": str(out_dir), "epochs": args.mt_epochs}))
-    common.run_jobs(jobs, args.jobs, 1 if args.jobs > 1 else None, recorder(res, refresh), desc=f"{NAME} multi-task",
-                    job=functools.partial(train_attack_job, eps=eps, steps=args.mt_eval_steps))
+    common.run_jobs(jobs, args.jobs, threads, recorder(res, refresh), desc=f"{NAME} multi-task", job=score)
     refresh()
     return res.payload
+
+
+def _mt_teacher_job(config: str, overrides: Sequence[str], seed: int, out: str, epochs: Optional[int],
+                    threads: Optional[int], ckpt: str = "", eps: float = 8 / 255, steps: int = 10
+                    ) -> Tuple[Dict[str, Any], float]:
+    """Phase 1's job: with ``epochs == 0`` :func:`score_job` of ``ckpt``, else :func:`train_attack_job`."""
+    if epochs == 0:
+        return score_job(ckpt, config, overrides, seed, out, threads, eps=eps, steps=steps)
+    return train_attack_job(config, overrides, seed, out, epochs, threads, eps=eps, steps=steps)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:

@@ -75,8 +75,11 @@ teacher's predictions; ``source: teacher`` crafts on the teacher), and the
 adversarial term is ``seg_kl`` (at ``T``) + ``det_mse`` between the
 student's output at ``x'`` and the teacher's at the target; ``w_clean``
 adds the same pair on clean inputs (``w_ce`` must stay 0 there: the hard
-losses live in ``loss.det``/``loss.seg``). Presets and ``objective: kl``
-are classification-only.
+losses live in ``loss.det``/``loss.seg``). ``seg_kd`` and ``det_kd``
+(``{name, weight, **options}``) replace either term's loss or its settings,
+e.g. ``det_kd: {w_box: 0.1, w_obj: 10, w_cls: 10}`` (the weights of the
+small testbed's ``kd.yaml``); ``weight: 0`` drops the term. Presets and
+``objective: kl`` are classification-only.
 
 Baselines
 ---------
@@ -96,7 +99,7 @@ Baselines
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -138,6 +141,24 @@ def _labels(batch: Dict[str, Any], loss: str) -> torch.Tensor:
         raise ConfigError(f"loss {loss!r}: needs batch['labels'] as a (B,) class-index tensor (a classification "
                           "batch)")
     return labels
+
+
+def _sub_loss(key: str, spec: Optional[Mapping[str, Any]], default: Dict[str, Any]) -> Tuple[nn.Module, float]:
+    """``(loss, weight)`` of a multi-task ``adv_kd`` term: ``spec`` is ``{name, weight, **options}`` of a
+    registered distillation loss; unset keys come from ``default`` (options only when the name is kept)."""
+    if spec is None:
+        spec = {}
+    if not isinstance(spec, Mapping):
+        raise ConfigError(f"loss adv_kd.{key}: expected a mapping {{name, weight, options}}, got "
+                          f"{type(spec).__name__}")
+    spec = dict(spec)
+    name = spec.pop("name", default["name"])
+    weight = float(spec.pop("weight", 1.0))
+    if weight < 0:
+        raise ConfigError(f"loss adv_kd.{key}.weight: must be >= 0, got {weight}")
+    opts = {k: v for k, v in default.items() if k != "name"} if name == default["name"] else {}
+    opts.update(spec)
+    return build_loss(name, f"loss adv_kd.{key}", **opts), weight
 
 
 def _adv_half(out: Dict[str, Any], who: str, loss: str) -> Dict[str, Any]:
@@ -238,7 +259,8 @@ class AdvKDLoss(_Crafting):
                  target: Optional[str] = None, T: Optional[float] = None, w_adv: Optional[float] = None,
                  w_clean: Optional[float] = None, w_ce: Optional[float] = None, eps: Any = None,
                  steps: Optional[int] = None, step_size: Any = None, random_start: Any = None,
-                 bn_eval: Optional[bool] = None, output: Optional[str] = None):
+                 bn_eval: Optional[bool] = None, output: Optional[str] = None,
+                 seg_kd: Optional[Mapping[str, Any]] = None, det_kd: Optional[Mapping[str, Any]] = None):
         if preset is not None and preset not in PRESETS:
             raise ConfigError(f"loss adv_kd: unknown preset {preset!r}; known: {', '.join(PRESETS)}")
         given = {"source": source, "objective": objective, "target": target, "T": T, "w_adv": w_adv,
@@ -279,9 +301,11 @@ class AdvKDLoss(_Crafting):
         if opts["target"] == "adv":
             req.add("adv_teacher")
         self.requires = frozenset(req)
+        if opts["output"] != "multitask" and (seg_kd is not None or det_kd is not None):
+            raise ConfigError("loss adv_kd.seg_kd/det_kd: only with output multitask")
         if opts["output"] == "multitask":
-            self.seg_kd = build_loss("seg_kl", "loss adv_kd (seg_kl)", T=opts["T"])
-            self.det_kd = build_loss("det_mse", "loss adv_kd (det_mse)")
+            self.seg_kd, self.seg_w = _sub_loss("seg_kd", seg_kd, {"name": "seg_kl", "T": opts["T"]})
+            self.det_kd, self.det_w = _sub_loss("det_kd", det_kd, {"name": "det_mse"})
 
     # -- the attack ---------------------------------------------------------------------------
     def _objective(self, images: torch.Tensor, batch: Dict[str, Any], student: nn.Module,
@@ -348,11 +372,12 @@ class AdvKDLoss(_Crafting):
         for tag, w, s, t in (("adv", o["w_adv"], s_adv, t_tgt), ("clean", o["w_clean"], s_clean, t_clean)):
             if w <= 0:
                 continue
-            if s.get("seg") is not None and t.get("seg") is not None:
-                out[f"{tag}_seg"] = w * self.seg_kd(s, t, batch)
-            if s.get("det") is not None and t.get("det") is not None:
+            if s.get("seg") is not None and t.get("seg") is not None and self.seg_w > 0:
+                v = self.seg_kd(s, t, batch)
+                out[f"{tag}_seg"] = w * self.seg_w * (sum(v.values()) if isinstance(v, dict) else v)
+            if s.get("det") is not None and t.get("det") is not None and self.det_w > 0:
                 v = self.det_kd(s, t, batch)
-                out[f"{tag}_det"] = w * (sum(v.values()) if isinstance(v, dict) else v)
+                out[f"{tag}_det"] = w * self.det_w * (sum(v.values()) if isinstance(v, dict) else v)
         if not out:
             raise ConfigError("loss adv_kd (multitask): student and teacher share no seg or det output")
         return out
