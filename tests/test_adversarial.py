@@ -423,6 +423,8 @@ def test_presets_resolve_to_the_documented_options(preset):
     (dict(output="multitask", preset="rslad"), "takes no preset"),
     (dict(output="multitask", w_ce=0.5), "w_ce: not used"),
     (dict(preset="rslad", det_kd={"w_obj": 10}), "only with output multitask"),
+    (dict(black_box=True, source="teacher", objective="ce"), "black_box: needs"),
+    (dict(black_box=True, preset="ard", w_ce=0.5), "black_box: needs"),
     (dict(output="multitask", det_kd={"w_nope": 1}), "loss adv_kd.det_kd: bad arguments"),
     (dict(output="multitask", seg_kd={"name": "nope"}), "nope"),
     (dict(output="multitask", seg_kd={"weight": -1}), "seg_kd.weight: must be >= 0"),
@@ -488,6 +490,36 @@ def test_adversarial_losses_train_the_student_only(trained, entry):
     per_step = 2 if entry.get("preset") == "adaad" else 1
     refs = 1 if entry.get("preset") == "rslad" or label == "trades" else 0
     assert aux[f"extra/{label}/attack_passes"] == 3 * per_step + refs
+
+
+class _QueryOnly(nn.Module):
+    """A teacher that fails when differentiated through: it may only be queried (black box)."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        assert not (torch.is_grad_enabled() and x.requires_grad), "the teacher was differentiated through"
+        return self.net(x)
+
+
+@pytest.mark.parametrize("objective", ["ce", "kl"])
+def test_black_box_adv_kd_only_queries_the_teacher_and_never_reads_labels(trained, objective):
+    net, x, y = trained
+    student, teacher = TinyNet(), _QueryOnly(net).eval().requires_grad_(False)
+    entry = {"name": "adv_kd", "black_box": True, "source": "student", "objective": objective, "target": "adv",
+             "steps": 2, "eps": 0.03, "step_size": 0.02}
+    comp = _composer(entry)
+    bad = torch.full_like(y[:16], 99)  # would raise in any cross-entropy that read them
+    opt = torch.optim.SGD(student.parameters(), lr=0.1)
+    batch, total, logs, grads = _step(comp, student, teacher, x[:16], bad, opt)
+    d = _pixels(batch["adv_images"]) - _pixels(x[:16])
+    assert 0 < d.abs().max() <= 0.03 + 1e-5 and torch.isfinite(total) and grads
+    assert comp.aux_step({}, None, batch)["extra/adv_kd/attack_passes"] == 2 + 1  # 2 steps + 1 clean query
+    # without black_box the same settings read the labels (ce) or differentiate through the teacher (kl)
+    with pytest.raises((AssertionError, IndexError, RuntimeError)):
+        _step(_composer({**entry, "black_box": False}), student, teacher, x[:16], bad, opt)
 
 
 def test_rslad_terms_match_the_formula(trained):

@@ -181,7 +181,8 @@ def test_adversarial_quick_multitask_end_to_end(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_transfer_quick_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "tr"
-    transfer.main(["--quick", "--out", str(out), "--device", "cpu"])
+    transfer.main(["--quick", "--out", str(out), "--device", "cpu", "--query-adv",
+                   '{"objective": "kl", "target": "adv", "eps": 0.03, "steps": 1}'])
     saved = json.loads((out / "results.json").read_text())
     assert saved["benchmark"] == "transfer"
     roles = [(r["role"], r["seed"]) for r in saved["runs"]]
@@ -191,7 +192,12 @@ def test_transfer_quick_end_to_end(tmp_path: Path) -> None:
         for label in ("0.03", "8/255"):
             v = runs[role][f"transfer@{label}"]
             assert v is None or 0.0 <= v <= 100.0, (role, label)
-    assert runs["distilled"]["loss"] == [{"name": "st", "T": 4.0}] and runs["labels"]["loss"] == [{"name": "ce"}]
+            assert f"val_transfer@{label}" in runs[role], (role, label)
+    assert runs["distilled"]["loss"] == [
+        {"name": "st", "T": 4.0}, {"name": "adv_kd", "T": 4.0, "objective": "kl", "target": "adv", "eps": 0.03,
+                                   "steps": 1, "black_box": True, "source": "student"}]
+    assert runs["labels"]["loss"] == [{"name": "ce"}]
+    assert "extra/adv_kd/adv" in (out / "runs" / "distilled_s0" / "results.csv").read_text()
     assert runs["distilled"]["attack"]["name"] == "fgsm" and runs["noise"]["attack"]["name"] == "sign_noise"
     assert all(k in runs["distilled"] for k in RECORD_KEYS) and "whitebox@8/255" in runs["labels"]
     md = (out / "results.md").read_text()

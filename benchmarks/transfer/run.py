@@ -18,7 +18,14 @@ Protocol (classification):
   - ``distilled``: trained on the target's output probabilities only, no
     labels: ``loss.extra = [st]`` at ``--distill-T`` (4; the target's
     log-probabilities, which its probabilities give up to a constant, at
-    temperature T), the target as teacher;
+    temperature T), the target as teacher; with ``--query-adv JSON`` also a
+    black-box ``adv_kd`` term (``black_box: true``, source student, at
+    ``--distill-T``; the JSON sets the rest, e.g. ``{"objective": "kl",
+    "target": "adv", "eps": 0.03, "steps": 1}``): each step the surrogate's
+    own gradient moves the images towards its decision boundary and the
+    target is queried there (forward only), Papernot et al.'s (AsiaCCS
+    2017) substitute training; the target is never differentiated through
+    and no label is read;
   - ``labels``: trained on the labels alone (``ce``), never sees the target;
   - ``noise``: no model: random sign noise of the attack's L-inf norm
     (:func:`mtkd.adversarial.attacks.sign_noise`, seeded by the seed).
@@ -33,6 +40,8 @@ Protocol (classification):
   attack), ``whitebox@<eps>`` (the surrogate's own white-box success, of the
   images it classifies correctly), ``clean`` (the surrogate's test top-1);
   the ``noise`` record's ``transfer@<eps>`` is the share the noise flips.
+  The same on the val split as ``val_*``: settings (``--distill-T``,
+  ``--query-adv``) are chosen there, on seeds that never judge.
 * **Target** (``derived``): at every eps, the median ``distilled`` transfer
   success over the seeds is at least 5 points above the median ``labels``
   one. The noise baseline and the white-box rates are reported beside it.
@@ -50,6 +59,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import statistics
 import sys
 from pathlib import Path
@@ -83,6 +93,10 @@ def parse(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--target-epochs", type=int, default=None, help="epochs when the target is trained (default 10)")
     p.add_argument("--epochs", type=int, default=None, help="surrogate epochs (default 5)")
     p.add_argument("--distill-T", type=float, default=4.0, help="temperature of the distilled surrogate (default 4)")
+    p.add_argument("--query-adv", default=None,
+                   help="JSON options of a black-box adv_kd term added to the distilled surrogate's loss "
+                        "(module doc), e.g. '{\"objective\": \"kl\", \"target\": \"adv\", \"eps\": 0.03, "
+                        "\"steps\": 1}'")
     p.add_argument("--attack", default="fgsm", choices=("fgsm", "pgd"), help="attack crafted on the surrogates")
     p.add_argument("--steps", type=int, default=None, help="PGD steps (default 10; FGSM takes one)")
     p.add_argument("--eps", default="0.03,8/255", help="comma-separated L-inf sizes (default 0.03,8/255)")
@@ -119,26 +133,31 @@ def eps_label(eps: float, text: str) -> str:
 def transfer_scores(target_config: str, target_ckpt: str, surrogate_ckpt: Path, out: Path, seed: int,
                     attack: str, eps: Sequence[float], labels: Sequence[str], steps: Optional[int],
                     data: Sequence[str]) -> Tuple[Dict[str, Any], Dict[str, Any]]:
-    """``(surrogate record keys, noise record keys)`` (module doc), percent of target-correct images."""
+    """``(surrogate record keys, noise record keys)`` (module doc), percent of target-correct images: on
+    the test split, and on the val split as ``val_*`` (settings are chosen on these)."""
     from mtkd.adversarial.report import robustness_report
     from mtkd.engine.config import load_config
 
     cfg = load_config(target_config, list(data))
-    rep = robustness_report(cfg, target_ckpt, attack=attack, eps=list(eps), steps=steps, split="test", out=out,
-                            checks=False, n_draw=0, seed=seed, surrogate=surrogate_ckpt)
-    settings = {"name": attack, "steps": rep["attack"]["steps"], "random_start": rep["attack"]["random_start"],
-                "step_size": rep["attack"]["step_size"], "eps": list(eps), "split": "test", "labels": True}
-    rec: Dict[str, Any] = {"attack": settings, "target_clean": float(rep["clean"]["top1"])}
-    noise: Dict[str, Any] = {"attack": {"name": "sign_noise", "eps": list(eps), "split": "test"},
-                             "target_clean": float(rep["clean"]["top1"])}
+    rec: Dict[str, Any] = {}
+    noise: Dict[str, Any] = {"attack": {"name": "sign_noise", "eps": list(eps), "split": "test"}}
 
     def pct(v: Optional[float]) -> Optional[float]:
         return None if v is None else 100.0 * float(v)
 
-    for label, row in zip(labels, rep["transfer"]):
-        rec[f"transfer@{label}"] = pct(row["transfer_success"])
-        rec[f"whitebox@{label}"] = pct(row["surrogate_whitebox_success"])
-        noise[f"transfer@{label}"] = pct(row["noise_success"])
+    for split, pre in (("test", ""), ("val", "val_")):
+        rep = robustness_report(cfg, target_ckpt, attack=attack, eps=list(eps), steps=steps, split=split,
+                                out=out if split == "test" else out.with_name(out.name + "_val"), checks=False,
+                                n_draw=0, seed=seed, surrogate=surrogate_ckpt)
+        if split == "test":
+            rec["attack"] = {"name": attack, "steps": rep["attack"]["steps"],
+                             "random_start": rep["attack"]["random_start"], "step_size": rep["attack"]["step_size"],
+                             "eps": list(eps), "split": "test", "labels": True}
+        rec[f"{pre}target_clean"] = noise[f"{pre}target_clean"] = float(rep["clean"]["top1"])
+        for label, row in zip(labels, rep["transfer"]):
+            rec[f"{pre}transfer@{label}"] = pct(row["transfer_success"])
+            rec[f"{pre}whitebox@{label}"] = pct(row["surrogate_whitebox_success"])
+            noise[f"{pre}transfer@{label}"] = pct(row["noise_success"])
     return rec, noise
 
 
@@ -209,6 +228,14 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     labels = [eps_label(e, t) for e, t in zip(eps, texts)]
     for e in eps:  # bad settings fail before anything trains
         make_attack(args.attack, e, args.steps, key="--attack")
+    query: Optional[Dict[str, Any]] = None
+    if args.query_adv is not None:
+        try:
+            query = json.loads(args.query_adv)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"--query-adv: not JSON ({exc.msg})") from None
+        if not isinstance(query, dict):
+            raise ConfigError("--query-adv: expected a JSON object of adv_kd options")
     extra = common.extra_overrides(args)
     data = classify_data(args)
     base = classify_base(data, args.imgsz, extra)
@@ -216,6 +243,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     out = Path(args.out)
     res_budget = {"epochs": args.epochs, "teacher_epochs": args.target_epochs, "teacher_arch": args.target_arch,
                   "eps": eps, "eval_steps": args.steps, "attack": args.attack, "distill_T": args.distill_T,
+                  "query_adv": query,
                   "data": str(data), "overrides": extra, "teacher": args.target, "seeds": list(args.seeds),
                   "jobs": args.jobs}
     check_budget(out / "results.json", res_budget, args.force)
@@ -267,6 +295,13 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
 
     teacher = [f"teacher.ckpt={q(str(target))}", f"teacher.model={q({'name': args.target_arch})}"]
     losses = {"distilled": [{"name": "st", "T": args.distill_T}], "labels": [{"name": "ce"}]}
+    if query is not None:
+        losses["distilled"].append({"name": "adv_kd", "T": args.distill_T, **query, "black_box": True,
+                                    "source": "student"})
+    from mtkd.losses import build_loss
+
+    for entry in losses["distilled"][1:]:  # bad options fail before anything trains
+        build_loss("adv_kd", "--query-adv", **{k: v for k, v in entry.items() if k != "name"})
     jobs = []
     for seed in args.seeds:
         for role in args.roles:

@@ -46,6 +46,15 @@ the attack), ``eps``, ``steps``, ``step_size``, ``random_start``
     w_clean * T^2 KL(S(x)  || T(x))
     w_ce    * CE(S(x), y)
 
+``black_box: true`` keeps the teacher a black box, as for a surrogate
+distilled from a model's outputs (``benchmarks/transfer``): the attack
+never differentiates through the teacher and never reads the labels
+(objective ``ce`` targets the teacher's clean prediction, objective ``kl``
+the teacher's clean output), and the teacher is only queried, on ``x``
+and, with target ``adv``, on ``x'``: Papernot et al.'s (AsiaCCS 2017)
+substitute training, which queries the black box at points the
+substitute's own gradient finds.
+
 ``preset`` fills every option not given explicitly:
 
 =========  ======  =====  ======  ====  =====  =======  ====  ==============
@@ -127,7 +136,7 @@ PRESETS: Dict[str, Dict[str, Any]] = {
 #: Defaults without a preset; the attack's defaults are shared by every preset.
 DEFAULTS: Dict[str, Any] = {"source": "student", "objective": "kl", "target": "clean", "T": 1.0, "w_adv": 1.0,
                             "w_clean": 0.0, "w_ce": 0.0, "random_start": "uniform", "eps": 8 / 255, "steps": 10,
-                            "step_size": 2 / 255, "bn_eval": True, "output": "logits"}
+                            "step_size": 2 / 255, "bn_eval": True, "output": "logits", "black_box": False}
 
 
 def kl_to(student: torch.Tensor, target: torch.Tensor, T: float = 1.0, reduction: str = "batchmean") -> torch.Tensor:
@@ -260,12 +269,14 @@ class AdvKDLoss(_Crafting):
                  w_clean: Optional[float] = None, w_ce: Optional[float] = None, eps: Any = None,
                  steps: Optional[int] = None, step_size: Any = None, random_start: Any = None,
                  bn_eval: Optional[bool] = None, output: Optional[str] = None,
-                 seg_kd: Optional[Mapping[str, Any]] = None, det_kd: Optional[Mapping[str, Any]] = None):
+                 seg_kd: Optional[Mapping[str, Any]] = None, det_kd: Optional[Mapping[str, Any]] = None,
+                 black_box: Optional[bool] = None):
         if preset is not None and preset not in PRESETS:
             raise ConfigError(f"loss adv_kd: unknown preset {preset!r}; known: {', '.join(PRESETS)}")
         given = {"source": source, "objective": objective, "target": target, "T": T, "w_adv": w_adv,
                  "w_clean": w_clean, "w_ce": w_ce, "eps": eps, "steps": steps, "step_size": step_size,
-                 "random_start": random_start, "bn_eval": bn_eval, "output": output}
+                 "random_start": random_start, "bn_eval": bn_eval, "output": output,
+                 "black_box": black_box}
         opts = {**DEFAULTS, **(PRESETS[preset] if preset else {})}
         if output == "multitask" and objective is None:
             opts["objective"] = "ce"
@@ -283,6 +294,10 @@ class AdvKDLoss(_Crafting):
         if opts["output"] == "multitask" and opts["w_ce"]:
             raise ConfigError("loss adv_kd.w_ce: not used with output multitask (the hard losses live in "
                               "loss.det/loss.seg)")
+        opts["black_box"] = bool(opts["black_box"])
+        if opts["black_box"] and (opts["output"] != "logits" or opts["source"] != "student" or opts["w_ce"]):
+            raise ConfigError("loss adv_kd.black_box: needs output logits, source student and w_ce 0 (the teacher "
+                              "is only queried and the labels are never read)")
         for key in ("w_adv", "w_clean", "w_ce"):
             opts[key] = float(opts[key])
             if opts[key] < 0:
@@ -318,7 +333,10 @@ class AdvKDLoss(_Crafting):
             return self._multitask_objective(images, batch, source, teacher)
         if o["objective"] == "ce":
             labels = batch.get("labels")
-            if not isinstance(labels, torch.Tensor) or labels.dim() != 1:
+            if o["black_box"]:
+                with torch.no_grad():
+                    labels = logits_of(teacher(images)).argmax(1)
+            elif not isinstance(labels, torch.Tensor) or labels.dim() != 1:
                 with torch.no_grad():
                     labels = logits_of(source(images)).argmax(1)
             labels = labels.to(images.device)
@@ -326,8 +344,8 @@ class AdvKDLoss(_Crafting):
             def ce(x: torch.Tensor, step: int) -> torch.Tensor:
                 return F.cross_entropy(logits_of(source(x)).float(), labels, reduction="sum")
 
-            return ce, 1, 0, None
-        if o["target"] == "clean":
+            return ce, 1, int(o["black_box"]), None
+        if o["target"] == "clean" or o["black_box"]:
             with torch.no_grad():
                 ref = logits_of(teacher(images)).detach()
 
