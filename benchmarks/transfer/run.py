@@ -13,7 +13,8 @@ Protocol (classification):
   teacher (``--target benchmarks/adversarial/runs/teacher_nat_s0/best.pt``
   reuses that one).
 * **Surrogates** (``cnn4``, ``mtkd/configs/classify/student_plain.yaml``,
-  ``--epochs`` (5), seeds ``--seeds``):
+  ``--epochs`` (20; chosen on val with ``--distill-T`` and ``--query-adv``,
+  ``benchmarks/README.md``), seeds ``--seeds``):
 
   - ``distilled``: trained on the target's output probabilities only, no
     labels: ``loss.extra = [st]`` at ``--distill-T`` (4; the target's
@@ -91,7 +92,7 @@ def parse(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--target", default=None, help="the target checkpoint (default: trained into <out>/runs/target_s0)")
     p.add_argument("--target-arch", default="cnn4w", help="the target's classifier (default cnn4w)")
     p.add_argument("--target-epochs", type=int, default=None, help="epochs when the target is trained (default 10)")
-    p.add_argument("--epochs", type=int, default=None, help="surrogate epochs (default 5)")
+    p.add_argument("--epochs", type=int, default=None, help="surrogate epochs (default 20)")
     p.add_argument("--distill-T", type=float, default=4.0, help="temperature of the distilled surrogate (default 4)")
     p.add_argument("--query-adv", default=None,
                    help="JSON options of a black-box adv_kd term added to the distilled surrogate's loss "
@@ -112,7 +113,7 @@ def parse(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     g.add_argument("--imgsz", type=int, default=16, help="image side (default 16)")
     args = p.parse_args(argv)
     qk = args.quick
-    defaults = {"target_epochs": 1 if qk else 10, "epochs": 1 if qk else 5, "classes": 3 if qk else 6,
+    defaults = {"target_epochs": 1 if qk else 10, "epochs": 1 if qk else 20, "classes": 3 if qk else 6,
                 "per_class": 8 if qk else 256, "test_per_class": 4 if qk else 171,
                 "jobs": 1 if qk else common.default_jobs()}
     for key, value in defaults.items():
