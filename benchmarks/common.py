@@ -646,6 +646,19 @@ def write_results(out: str | Path, benchmark: str, data: Any, budget: Mapping[st
 
 
 # -- step timing --------------------------------------------------------------------------------
+def cli(main: Any, name: str) -> None:
+    """Run a benchmark's ``main()`` from the command line: bad input (an
+    :class:`mtkd.errors.MtkdError`) ends with one line naming it, not a traceback."""
+    import sys
+
+    from mtkd.errors import MtkdError
+
+    try:
+        main()
+    except MtkdError as exc:
+        sys.exit(f"[{name}] error: {exc}")
+
+
 def build_trainer(config: str | Path, overrides: Sequence[str] = (), seed: int = 0) -> Any:
     """A built (not fitted) :class:`mtkd.engine.trainer.Trainer` of ``config``: data,
     model, teacher, losses and optimizer ready, so ``train_step(batch)`` can be timed.

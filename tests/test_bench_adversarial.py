@@ -202,3 +202,30 @@ def test_transfer_quick_end_to_end(tmp_path: Path) -> None:
     assert all(k in runs["distilled"] for k in RECORD_KEYS) and "whitebox@8/255" in runs["labels"]
     md = (out / "results.md").read_text()
     assert "transfer@0.03 min / med / max" in md and "| noise | 0 |" in md
+
+
+@pytest.mark.parametrize("flag,value,match", [
+    ("--mt-adv-kd", '{"det_kd": {"w_nope": 1}}', "adv_kd.det_kd: bad arguments"),
+    ("--mt-adv-kd", "[1]", "--mt-adv-kd: expected a JSON object"),
+    ("--mt-adv-kd", "{", "--mt-adv-kd: not JSON"),
+])
+def test_multitask_bad_adv_kd_options_fail_before_anything_is_written(tmp_path: Path, flag, value, match) -> None:
+    from benchmarks.common import random_checkpoint
+    from mtkd.errors import ConfigError
+
+    init = random_checkpoint(tmp_path / "init.pt", {"preset": "student_small"}, ["a", "b"])
+    with pytest.raises(ConfigError, match=match):
+        adv.main(["--multitask", "--init", str(init), "--teacher-ckpt", str(init), "--out", str(tmp_path / "mt"),
+                  flag, value])
+    assert not (tmp_path / "mt").exists()
+
+
+@pytest.mark.parametrize("value,match", [('{"nope": 1}', "--query-adv: bad arguments"),
+                                         ("[1]", "expected a JSON object"),
+                                         ('{"objective": "kl", "w_ce": 1}', "black_box: needs")])
+def test_transfer_bad_query_adv_fails_before_anything_is_written(tmp_path: Path, value, match) -> None:
+    from mtkd.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=match):
+        transfer.main(["--out", str(tmp_path / "tr"), "--query-adv", value])
+    assert not (tmp_path / "tr").exists()

@@ -221,15 +221,16 @@ def parse(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 # -- one run: train, then attack its best.pt ---------------------------------------------------
 def robust_scores(out: str | Path, seed: int, eps: float, steps: int, checks: bool = False,
                   ckpt: Optional[str | Path] = None, config: Optional[str | Path] = None,
-                  overrides: Sequence[str] = ()) -> Dict[str, Any]:
-    """The robust record keys of a finished run: its ``best.pt`` (or ``ckpt``, with the config ``config``)
+                  overrides: Sequence[str] = ()) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """``(record keys, clean test metrics)`` of a finished run: its ``best.pt`` (or ``ckpt``, with the config ``config``)
     attacked with PGD-``steps`` at ``eps`` (:func:`mtkd.adversarial.report.robustness_report`, written to
     ``<out>/attack``); ``overrides`` apply to ``config``.
 
     Classification: ``clean`` and ``robust`` top-1 on the test split; multi-task: ``robust_map50``,
     ``robust_miou`` and ``robust_map50_95`` on the test split, and the same on the val split as
     ``val_robust_*`` with the clean ``val_*`` of the attacked checkpoint (settings are chosen on these).
-    Always ``attack`` (the settings) and, with ``checks``, the masking checks."""
+    Always ``attack`` (the settings) and, with ``checks``, the masking checks. The clean test metrics
+    are those of the attacked checkpoint's report."""
     from mtkd.adversarial.report import robustness_report
     from mtkd.engine.config import load_config
 
@@ -255,7 +256,7 @@ def robust_scores(out: str | Path, seed: int, eps: float, steps: int, checks: bo
     if checks:
         rec["checks"] = {c["name"]: c["passed"] for c in rep["checks"]}
         rec["check_warnings"] = list(rep["warnings"])
-    return rec
+    return rec, {k: v for k, v in rep["clean"].items() if isinstance(v, (int, float))}
 
 
 def score_job(ckpt: str, config: str, overrides: Sequence[str], seed: int, out: str, threads: Optional[int],
@@ -272,9 +273,7 @@ def score_job(ckpt: str, config: str, overrides: Sequence[str], seed: int, out: 
     if threads:
         torch.set_num_threads(int(threads))
     t0 = time.perf_counter()
-    rec = robust_scores(out, seed, eps, steps, checks, ckpt=ckpt, config=config, overrides=overrides)
-    rep = json.loads((Path(out) / "attack" / "attack.json").read_text())
-    report = {k: v for k, v in rep["clean"].items() if isinstance(v, (int, float))}
+    rec, report = robust_scores(out, seed, eps, steps, checks, ckpt=ckpt, config=config, overrides=overrides)
     report["record"] = rec
     return report, time.perf_counter() - t0
 
@@ -285,7 +284,7 @@ def train_attack_job(config: str, overrides: Sequence[str], seed: int, out: str,
     """:func:`benchmarks.common.train_job`, then :func:`robust_scores` in the same worker; the scores go
     to ``report["record"]`` (the job of :func:`common.run_jobs`)."""
     report, secs = common.train_job(config, overrides, seed, out, epochs, threads)
-    report["record"] = robust_scores(out, seed, eps, steps, checks)
+    report["record"], _ = robust_scores(out, seed, eps, steps, checks)
     return report, secs
 
 
@@ -567,6 +566,12 @@ def run_multitask(args: argparse.Namespace) -> Dict[str, Any]:
         adv_kd = json.loads(args.mt_adv_kd)
     except json.JSONDecodeError as exc:
         raise ConfigError(f"--mt-adv-kd: not JSON ({exc.msg})") from None
+    atk = attack_options(eps, args.train_steps)
+    if not isinstance(adv_kd, dict):
+        raise ConfigError("--mt-adv-kd: expected a JSON object of adv_kd options")
+    from mtkd.losses import build_loss
+
+    build_loss("adv_kd", "--mt-adv-kd", **{**adv_kd, "output": "multitask", **atk})  # fails before training
     budget = {"epochs": args.mt_epochs, "eps": eps, "train_steps": args.train_steps, "eval_steps": args.mt_eval_steps,
               "data": args.data, "overrides": extra, "init": str(init), "teacher": str(teacher), "adv_kd": adv_kd,
               "teacher_at_epochs": args.mt_teacher_at, "seeds": list(args.seeds), "jobs": args.jobs}
@@ -578,7 +583,6 @@ def run_multitask(args: argparse.Namespace) -> Dict[str, Any]:
         lines, summary = multitask_verdicts(res.runs)
         res.write(derived=lines, summary=summary)
 
-    atk = attack_options(eps, args.train_steps)
     threads = 1 if args.jobs > 1 else None
     score = functools.partial(train_attack_job, eps=eps, steps=args.mt_eval_steps)
     # phase 1: the natural teacher's scores and, with --mt-teacher-at, its PGD-AT fine-tune, side by side
@@ -641,4 +645,4 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    common.cli(main, NAME)

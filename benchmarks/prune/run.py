@@ -95,7 +95,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import (METRICS, TESTBEDS, Results, add_common_args, default_jobs,  # noqa: E402
+from benchmarks.common import (METRICS, TESTBEDS, Results, add_common_args, cli, default_jobs,  # noqa: E402
                                interleaved_times, median_of, prepare, recorder, run_config, run_jobs,
                                testbed_paths)
 from benchmarks.kd_gain.run import file_sha256, teacher_record  # noqa: E402
@@ -699,9 +699,4 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
 
 
 if __name__ == "__main__":
-    from mtkd.errors import MtkdError
-
-    try:
-        main()
-    except MtkdError as exc:  # bad input: one line
-        sys.exit(f"[{NAME}] error: {exc}")
+    cli(main, NAME)

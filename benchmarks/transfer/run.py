@@ -237,6 +237,12 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
             raise ConfigError(f"--query-adv: not JSON ({exc.msg})") from None
         if not isinstance(query, dict):
             raise ConfigError("--query-adv: expected a JSON object of adv_kd options")
+    query_entry = None if query is None else {"name": "adv_kd", "T": args.distill_T, **query, "black_box": True,
+                                              "source": "student"}
+    if query_entry is not None:  # bad options fail before anything trains
+        from mtkd.losses import build_loss
+
+        build_loss("adv_kd", "--query-adv", **{k: v for k, v in query_entry.items() if k != "name"})
     extra = common.extra_overrides(args)
     data = classify_data(args)
     base = classify_base(data, args.imgsz, extra)
@@ -296,13 +302,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
 
     teacher = [f"teacher.ckpt={q(str(target))}", f"teacher.model={q({'name': args.target_arch})}"]
     losses = {"distilled": [{"name": "st", "T": args.distill_T}], "labels": [{"name": "ce"}]}
-    if query is not None:
-        losses["distilled"].append({"name": "adv_kd", "T": args.distill_T, **query, "black_box": True,
-                                    "source": "student"})
-    from mtkd.losses import build_loss
-
-    for entry in losses["distilled"][1:]:  # bad options fail before anything trains
-        build_loss("adv_kd", "--query-adv", **{k: v for k, v in entry.items() if k != "name"})
+    if query_entry is not None:
+        losses["distilled"].append(query_entry)
     jobs = []
     for seed in args.seeds:
         for role in args.roles:
@@ -323,4 +324,4 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    common.cli(main, NAME)

@@ -640,9 +640,4 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
 
 
 if __name__ == "__main__":
-    from mtkd.errors import MtkdError
-
-    try:
-        main()
-    except MtkdError as exc:  # bad input: one line
-        sys.exit(f"[{NAME}] error: {exc}")
+    common.cli(main, NAME)
