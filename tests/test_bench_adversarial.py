@@ -186,7 +186,8 @@ def test_transfer_quick_end_to_end(tmp_path: Path) -> None:
     saved = json.loads((out / "results.json").read_text())
     assert saved["benchmark"] == "transfer"
     roles = [(r["role"], r["seed"]) for r in saved["runs"]]
-    assert sorted(roles) == [("distilled", 0), ("labels", 0), ("noise", 0), ("target", 0)]
+    assert sorted(roles) == [("distilled", 0), ("labels", 0), ("noise", 0), ("target", 1000)]
+    assert (out / "runs" / "target_s1000" / "best.pt").is_file()
     runs = {r["role"]: r for r in saved["runs"]}
     for role in ("distilled", "labels", "noise"):
         for label in ("0.03", "8/255"):
@@ -228,4 +229,12 @@ def test_transfer_bad_query_adv_fails_before_anything_is_written(tmp_path: Path,
 
     with pytest.raises(ConfigError, match=match):
         transfer.main(["--out", str(tmp_path / "tr"), "--query-adv", value])
+    assert not (tmp_path / "tr").exists()
+
+
+def test_transfer_target_seed_among_surrogate_seeds_fails_before_anything_is_written(tmp_path: Path) -> None:
+    from mtkd.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--target-seed 1 is one of --seeds"):
+        transfer.main(["--out", str(tmp_path / "tr"), "--seeds", "0", "1", "--target-seed", "1"])
     assert not (tmp_path / "tr").exists()

@@ -139,7 +139,7 @@ testbed's ``kd.yaml`` term weights, against the natural teacher on clean inputs.
 MT_MARGIN = 0.05
 """The multi-task preset's robust median must beat the plain student's by this much."""
 CHECKED = ("epochs", "teacher_epochs", "teacher_arch", "teacher_at_loss", "select", "eps", "train_steps", "eval_steps", "data", "overrides",
-           "init", "teacher", "teacher_at_epochs", "adv_kd", "distill_T", "query_adv", "attack")
+           "init", "teacher", "teacher_at_epochs", "adv_kd", "distill_T", "query_adv", "attack", "target_seed")
 """Budget keys that must match the stored runs' for a sitting to add to them."""
 
 

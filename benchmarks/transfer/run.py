@@ -6,12 +6,15 @@ Protocol (classification):
 * **Data**: as ``benchmarks/adversarial`` (``--data`` ImageFolder root, or
   the synthetic texture set written to ``<out>/data``: 6 classes at 16 px,
   1026 test images); normalisation computed once, given to every run.
-* **Target** (role ``target``, seed 0): the black-box model, ``--target
-  CKPT`` (its run folder's ``config.yaml`` is its config, with its own
-  normalisation, ``--target-arch`` its architecture), or trained here: ``cnn4w`` (``--target-arch``) with CE
-  for ``--target-epochs`` (10), as ``benchmarks/adversarial``'s natural
-  teacher (``--target benchmarks/adversarial/runs/teacher_nat_s0/best.pt``
-  reuses that one).
+* **Target** (role ``target``, seed ``--target-seed``, 1000): the black-box
+  model, ``--target CKPT`` (its run folder's ``config.yaml`` is its config,
+  with its own normalisation, ``--target-arch`` its architecture;
+  ``--target-seed`` then names the seed it was trained with), or trained
+  here: ``cnn4w`` (``--target-arch``) with CE for ``--target-epochs`` (20),
+  as ``benchmarks/adversarial``'s natural teacher. The target's seed must
+  not be a surrogate's: a seed fixes the order of the training batches, and
+  a surrogate that saw the target's own order would transfer better for
+  that reason alone (an attacker does not know the black box's seed).
 * **Surrogates** (``cnn4``, ``mtkd/configs/classify/student_plain.yaml``,
   ``--epochs`` (20; chosen on val with ``--distill-T`` and ``--query-adv``,
   ``benchmarks/README.md``), seeds ``--seeds``):
@@ -89,9 +92,12 @@ def parse(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_common_args(p, default_out=str(ROOT / "benchmarks" / NAME), default_data=None, seeds=(0, 1, 2))
-    p.add_argument("--target", default=None, help="the target checkpoint (default: trained into <out>/runs/target_s0)")
+    p.add_argument("--target", default=None,
+                   help="the target checkpoint (default: trained into <out>/runs/target_s<--target-seed>)")
+    p.add_argument("--target-seed", type=int, default=1000,
+                   help="the target's training seed; never one of --seeds (default 1000)")
     p.add_argument("--target-arch", default="cnn4w", help="the target's classifier (default cnn4w)")
-    p.add_argument("--target-epochs", type=int, default=None, help="epochs when the target is trained (default 10)")
+    p.add_argument("--target-epochs", type=int, default=None, help="epochs when the target is trained (default 20)")
     p.add_argument("--epochs", type=int, default=None, help="surrogate epochs (default 20)")
     p.add_argument("--distill-T", type=float, default=4.0, help="temperature of the distilled surrogate (default 4)")
     p.add_argument("--query-adv", default=None,
@@ -113,7 +119,7 @@ def parse(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     g.add_argument("--imgsz", type=int, default=16, help="image side (default 16)")
     args = p.parse_args(argv)
     qk = args.quick
-    defaults = {"target_epochs": 1 if qk else 10, "epochs": 1 if qk else 20, "classes": 3 if qk else 6,
+    defaults = {"target_epochs": 1 if qk else 20, "epochs": 1 if qk else 20, "classes": 3 if qk else 6,
                 "per_class": 8 if qk else 256, "test_per_class": 4 if qk else 171,
                 "jobs": 1 if qk else common.default_jobs()}
     for key, value in defaults.items():
@@ -229,6 +235,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     labels = [eps_label(e, t) for e, t in zip(eps, texts)]
     for e in eps:  # bad settings fail before anything trains
         make_attack(args.attack, e, args.steps, key="--attack")
+    if args.target_seed in args.seeds:
+        raise ConfigError(f"--target-seed {args.target_seed} is one of --seeds: that surrogate would train in "
+                          "the target's own batch order")
     query: Optional[Dict[str, Any]] = None
     if args.query_adv is not None:
         try:
@@ -248,7 +257,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     base = classify_base(data, args.imgsz, extra)
     target_data = [f"data.root={q(str(data))}"] + extra  # the target keeps its own normalisation
     out = Path(args.out)
-    res_budget = {"epochs": args.epochs, "teacher_epochs": args.target_epochs, "teacher_arch": args.target_arch,
+    res_budget = {"epochs": args.epochs, "teacher_epochs": args.target_epochs, "teacher_arch": args.target_arch, "target_seed": args.target_seed,
                   "eps": eps, "eval_steps": args.steps, "attack": args.attack, "distill_T": args.distill_T,
                   "query_adv": query,
                   "data": str(data), "overrides": extra, "teacher": args.target, "seeds": list(args.seeds),
@@ -264,27 +273,28 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     threads = 1 if args.jobs > 1 else None
     drop = common.METRICS
     # the target
+    ts = args.target_seed
     if args.target is not None:
         target = Path(args.target)
         target_config = target.parent / "config.yaml"
         if not target.is_file() or not target_config.is_file():
             raise ConfigError(f"--target {target}: needs the checkpoint and its run's config.yaml beside it")
-        if args.force or not res.has("target", 0):
+        if args.force or not res.has("target", ts):
             from mtkd.engine.config import load_config
             from mtkd.engine.trainer import evaluate_checkpoint
 
             report = evaluate_checkpoint(load_config(str(target_config), target_data), target, "test")
-            rec = common.make_record("target", 0, report, given=str(target), clean=float(report["top1"]))
+            rec = common.make_record("target", ts, report, given=str(target), clean=float(report["top1"]))
             for k in drop:
                 rec.pop(k, None)
             res.add(rec)
     else:
-        target = res.run_dir("target", 0) / "best.pt"
+        target = res.run_dir("target", ts) / "best.pt"
         target_config = target.parent / "config.yaml"
-        if args.force or not res.has("target", 0) or not target.is_file():
+        if args.force or not res.has("target", ts) or not target.is_file():
             loss = [{"name": "ce"}]
-            common.run_jobs([(("target", 0, target.parent, {"loss": loss}),
-                              {"config": str(TEACHER_CFG), "seed": 0, "out": str(target.parent),
+            common.run_jobs([(("target", ts, target.parent, {"loss": loss}),
+                              {"config": str(TEACHER_CFG), "seed": ts, "out": str(target.parent),
                                "epochs": args.target_epochs,
                                "overrides": base + [f"model.backbone={q(args.target_arch)}",
                                                     f"loss.extra={q(loss)}"]})],
