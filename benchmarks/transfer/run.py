@@ -257,7 +257,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     base = classify_base(data, args.imgsz, extra)
     target_data = [f"data.root={q(str(data))}"] + extra  # the target keeps its own normalisation
     out = Path(args.out)
-    res_budget = {"epochs": args.epochs, "teacher_epochs": args.target_epochs, "teacher_arch": args.target_arch, "target_seed": args.target_seed,
+    res_budget = {"epochs": args.epochs, "teacher_epochs": args.target_epochs, "teacher_arch": args.target_arch,
+                  "target_seed": args.target_seed,
                   "eps": eps, "eval_steps": args.steps, "attack": args.attack, "distill_T": args.distill_T,
                   "query_adv": query,
                   "data": str(data), "overrides": extra, "teacher": args.target, "seeds": list(args.seeds),
