@@ -85,6 +85,27 @@ def verdicts(runs: List[Dict[str, Any]], tolerance: float) -> Tuple[List[str], D
     return lines, summary
 
 
+def reused(path: Optional[str], data: Any, epochs: Dict[str, int], overrides: List[str],
+           seeds: Sequence[int]) -> List[Dict[str, Any]]:
+    """The E runs this sitting can take from ``path`` (``--reuse``).
+
+    A run of role ``teacher`` / ``plain`` at E epochs qualifies, and so does an
+    earlier plateau sitting's ``teacher@2x`` / ``plain@2x`` run at E epochs: it
+    was trained with the same config at the same epochs, so it is this
+    sitting's E run (renamed, with ``reused_role`` naming its old role).
+    """
+    doubled = {f"{m}@2x": ep for m, ep in epochs.items()}
+    out = []
+    for rec in reusable_runs(path, data, {**epochs, **doubled}, overrides, seeds):
+        role = rec["role"]
+        if role in doubled:
+            rec = dict(rec, role=role[:-len("@2x")], reused_role=role)
+        out.append(rec)
+    # a direct E run wins over a renamed 2x run of the same seed
+    out.sort(key=lambda r: "reused_role" in r)
+    return out
+
+
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     args = parse(argv)
     data_ov, extra = prepare(args)
@@ -103,7 +124,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         res.write(derived=lines, summary=summary)
 
     record = recorder(res, "plateau", refresh, lambda rec: {"val_fitness": val_fitness(rec)})
-    for rec in reusable_runs(args.reuse, args.data, epochs, extra, args.seeds):
+    for rec in reused(args.reuse, args.data, epochs, extra, args.seeds):
         mine = [r for r in res.runs if r["role"] == rec["role"] and r["seed"] == rec["seed"]]
         if not mine:
             res.add(dict(rec, val_fitness=val_fitness(rec), reused_from=args.reuse))
