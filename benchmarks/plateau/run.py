@@ -48,7 +48,8 @@ def parse(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--reuse", default=None, metavar="RESULTS_JSON",
                    help="take the E runs (roles teacher/plain) of these seeds from another benchmark's "
                         "results.json (e.g. benchmarks/kd_gain/results.json) where they were trained with "
-                        "the same config, epochs and overrides, instead of training them again")
+                        "the same config, epochs and overrides (or an earlier plateau sitting's @2x runs at E "
+                        "epochs), instead of training them again")
     args = p.parse_args(argv)
     tb = testbed_paths(args.testbed, ROOT)
     args.data = args.data or tb["data"]
