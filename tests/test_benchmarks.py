@@ -329,6 +329,23 @@ def test_sweep_ranks_settings_by_median_val_score_and_refuses_bad_files(tmp_path
             sweep.load_settings(good)
 
 
+@pytest.mark.parametrize("settings", sorted(p.name for p in (ROOT / "benchmarks" / "kd_gain").glob("sweep*.yaml")))
+def test_every_committed_sweep_setting_builds_its_losses(settings: str) -> None:
+    """Each setting of a committed sweep file, applied to kd.yaml, gives a config whose losses build."""
+    from mtkd.engine.config import load_config
+    from mtkd.losses.composer import LossComposer
+
+    spec = importlib.util.spec_from_file_location("bench_sweep", ROOT / "benchmarks" / "kd_gain" / "sweep.py")
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    items = sweep.load_settings(ROOT / "benchmarks" / "kd_gain" / settings)
+    assert items
+    for item in items:
+        cfg = load_config(ROOT / "mtkd" / "configs" / "small" / "kd.yaml", item.get("set", []))
+        composer = LossComposer(cfg["loss"], with_teacher=True)
+        assert len(composer.extra) == len(cfg["loss"]["extra"]), item["name"]
+
+
 def test_plateau_verdict_needs_a_rise_below_the_tolerance() -> None:
     plateau = _load("plateau")
     runs = []
