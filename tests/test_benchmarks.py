@@ -308,10 +308,15 @@ def test_best_val_metrics_reads_the_best_epochs_row(tmp_path: Path) -> None:
     assert rec["val_map50"] == 0.5 and rec["map50"] == 0.9  # test and val kept apart
 
 
-def test_sweep_ranks_settings_by_median_val_score_and_refuses_bad_files(tmp_path: Path) -> None:
+def _load_sweep():
     spec = importlib.util.spec_from_file_location("bench_sweep", ROOT / "benchmarks" / "kd_gain" / "sweep.py")
-    sweep = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sweep)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_sweep_ranks_settings_by_median_val_score_and_refuses_bad_files(tmp_path: Path) -> None:
+    sweep = _load_sweep()
     runs = [{"role": "plain", "seed": 0, "val_map50_95": 0.1, "val_miou": 0.3},
             {"role": "a", "seed": 0, "val_map50_95": 0.2, "val_miou": 0.4},
             {"role": "a", "seed": 1, "val_map50_95": 0.0, "val_miou": 0.0},
@@ -335,9 +340,7 @@ def test_every_committed_sweep_setting_builds_its_losses(settings: str) -> None:
     from mtkd.engine.config import load_config
     from mtkd.losses.composer import LossComposer
 
-    spec = importlib.util.spec_from_file_location("bench_sweep", ROOT / "benchmarks" / "kd_gain" / "sweep.py")
-    sweep = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sweep)
+    sweep = _load_sweep()
     items = sweep.load_settings(ROOT / "benchmarks" / "kd_gain" / settings)
     assert items
     for item in items:
