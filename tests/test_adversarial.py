@@ -522,6 +522,78 @@ def test_black_box_adv_kd_only_queries_the_teacher_and_never_reads_labels(traine
         _step(_composer({**entry, "black_box": False}), student, teacher, x[:16], bad, opt)
 
 
+def test_mixup_kd_queries_the_teacher_on_mixtures_and_never_reads_labels(trained):
+    """Function matching: x_mix mixes pairs of batch images, the black-box teacher is only queried, the
+    terms are T^2 KL(S(x_mix)||T(x_mix)) and T^2 KL(S(x)||T(x)), and the student learns."""
+    from mtkd.engine.trainer import split_output
+
+    net, x, y = trained
+    torch.manual_seed(3)
+    student, teacher = TinyNet(), _QueryOnly(net).eval().requires_grad_(False)
+    comp = _composer({"name": "mixup_kd", "T": 2.0, "w_mix": 0.7, "w_clean": 0.3})
+    assert {"teacher", "adv_split", "adv_teacher"} <= comp.requires
+    bad = torch.full_like(y[:16], 99)  # would raise in any cross-entropy that read them
+    batch = comp.pre_step({"images": x[:16], "labels": bad}, student, teacher)
+    mix, xs = batch["adv_images"], x[:16]
+    # every mixed image is lam * x_i + (1 - lam) * x_j for some j and lam in [0, 1]
+    for i in range(16):
+        fits = []
+        for j in range(16):
+            d = xs[j] - xs[i]
+            if d.abs().max() < 1e-6:
+                fits.append((mix[i] - xs[i]).abs().max().item())
+                continue
+            lam = ((mix[i] - xs[i]) * d).sum() / (d * d).sum()
+            fits.append(((mix[i] - xs[i] - lam * d).abs().max().item()) if -1e-4 <= lam <= 1 + 1e-4 else 1.0)
+        assert min(fits) < 1e-4, i
+    assert (mix - xs).abs().max() > 1e-3  # the images are mixed, not copied
+    s_out, s_mix = split_output(student(torch.cat([xs, mix])), 16)
+    s_out["adv"] = s_mix
+    with torch.no_grad():
+        t_out, t_mix = split_output(teacher(torch.cat([xs, mix])), 16)
+    t_out["adv"] = t_mix
+    total, logs = comp(s_out, t_out, batch)
+
+    def kl(s, t, T):  # T^2 sum_c p_t log(p_t / p_s) at temperature T, mean over images
+        p_t = (t / T).softmax(1)
+        return T * T * (p_t * (p_t.log() - (s / T).log_softmax(1))).sum(1).mean()
+
+    assert logs["extra/mixup_kd/mix"].item() == pytest.approx(0.7 * kl(s_mix["logits"], t_mix["logits"], 2.0).item(),
+                                                              rel=1e-4)
+    assert logs["extra/mixup_kd/clean"].item() == pytest.approx(
+        0.3 * kl(s_out["logits"], t_out["logits"], 2.0).item(), rel=1e-4)
+    before_t = {k: v.clone() for k, v in net.state_dict().items()}
+    opt = torch.optim.SGD(student.parameters(), lr=0.5)
+    losses = []
+    for _ in range(30):
+        _, loss, _, grads = _step(comp, student, teacher, xs, bad, opt)
+        losses.append(float(loss.detach()))
+        assert grads and all(torch.isfinite(g).all() for g in grads)
+    assert sum(losses[-5:]) / 5 < 0.8 * losses[0], losses
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in before_t.items())
+
+
+@pytest.mark.parametrize("kwargs,match", [({"T": 0}, "mixup_kd.T"), ({"mix_alpha": -1}, "mix_alpha"),
+                                          ({"w_mix": -0.1}, "w_mix"), ({"nope": 1}, "bad arguments")])
+def test_mixup_kd_bad_options_are_config_errors(kwargs, match):
+    from mtkd.losses import build_loss
+
+    with pytest.raises(ConfigError, match=match):
+        build_loss("mixup_kd", "loss.extra[0]", **kwargs)
+
+
+def test_mixup_kd_beta_mixing_stays_convex_and_needs_the_mixed_half(trained):
+    net, x, y = trained
+    comp = _composer({"name": "mixup_kd", "mix_alpha": 0.2})
+    batch = comp.pre_step({"images": x[:8]}, TinyNet(), net)
+    lo, hi = x[:8].min(0).values, x[:8].max(0).values
+    assert (batch["adv_images"] >= lo - 1e-6).all() and (batch["adv_images"] <= hi + 1e-6).all()
+    with torch.no_grad():
+        out = net(x[:8])
+    with pytest.raises(ConfigError, match="no mixed half"):
+        comp(dict(out), dict(out), batch)
+
+
 def test_rslad_terms_match_the_formula(trained):
     """5/6 KL(S(x')||T(x)) + 1/6 KL(S(x)||T(x)), the KL with the teacher as the target distribution."""
     from mtkd.engine.trainer import split_output

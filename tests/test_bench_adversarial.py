@@ -232,6 +232,17 @@ def test_transfer_bad_query_adv_fails_before_anything_is_written(tmp_path: Path,
     assert not (tmp_path / "tr").exists()
 
 
+@pytest.mark.parametrize("args,match", [(["--mixup", '{"T": 0}'], "mixup_kd.T"),
+                                        (["--mixup", "[1]"], "--mixup: expected a JSON object"),
+                                        (["--mixup", "{}", "--query-adv", "{}"], "give one")])
+def test_transfer_bad_mixup_fails_before_anything_is_written(tmp_path: Path, args, match) -> None:
+    from mtkd.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=match):
+        transfer.main(["--out", str(tmp_path / "tr")] + args)
+    assert not (tmp_path / "tr").exists()
+
+
 def test_transfer_target_seed_among_surrogate_seeds_fails_before_anything_is_written(tmp_path: Path) -> None:
     from mtkd.errors import ConfigError
 

@@ -29,7 +29,11 @@ Protocol (classification):
     own gradient moves the images towards its decision boundary and the
     target is queried there (forward only), Papernot et al.'s (AsiaCCS
     2017) substitute training; the target is never differentiated through
-    and no label is read;
+    and no label is read; with ``--mixup JSON`` also a ``mixup_kd`` term
+    (``w_clean: 0``, at ``--distill-T``; the JSON sets the rest, e.g.
+    ``{"w_mix": 1}``): each step the target is also queried on mixtures of
+    two training images and the surrogate matches it there (Beyer et al.'s
+    CVPR 2022 function matching; forward queries only, no labels);
   - ``labels``: trained on the labels alone (``ce``), never sees the target;
   - ``noise``: no model: random sign noise of the attack's L-inf norm
     (:func:`mtkd.adversarial.attacks.sign_noise`, seeded by the seed).
@@ -45,7 +49,7 @@ Protocol (classification):
   images it classifies correctly), ``clean`` (the surrogate's test top-1);
   the ``noise`` record's ``transfer@<eps>`` is the share the noise flips.
   The same on the val split as ``val_*``: settings (``--distill-T``,
-  ``--query-adv``) are chosen there, on seeds that never judge.
+  ``--query-adv``, ``--mixup``) are chosen there, on seeds that never judge.
 * **Target** (``derived``): at every eps, the median ``distilled`` transfer
   success over the seeds is at least 5 points above the median ``labels``
   one. The noise baseline and the white-box rates are reported beside it.
@@ -104,6 +108,9 @@ def parse(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="JSON options of a black-box adv_kd term added to the distilled surrogate's loss "
                         "(module doc), e.g. '{\"objective\": \"kl\", \"target\": \"adv\", \"eps\": 0.03, "
                         "\"steps\": 1}'")
+    p.add_argument("--mixup", default=None,
+                   help="JSON options of a mixup_kd term added to the distilled surrogate's loss (module doc), "
+                        "e.g. '{\"w_mix\": 1}'")
     p.add_argument("--attack", default="fgsm", choices=("fgsm", "pgd"), help="attack crafted on the surrogates")
     p.add_argument("--steps", type=int, default=None, help="PGD steps (default 10; FGSM takes one)")
     p.add_argument("--eps", default="0.03,8/255", help="comma-separated L-inf sizes (default 0.03,8/255)")
@@ -134,6 +141,21 @@ def parse(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def eps_label(eps: float, text: str) -> str:
     """The column suffix of an eps as the user wrote it (``0.03``, ``8/255``)."""
     return text.strip() or f"{eps:.4g}"
+
+
+def json_option(text: Optional[str], flag: str, loss: str) -> Optional[Dict[str, Any]]:
+    """``text`` parsed as a JSON object of ``loss`` options, or ``None``; a one-line error names ``flag``."""
+    from mtkd.errors import ConfigError
+
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{flag}: not JSON ({exc.msg})") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{flag}: expected a JSON object of {loss} options")
+    return value
 
 
 # -- one surrogate: train, then attack the target through it ----------------------------------
@@ -238,20 +260,20 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     if args.target_seed in args.seeds:
         raise ConfigError(f"--target-seed {args.target_seed} is one of --seeds: that surrogate would train in "
                           "the target's own batch order")
-    query: Optional[Dict[str, Any]] = None
-    if args.query_adv is not None:
-        try:
-            query = json.loads(args.query_adv)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"--query-adv: not JSON ({exc.msg})") from None
-        if not isinstance(query, dict):
-            raise ConfigError("--query-adv: expected a JSON object of adv_kd options")
-    query_entry = None if query is None else {"name": "adv_kd", "T": args.distill_T, **query, "black_box": True,
-                                              "source": "student"}
+    if args.query_adv is not None and args.mixup is not None:
+        raise ConfigError("--query-adv and --mixup: both make the extra query images; give one")
+    query = json_option(args.query_adv, "--query-adv", "adv_kd")
+    mixup = json_option(args.mixup, "--mixup", "mixup_kd")
+    query_entry = None
+    if query is not None:
+        query_entry = {"name": "adv_kd", "T": args.distill_T, **query, "black_box": True, "source": "student"}
+    elif mixup is not None:
+        query_entry = {"name": "mixup_kd", "T": args.distill_T, "w_clean": 0.0, **mixup}
     if query_entry is not None:  # bad options fail before anything trains
         from mtkd.losses import build_loss
 
-        build_loss("adv_kd", "--query-adv", **{k: v for k, v in query_entry.items() if k != "name"})
+        build_loss(query_entry["name"], "--query-adv" if query is not None else "--mixup",
+                   **{k: v for k, v in query_entry.items() if k != "name"})
     extra = common.extra_overrides(args)
     data = classify_data(args)
     base = classify_base(data, args.imgsz, extra)
@@ -260,7 +282,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     res_budget = {"epochs": args.epochs, "teacher_epochs": args.target_epochs, "teacher_arch": args.target_arch,
                   "target_seed": args.target_seed,
                   "eps": eps, "eval_steps": args.steps, "attack": args.attack, "distill_T": args.distill_T,
-                  "query_adv": query,
+                  "query_adv": query, **({"mixup": mixup} if mixup is not None else {}),
                   "data": str(data), "overrides": extra, "teacher": args.target, "seeds": list(args.seeds),
                   "jobs": args.jobs}
     check_budget(out / "results.json", res_budget, args.force)
