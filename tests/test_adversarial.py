@@ -573,13 +573,40 @@ def test_mixup_kd_queries_the_teacher_on_mixtures_and_never_reads_labels(trained
     assert all(torch.equal(v, net.state_dict()[k]) for k, v in before_t.items())
 
 
-@pytest.mark.parametrize("kwargs,match", [({"T": 0}, "mixup_kd.T"), ({"mix_alpha": -1}, "mix_alpha"),
-                                          ({"w_mix": -0.1}, "w_mix"), ({"nope": 1}, "bad arguments")])
-def test_mixup_kd_bad_options_are_config_errors(kwargs, match):
+@pytest.mark.parametrize("name,kwargs,match", [
+    ("mixup_kd", {"T": 0}, "mixup_kd.T"), ("mixup_kd", {"mix_alpha": -1}, "mixup_kd.mix_alpha"),
+    ("mixup_kd", {"w_clean": -0.1}, "w_clean"), ("mixup_ce", {"w_mix": -0.1}, "mixup_ce.w_mix"),
+    ("mixup_ce", {"T": 1}, "bad arguments")])
+def test_mixup_bad_options_are_config_errors(name, kwargs, match):
     from mtkd.losses import build_loss
 
     with pytest.raises(ConfigError, match=match):
-        build_loss("mixup_kd", "loss.extra[0]", **kwargs)
+        build_loss(name, "loss.extra[0]", **kwargs)
+
+
+def test_mixup_ce_is_lam_weighted_ce_of_both_labels_and_trains_without_teacher(trained):
+    from mtkd.engine.trainer import split_output
+
+    net, x, y = trained
+    torch.manual_seed(4)
+    student = TinyNet()
+    comp = _composer({"name": "mixup_ce", "w_mix": 0.5}, with_teacher=False)
+    assert "adv_split" in comp.requires and "teacher" not in comp.requires
+    batch = comp.pre_step({"images": x[:16], "labels": y[:16]}, student, None)
+    perm, lam = batch["mix_perm"], batch["mix_lam"]
+    shaped = lam.view(-1, 1, 1, 1)
+    assert torch.allclose(batch["adv_images"], shaped * x[:16] + (1 - shaped) * x[:16][perm])
+    s_out, s_mix = split_output(student(torch.cat([x[:16], batch["adv_images"]])), 16)
+    s_out["adv"] = s_mix
+    total, logs = comp(s_out, None, batch)
+    lp = s_mix["logits"].log_softmax(1)
+    want = -(lam * lp[torch.arange(16), y[:16]] + (1 - lam) * lp[torch.arange(16), y[:16][perm]]).mean()
+    assert total.item() == pytest.approx(0.5 * want.item(), rel=1e-5)
+    opt = torch.optim.SGD(student.parameters(), lr=0.5)
+    losses = [float(_step(comp, student, None, x[:16], y[:16], opt)[1].detach()) for _ in range(30)]
+    assert sum(losses[-5:]) / 5 < 0.8 * losses[0], losses
+    with pytest.raises(ConfigError, match="mixup_ce"):
+        comp(s_out, None, {**batch, "labels": None})
 
 
 def test_mixup_kd_beta_mixing_stays_convex_and_needs_the_mixed_half(trained):

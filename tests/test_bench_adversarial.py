@@ -178,11 +178,21 @@ def test_adversarial_quick_multitask_end_to_end(tmp_path: Path) -> None:
         adv.parse(["--multitask"])  # --init is required
 
 
+QUERY_ADV = {"objective": "kl", "target": "adv", "eps": 0.03, "steps": 1}
+EXTRA_QUERIES = {
+    "mixup": ([], {"name": "mixup_kd", "T": 4.0, "w_clean": 0.0, "w_mix": 1}, "extra/mixup_kd/mix"),
+    "query_adv": (["--mixup", "off", "--query-adv", json.dumps(QUERY_ADV)],
+                  {"name": "adv_kd", "T": 4.0, **QUERY_ADV, "black_box": True, "source": "student"},
+                  "extra/adv_kd/adv"),
+}
+
+
 @pytest.mark.slow
-def test_transfer_quick_end_to_end(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", sorted(EXTRA_QUERIES))
+def test_transfer_quick_end_to_end(tmp_path: Path, kind: str) -> None:
+    args, entry, logged = EXTRA_QUERIES[kind]
     out = tmp_path / "tr"
-    transfer.main(["--quick", "--out", str(out), "--device", "cpu", "--query-adv",
-                   '{"objective": "kl", "target": "adv", "eps": 0.03, "steps": 1}'])
+    transfer.main(["--quick", "--out", str(out), "--device", "cpu"] + args)
     saved = json.loads((out / "results.json").read_text())
     assert saved["benchmark"] == "transfer"
     roles = [(r["role"], r["seed"]) for r in saved["runs"]]
@@ -194,11 +204,9 @@ def test_transfer_quick_end_to_end(tmp_path: Path) -> None:
             v = runs[role][f"transfer@{label}"]
             assert v is None or 0.0 <= v <= 100.0, (role, label)
             assert f"val_transfer@{label}" in runs[role], (role, label)
-    assert runs["distilled"]["loss"] == [
-        {"name": "st", "T": 4.0}, {"name": "adv_kd", "T": 4.0, "objective": "kl", "target": "adv", "eps": 0.03,
-                                   "steps": 1, "black_box": True, "source": "student"}]
+    assert runs["distilled"]["loss"] == [{"name": "st", "T": 4.0}, entry]
     assert runs["labels"]["loss"] == [{"name": "ce"}]
-    assert "extra/adv_kd/adv" in (out / "runs" / "distilled_s0" / "results.csv").read_text()
+    assert logged in (out / "runs" / "distilled_s0" / "results.csv").read_text()
     assert runs["distilled"]["attack"]["name"] == "fgsm" and runs["noise"]["attack"]["name"] == "sign_noise"
     assert all(k in runs["distilled"] for k in RECORD_KEYS) and "whitebox@8/255" in runs["labels"]
     md = (out / "results.md").read_text()
@@ -228,13 +236,14 @@ def test_transfer_bad_query_adv_fails_before_anything_is_written(tmp_path: Path,
     from mtkd.errors import ConfigError
 
     with pytest.raises(ConfigError, match=match):
-        transfer.main(["--out", str(tmp_path / "tr"), "--query-adv", value])
+        transfer.main(["--out", str(tmp_path / "tr"), "--mixup", "off", "--query-adv", value])
     assert not (tmp_path / "tr").exists()
 
 
 @pytest.mark.parametrize("args,match", [(["--mixup", '{"T": 0}'], "mixup_kd.T"),
                                         (["--mixup", "[1]"], "--mixup: expected a JSON object"),
-                                        (["--mixup", "{}", "--query-adv", "{}"], "give one")])
+                                        (["--query-adv", "{}"], "give --mixup off"),
+                                        (["--labels-mixup", '{"T": 1}'], "--labels-mixup: bad arguments")])
 def test_transfer_bad_mixup_fails_before_anything_is_written(tmp_path: Path, args, match) -> None:
     from mtkd.errors import ConfigError
 

@@ -29,12 +29,16 @@ Protocol (classification):
     own gradient moves the images towards its decision boundary and the
     target is queried there (forward only), Papernot et al.'s (AsiaCCS
     2017) substitute training; the target is never differentiated through
-    and no label is read; with ``--mixup JSON`` also a ``mixup_kd`` term
-    (``w_clean: 0``, at ``--distill-T``; the JSON sets the rest, e.g.
-    ``{"w_mix": 1}``): each step the target is also queried on mixtures of
-    two training images and the surrogate matches it there (Beyer et al.'s
-    CVPR 2022 function matching; forward queries only, no labels);
+    and no label is read (``--mixup off`` with it); and, unless ``--mixup
+    off``, a ``mixup_kd`` term (``w_clean: 0``, at ``--distill-T``;
+    ``--mixup JSON`` sets the rest, default ``{"w_mix": 1}``): each step the
+    target is also queried on mixtures of two training images and the
+    surrogate matches it there (Beyer et al.'s CVPR 2022 function matching;
+    forward queries only, no labels);
   - ``labels``: trained on the labels alone (``ce``), never sees the target;
+    ``--labels-mixup JSON`` adds a ``mixup_ce`` term (mixup training, Zhang
+    et al., ICLR 2018: the label-only counterpart of the distilled
+    surrogate's mixed queries);
   - ``noise``: no model: random sign noise of the attack's L-inf norm
     (:func:`mtkd.adversarial.attacks.sign_noise`, seeded by the seed).
 * **Attack**: ``--attack`` (FGSM, the source design's; or PGD with
@@ -86,6 +90,8 @@ ROLES = ("distilled", "labels")
 MARGIN = 5.0
 """Points by which the distilled surrogate's median transfer success must beat the label-only one's."""
 COST = ("epochs", "steps", "wall_s", "params", "gflops")
+MIXUP = '{"w_mix": 1}'
+"""The distilled surrogate's ``mixup_kd`` options, chosen on val (``benchmarks/README.md``)."""
 
 
 def log(msg: str) -> None:
@@ -108,9 +114,12 @@ def parse(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="JSON options of a black-box adv_kd term added to the distilled surrogate's loss "
                         "(module doc), e.g. '{\"objective\": \"kl\", \"target\": \"adv\", \"eps\": 0.03, "
                         "\"steps\": 1}'")
-    p.add_argument("--mixup", default=None,
-                   help="JSON options of a mixup_kd term added to the distilled surrogate's loss (module doc), "
-                        "e.g. '{\"w_mix\": 1}'")
+    p.add_argument("--mixup", default=MIXUP,
+                   help="JSON options of the mixup_kd term added to the distilled surrogate's loss (module doc; "
+                        f"default '{MIXUP}'), or 'off'")
+    p.add_argument("--labels-mixup", default="off",
+                   help="JSON options of a mixup_ce term added to the label-trained surrogate's loss (module doc), "
+                        "e.g. '{\"w_mix\": 1}', or 'off' (default)")
     p.add_argument("--attack", default="fgsm", choices=("fgsm", "pgd"), help="attack crafted on the surrogates")
     p.add_argument("--steps", type=int, default=None, help="PGD steps (default 10; FGSM takes one)")
     p.add_argument("--eps", default="0.03,8/255", help="comma-separated L-inf sizes (default 0.03,8/255)")
@@ -260,15 +269,23 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     if args.target_seed in args.seeds:
         raise ConfigError(f"--target-seed {args.target_seed} is one of --seeds: that surrogate would train in "
                           "the target's own batch order")
-    if args.query_adv is not None and args.mixup is not None:
-        raise ConfigError("--query-adv and --mixup: both make the extra query images; give one")
+    mixup_text = None if args.mixup.strip().lower() == "off" else args.mixup
+    if args.query_adv is not None and mixup_text is not None:
+        raise ConfigError("--query-adv and --mixup: both make the extra query images; give --mixup off")
     query = json_option(args.query_adv, "--query-adv", "adv_kd")
-    mixup = json_option(args.mixup, "--mixup", "mixup_kd")
+    mixup = json_option(mixup_text, "--mixup", "mixup_kd")
     query_entry = None
     if query is not None:
         query_entry = {"name": "adv_kd", "T": args.distill_T, **query, "black_box": True, "source": "student"}
     elif mixup is not None:
         query_entry = {"name": "mixup_kd", "T": args.distill_T, "w_clean": 0.0, **mixup}
+    labels_mixup = json_option(None if args.labels_mixup.strip().lower() == "off" else args.labels_mixup,
+                               "--labels-mixup", "mixup_ce")
+    labels_entry = None if labels_mixup is None else {"name": "mixup_ce", **labels_mixup}
+    if labels_entry is not None:
+        from mtkd.losses import build_loss
+
+        build_loss("mixup_ce", "--labels-mixup", **labels_mixup)
     if query_entry is not None:  # bad options fail before anything trains
         from mtkd.losses import build_loss
 
@@ -283,6 +300,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                   "target_seed": args.target_seed,
                   "eps": eps, "eval_steps": args.steps, "attack": args.attack, "distill_T": args.distill_T,
                   "query_adv": query, **({"mixup": mixup} if mixup is not None else {}),
+                  **({"labels_mixup": labels_mixup} if labels_mixup is not None else {}),
                   "data": str(data), "overrides": extra, "teacher": args.target, "seeds": list(args.seeds),
                   "jobs": args.jobs}
     check_budget(out / "results.json", res_budget, args.force)
@@ -337,6 +355,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     losses = {"distilled": [{"name": "st", "T": args.distill_T}], "labels": [{"name": "ce"}]}
     if query_entry is not None:
         losses["distilled"].append(query_entry)
+    if labels_entry is not None:
+        losses["labels"].append(labels_entry)
     jobs = []
     for seed in args.seeds:
         for role in args.roles:
