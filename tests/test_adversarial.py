@@ -774,6 +774,55 @@ def test_multitask_train_with_adv_kd_splits_student_and_teacher(tmp_path):
     assert float(row["train/extra/adv_kd/attack_passes"]) == 4.0  # 2 steps + 2 clean references
 
 
+def test_multitask_mixup_kd_counts_every_pixel_of_a_mixture():
+    """On the mixed half the masks are left out: a batch whose masks are all VOID still gives a seg term
+    on the mixtures (a mixture has no void), while the clean term sees no valid pixel."""
+    from mtkd.losses import build_loss
+    from mtkd.structures import VOID
+
+    torch.manual_seed(0)
+    loss = build_loss("mixup_kd", "loss.extra[0]", output="multitask", T=2.0, w_mix=1.0, w_clean=1.0,
+                      det_kd={"weight": 0})
+    s, t = {"seg": torch.randn(2, 3, 8, 8, requires_grad=True)}, {"seg": torch.randn(2, 3, 8, 8)}
+    s["adv"], t["adv"] = {"seg": torch.randn(2, 3, 8, 8, requires_grad=True)}, {"seg": torch.randn(2, 3, 8, 8)}
+    batch = {"images": torch.zeros(2, 3, 8, 8), "masks": torch.full((2, 8, 8), VOID, dtype=torch.long),
+             "has_seg": torch.tensor([True, True])}
+    terms = loss(s, t, batch)
+    want = build_loss("seg_kl", "x", T=2.0)(s["adv"], t["adv"], {"images": batch["images"]})
+    assert terms["mix"].item() == pytest.approx(want.item(), rel=1e-6) and want.item() > 0
+    assert terms["clean"].item() == 0.0
+    with pytest.raises(ConfigError, match="only with output multitask"):
+        build_loss("mixup_kd", "loss.extra[0]", seg_kd={"T": 1})
+
+
+def test_multitask_train_with_mixup_kd_splits_student_and_teacher(tmp_path):
+    """Multi-task function matching: the trainer's split forward of both models feeds seg_kl + det_mse on
+    the mixed half; the labelled clean half keeps the hard losses."""
+    import csv
+    import sys
+    from pathlib import Path
+
+    from mtkd.datasets import SYNTHETIC_CLASSES, make_synthetic
+    from mtkd.engine.config import load_config
+    from mtkd.engine.trainer import train
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks.common import random_checkpoint
+
+    roots = make_synthetic(tmp_path / "d", n_train=4, n_val=2, n_test=2, imgsz=(48, 64), seed=3, seg_missing=0.25,
+                           formats=("voc",))
+    teacher = random_checkpoint(tmp_path / "teacher.pt", {"preset": "student_small"}, SYNTHETIC_CLASSES, seed=1)
+    cfg = load_config("synthetic_kd.yaml", [
+        f"data.root={roots['voc']}", "data.imgsz=64", f"teacher.ckpt={teacher}", f"out={tmp_path / 'run'}",
+        "model.preset=student_small", "train.batch=4", "train.workers=0", "train.ema=false", "train.plots=false",
+        "train.tensorboard=false", "train.epochs=1", "eval.max_batches=1",
+        "loss.extra=[{name: mixup_kd, output: multitask, w_clean: 0, T: 2}]"])
+    report = train(cfg)
+    assert report["steps"] == 1
+    row = list(csv.DictReader(open(tmp_path / "run" / "results.csv")))[-1]
+    assert float(row["train/extra/mixup_kd/mix"]) > 0 and "train/extra/mixup_kd/clean" not in row
+
+
 # -- transfer from a surrogate -------------------------------------------------------------------
 def test_flip_rates_surrogate_equal_to_target_transfers_like_white_box(trained):
     from torch.utils.data import DataLoader

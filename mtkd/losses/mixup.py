@@ -33,6 +33,15 @@ adds the mixed queries to it. Works on classification logits (``output``,
 default ``logits``); per-pixel logits (``seg``) are flattened as ``st`` does
 (no VOID masking: a mixed image has no labels).
 
+``output: multitask`` distils a detection + segmentation student: each term
+is ``seg_kl`` (at ``T``) + ``det_mse`` between the student's and the
+teacher's outputs, as ``adv_kd``'s multi-task terms; ``seg_kd`` and
+``det_kd`` (``{name, weight, **options}``) replace either loss or its
+settings (``weight: 0`` drops it). On the mixed half the batch's masks are
+left out, so every pixel of a mixed image counts (a mixture has no labels
+and no void). Use ``w_clean: 0`` when ``loss.det``/``loss.seg`` already
+distil the clean images.
+
 ``mixup_ce``
 ------------
 Zhang, Cisse, Dauphin & Lopez-Paz, "mixup: Beyond Empirical Risk
@@ -46,7 +55,7 @@ function matching.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
@@ -54,7 +63,7 @@ from torch import nn
 
 from mtkd.errors import ConfigError
 from mtkd.losses._common import need_teacher
-from mtkd.losses.adversarial import kl_to
+from mtkd.losses.adversarial import _sub_loss, kl_to
 from mtkd.losses.base import Loss, register
 from mtkd.losses.zoo._adapt import flatten_pixels, get_output
 
@@ -103,15 +112,36 @@ class MixupKDLoss(_Mixing):
     requires = frozenset({"teacher", "adv_split", "adv_teacher"})
 
     def __init__(self, T: float = 1.0, w_mix: float = 1.0, w_clean: float = 1.0, mix_alpha: float = 1.0,
-                 output: str = "logits"):
+                 output: str = "logits", seg_kd: Optional[Mapping[str, Any]] = None,
+                 det_kd: Optional[Mapping[str, Any]] = None):
         super().__init__("mixup_kd", w_mix, mix_alpha)
         if float(T) <= 0:
             raise ConfigError(f"loss mixup_kd.T: must be > 0, got {T}")
         if float(w_clean) < 0:
             raise ConfigError(f"loss mixup_kd.w_clean: must be >= 0, got {w_clean}")
         self.T, self.w_clean, self.output = float(T), float(w_clean), str(output)
+        self.multitask = self.output == "multitask"
+        if not self.multitask and (seg_kd is not None or det_kd is not None):
+            raise ConfigError("loss mixup_kd.seg_kd/det_kd: only with output multitask")
+        if self.multitask:
+            self.seg_kd, self.seg_w = _sub_loss("seg_kd", seg_kd, {"name": "seg_kl", "T": self.T})
+            self.det_kd, self.det_w = _sub_loss("det_kd", det_kd, {"name": "det_mse"})
 
-    def _term(self, s: Dict[str, Any], t: Dict[str, Any]) -> torch.Tensor:
+    def _multitask_term(self, s: Dict[str, Any], t: Dict[str, Any], batch: Dict[str, Any]) -> torch.Tensor:
+        total: Optional[torch.Tensor] = None
+        for loss, w, key in ((self.seg_kd, self.seg_w, "seg"), (self.det_kd, self.det_w, "det")):
+            if w <= 0 or s.get(key) is None or t.get(key) is None:
+                continue
+            v = loss(s, t, batch)
+            v = w * (sum(v.values()) if isinstance(v, dict) else v)
+            total = v if total is None else total + v
+        if total is None:
+            raise ConfigError("loss mixup_kd (multitask): student and teacher share no seg or det output")
+        return total
+
+    def _term(self, s: Dict[str, Any], t: Dict[str, Any], batch: Dict[str, Any]) -> torch.Tensor:
+        if self.multitask:
+            return self._multitask_term(s, t, batch)
         ls = get_output(s, self.output, "mixup_kd")
         lt = get_output(t, self.output, "mixup_kd").detach()
         if ls.shape != lt.shape:
@@ -124,10 +154,11 @@ class MixupKDLoss(_Mixing):
         teacher_out = need_teacher("mixup_kd", teacher_out)
         terms: Dict[str, torch.Tensor] = {}
         if self.w_mix > 0:
+            unlabelled = {k: v for k, v in batch.items() if k != "masks"}
             terms["mix"] = self.w_mix * self._term(self._mixed(student_out, "student"),
-                                                   self._mixed(teacher_out, "teacher"))
+                                                   self._mixed(teacher_out, "teacher"), unlabelled)
         if self.w_clean > 0 or not terms:
-            terms["clean"] = self.w_clean * self._term(student_out, teacher_out)
+            terms["clean"] = self.w_clean * self._term(student_out, teacher_out, batch)
         return terms
 
 
