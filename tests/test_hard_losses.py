@@ -120,7 +120,7 @@ def test_seg_ce_ignores_void_and_unlabelled():
 
 
 def test_tiny_overfit_detects_and_segments():
-    """One fixed batch, 40 Adam steps: the hard losses fall and decode finds the drawn boxes.
+    """One fixed batch, 60 Adam steps from a seeded init: the hard losses fall and decode finds the drawn boxes.
 
     DFL has a floor (the entropy of its two-bin soft target), so the fall is
     checked on the total and, more strictly, on every other term.
@@ -135,11 +135,12 @@ def test_tiny_overfit_detects_and_segments():
         masks[i, y1:y2, x1:x2] = int(lab) + 1
     batch = {"images": images, "boxes": boxes, "labels": labels, "masks": masks,
              "has_det": torch.tensor([True, True]), "has_seg": torch.tensor([True, True])}
+    torch.manual_seed(0)
     model = build_model(TINY, 2)
     det_loss, seg_loss = build_loss("yolo_det"), build_loss("seg_ce")
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     history = []
-    for _ in range(40):
+    for _ in range(60):
         out = model(images)
         parts = {**det_loss(out, None, batch), **seg_loss(out, None, batch)}
         total = _total(parts)
