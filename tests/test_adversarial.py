@@ -745,9 +745,9 @@ def test_classify_train_with_rslad_runs_one_split_student_forward(classify_run):
     assert float(rows[-1]["train/extra/adv_kd/adv"]) > 0
 
 
-def test_multitask_train_with_adv_kd_splits_student_and_teacher(tmp_path):
-    """Multi-task KD with adv_kd (output multitask, teacher at x'): the trainer's split forward of
-    both models (DetOutput included) feeds seg_kl + det_mse on the adversarial half."""
+def _train_multitask_one_step(tmp_path, extra, teacher=True):
+    """Train ``student_small`` one step on a tiny synthetic VOC set with ``loss.extra=extra`` (with a random
+    ``student_small`` teacher unless ``teacher`` is false); the last row of its ``results.csv``."""
     import csv
     import sys
     from pathlib import Path
@@ -761,15 +761,21 @@ def test_multitask_train_with_adv_kd_splits_student_and_teacher(tmp_path):
 
     roots = make_synthetic(tmp_path / "d", n_train=4, n_val=2, n_test=2, imgsz=(48, 64), seed=3, seg_missing=0.25,
                            formats=("voc",))
-    teacher = random_checkpoint(tmp_path / "teacher.pt", {"preset": "student_small"}, SYNTHETIC_CLASSES, seed=1)
-    cfg = load_config("synthetic_kd.yaml", [
-        f"data.root={roots['voc']}", "data.imgsz=64", f"teacher.ckpt={teacher}", f"out={tmp_path / 'run'}",
-        "model.preset=student_small", "train.batch=4", "train.workers=0", "train.ema=false", "train.plots=false",
-        "train.tensorboard=false", "train.epochs=1", "eval.max_batches=1",
-        "loss.extra=[{name: adv_kd, output: multitask, target: adv, steps: 2, T: 2}]"])
-    report = train(cfg)
+    over = [f"data.root={roots['voc']}", "data.imgsz=64", f"out={tmp_path / 'run'}", "model.preset=student_small",
+            "train.batch=4", "train.workers=0", "train.ema=false", "train.plots=false", "train.tensorboard=false",
+            "train.epochs=1", "eval.max_batches=1", f"loss.extra={extra}"]
+    if teacher:
+        ckpt = random_checkpoint(tmp_path / "teacher.pt", {"preset": "student_small"}, SYNTHETIC_CLASSES, seed=1)
+        over.append(f"teacher.ckpt={ckpt}")
+    report = train(load_config("synthetic_kd.yaml" if teacher else "synthetic_student.yaml", over))
     assert report["steps"] == 1
-    row = list(csv.DictReader(open(tmp_path / "run" / "results.csv")))[-1]
+    return list(csv.DictReader(open(tmp_path / "run" / "results.csv")))[-1]
+
+
+def test_multitask_train_with_adv_kd_splits_student_and_teacher(tmp_path):
+    """Multi-task KD with adv_kd (output multitask, teacher at x'): the trainer's split forward of
+    both models (DetOutput included) feeds seg_kl + det_mse on the adversarial half."""
+    row = _train_multitask_one_step(tmp_path, "[{name: adv_kd, output: multitask, target: adv, steps: 2, T: 2}]")
     assert float(row["train/extra/adv_kd/adv_seg"]) > 0 and "train/extra/adv_kd/adv_det" in row
     assert float(row["train/extra/adv_kd/attack_passes"]) == 4.0  # 2 steps + 2 clean references
 
@@ -798,28 +804,7 @@ def test_multitask_mixup_kd_counts_every_pixel_of_a_mixture():
 def test_multitask_train_with_mixup_kd_splits_student_and_teacher(tmp_path):
     """Multi-task function matching: the trainer's split forward of both models feeds seg_kl + det_mse on
     the mixed half; the labelled clean half keeps the hard losses."""
-    import csv
-    import sys
-    from pathlib import Path
-
-    from mtkd.datasets import SYNTHETIC_CLASSES, make_synthetic
-    from mtkd.engine.config import load_config
-    from mtkd.engine.trainer import train
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from benchmarks.common import random_checkpoint
-
-    roots = make_synthetic(tmp_path / "d", n_train=4, n_val=2, n_test=2, imgsz=(48, 64), seed=3, seg_missing=0.25,
-                           formats=("voc",))
-    teacher = random_checkpoint(tmp_path / "teacher.pt", {"preset": "student_small"}, SYNTHETIC_CLASSES, seed=1)
-    cfg = load_config("synthetic_kd.yaml", [
-        f"data.root={roots['voc']}", "data.imgsz=64", f"teacher.ckpt={teacher}", f"out={tmp_path / 'run'}",
-        "model.preset=student_small", "train.batch=4", "train.workers=0", "train.ema=false", "train.plots=false",
-        "train.tensorboard=false", "train.epochs=1", "eval.max_batches=1",
-        "loss.extra=[{name: mixup_kd, output: multitask, w_clean: 0, T: 2}]"])
-    report = train(cfg)
-    assert report["steps"] == 1
-    row = list(csv.DictReader(open(tmp_path / "run" / "results.csv")))[-1]
+    row = _train_multitask_one_step(tmp_path, "[{name: mixup_kd, output: multitask, w_clean: 0, T: 2}]")
     assert float(row["train/extra/mixup_kd/mix"]) > 0 and "train/extra/mixup_kd/clean" not in row
 
 
@@ -868,23 +853,10 @@ def test_mtkd_attack_with_surrogate_reports_transfer(classify_run):
 def test_multitask_train_with_pgd_at_trains_on_hard_losses_of_adversarial_inputs(tmp_path):
     """pgd_at with output multitask: x' crafted on the student's seg CE + yolo_det, the hard losses on x'
     logged beside the clean ones; a bad output is a one-line error."""
-    import csv
-
-    from mtkd.datasets import make_synthetic
-    from mtkd.engine.config import load_config
-    from mtkd.engine.trainer import train
     from mtkd.losses.base import build_loss
 
-    roots = make_synthetic(tmp_path / "d", n_train=4, n_val=2, n_test=2, imgsz=(48, 64), seed=3, seg_missing=0.25,
-                           formats=("voc",))
-    cfg = load_config("synthetic_student.yaml", [
-        f"data.root={roots['voc']}", "data.imgsz=64", f"out={tmp_path / 'run'}", "model.preset=student_small",
-        "train.batch=4", "train.workers=0", "train.ema=false", "train.plots=false", "train.tensorboard=false",
-        "train.epochs=1", "eval.max_batches=1",
-        "loss.extra=[{name: pgd_at, output: multitask, eps: 4/255, steps: 2, w_seg: 8.0}]"])
-    report = train(cfg)
-    assert report["steps"] == 1
-    row = list(csv.DictReader(open(tmp_path / "run" / "results.csv")))[-1]
+    row = _train_multitask_one_step(tmp_path, "[{name: pgd_at, output: multitask, eps: 4/255, steps: 2, w_seg: 8.0}]",
+                                    teacher=False)
     assert float(row["train/extra/pgd_at/det"]) > 0 and float(row["train/extra/pgd_at/seg"]) > 0
     assert float(row["train/extra/pgd_at/attack_passes"]) == 3.0  # 2 steps + 1 clean reference (targets)
     with pytest.raises(ConfigError, match="pgd_at.output"):
