@@ -799,6 +799,8 @@ def test_multitask_mixup_kd_counts_every_pixel_of_a_mixture():
     assert terms["clean"].item() == 0.0
     with pytest.raises(ConfigError, match="only with output multitask"):
         build_loss("mixup_kd", "loss.extra[0]", seg_kd={"T": 1})
+    with pytest.raises(ConfigError, match=r"mixup_kd\.det_kd\.weight: must be >= 0"):
+        build_loss("mixup_kd", "loss.extra[0]", output="multitask", det_kd={"weight": -1})
 
 
 def test_multitask_train_with_mixup_kd_splits_student_and_teacher(tmp_path):

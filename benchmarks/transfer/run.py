@@ -274,23 +274,21 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         raise ConfigError("--query-adv and --mixup: both make the extra query images; give --mixup off")
     query = json_option(args.query_adv, "--query-adv", "adv_kd")
     mixup = json_option(mixup_text, "--mixup", "mixup_kd")
-    query_entry = None
+    labels_mixup = json_option(None if args.labels_mixup.strip().lower() == "off" else args.labels_mixup,
+                               "--labels-mixup", "mixup_ce")
+    query_entry = labels_entry = None
     if query is not None:
         query_entry = {"name": "adv_kd", "T": args.distill_T, **query, "black_box": True, "source": "student"}
     elif mixup is not None:
         query_entry = {"name": "mixup_kd", "T": args.distill_T, "w_clean": 0.0, **mixup}
-    labels_mixup = json_option(None if args.labels_mixup.strip().lower() == "off" else args.labels_mixup,
-                               "--labels-mixup", "mixup_ce")
-    labels_entry = None if labels_mixup is None else {"name": "mixup_ce", **labels_mixup}
-    if labels_entry is not None:
-        from mtkd.losses import build_loss
+    if labels_mixup is not None:
+        labels_entry = {"name": "mixup_ce", **labels_mixup}
+    from mtkd.losses import build_loss
 
-        build_loss("mixup_ce", "--labels-mixup", **labels_mixup)
-    if query_entry is not None:  # bad options fail before anything trains
-        from mtkd.losses import build_loss
-
-        build_loss(query_entry["name"], "--query-adv" if query is not None else "--mixup",
-                   **{k: v for k, v in query_entry.items() if k != "name"})
+    for flag, entry in (("--query-adv" if query is not None else "--mixup", query_entry),
+                        ("--labels-mixup", labels_entry)):
+        if entry is not None:  # bad options fail before anything trains
+            build_loss(entry["name"], flag, **{k: v for k, v in entry.items() if k != "name"})
     extra = common.extra_overrides(args)
     data = classify_data(args)
     base = classify_base(data, args.imgsz, extra)

@@ -1,14 +1,17 @@
-"""Plumbing every loss family shares: the teacher check and the width adapters.
+"""Plumbing every loss family shares: the teacher check, the width adapters and the multi-task KD pair.
 
 * :func:`need_teacher`: ``teacher_out``, or a one-line ConfigError when a KD
   loss runs without a teacher.
+* :func:`sub_loss` and :func:`seg_det_terms`: the ``seg_kd`` / ``det_kd``
+  pair that ``adv_kd`` and ``mixup_kd`` apply to a second half of the batch
+  with ``output: multitask``.
 * :class:`FeatureAdapters`: per-feature 1x1 convolutions that map student
   maps to the teacher's width (the distillation core's adapters and, without
   bias, the zoo's :class:`~mtkd.losses.zoo._adapt.FeaturePairs`).
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, Mapping, Optional
+from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -22,6 +25,41 @@ def need_teacher(loss: str, teacher_out: Optional[Dict[str, Any]]) -> Dict[str, 
     if teacher_out is None:
         raise ConfigError(f"loss {loss}: needs a teacher but none is configured (set 'teacher:')")
     return teacher_out
+
+
+def sub_loss(loss: str, key: str, spec: Optional[Mapping[str, Any]],
+             default: Dict[str, Any]) -> Tuple[nn.Module, float]:
+    """``(module, weight)`` of the ``key`` term of ``loss`` (e.g. ``adv_kd.seg_kd``): ``spec`` is
+    ``{name, weight, **options}`` of a registered distillation loss; unset keys come from ``default``
+    (its options only when the name is kept)."""
+    from mtkd.losses.base import build_loss
+
+    if spec is None:
+        spec = {}
+    if not isinstance(spec, Mapping):
+        raise ConfigError(f"loss {loss}.{key}: expected a mapping {{name, weight, options}}, got "
+                          f"{type(spec).__name__}")
+    spec = dict(spec)
+    name = spec.pop("name", default["name"])
+    weight = float(spec.pop("weight", 1.0))
+    if weight < 0:
+        raise ConfigError(f"loss {loss}.{key}.weight: must be >= 0, got {weight}")
+    opts = {k: v for k, v in default.items() if k != "name"} if name == default["name"] else {}
+    opts.update(spec)
+    return build_loss(name, f"loss {loss}.{key}", **opts), weight
+
+
+def seg_det_terms(pairs: Sequence[Tuple[str, nn.Module, float]], student_out: Dict[str, Any],
+                  teacher_out: Dict[str, Any], batch: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+    """``{task: weight * loss}`` for each ``(task, loss, weight)`` of ``pairs`` (``"seg"``, ``"det"``)
+    whose weight is positive and whose output both models have; a dict-valued loss is summed."""
+    out: Dict[str, torch.Tensor] = {}
+    for task, loss, weight in pairs:
+        if weight <= 0 or student_out.get(task) is None or teacher_out.get(task) is None:
+            continue
+        v = loss(student_out, teacher_out, batch)
+        out[task] = weight * (sum(v.values()) if isinstance(v, dict) else v)
+    return out
 
 
 class FeatureAdapters(nn.Module):

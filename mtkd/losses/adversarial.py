@@ -117,6 +117,7 @@ from torch import nn
 from mtkd.adversarial.attacks import (AttackSpec, logits_of, make_attack, multitask_targets, perturb,
                                       seg_objective)
 from mtkd.errors import ConfigError
+from mtkd.losses._common import seg_det_terms, sub_loss
 from mtkd.losses._functional import soft_kl
 from mtkd.losses.base import Loss, build_loss, register
 
@@ -150,24 +151,6 @@ def _labels(batch: Dict[str, Any], loss: str) -> torch.Tensor:
         raise ConfigError(f"loss {loss!r}: needs batch['labels'] as a (B,) class-index tensor (a classification "
                           "batch)")
     return labels
-
-
-def _sub_loss(key: str, spec: Optional[Mapping[str, Any]], default: Dict[str, Any]) -> Tuple[nn.Module, float]:
-    """``(loss, weight)`` of a multi-task ``adv_kd`` term: ``spec`` is ``{name, weight, **options}`` of a
-    registered distillation loss; unset keys come from ``default`` (options only when the name is kept)."""
-    if spec is None:
-        spec = {}
-    if not isinstance(spec, Mapping):
-        raise ConfigError(f"loss adv_kd.{key}: expected a mapping {{name, weight, options}}, got "
-                          f"{type(spec).__name__}")
-    spec = dict(spec)
-    name = spec.pop("name", default["name"])
-    weight = float(spec.pop("weight", 1.0))
-    if weight < 0:
-        raise ConfigError(f"loss adv_kd.{key}.weight: must be >= 0, got {weight}")
-    opts = {k: v for k, v in default.items() if k != "name"} if name == default["name"] else {}
-    opts.update(spec)
-    return build_loss(name, f"loss adv_kd.{key}", **opts), weight
 
 
 def _adv_half(out: Dict[str, Any], who: str, loss: str) -> Dict[str, Any]:
@@ -319,8 +302,8 @@ class AdvKDLoss(_Crafting):
         if opts["output"] != "multitask" and (seg_kd is not None or det_kd is not None):
             raise ConfigError("loss adv_kd.seg_kd/det_kd: only with output multitask")
         if opts["output"] == "multitask":
-            self.seg_kd, self.seg_w = _sub_loss("seg_kd", seg_kd, {"name": "seg_kl", "T": opts["T"]})
-            self.det_kd, self.det_w = _sub_loss("det_kd", det_kd, {"name": "det_mse"})
+            self.seg_kd, self.seg_w = sub_loss("adv_kd", "seg_kd", seg_kd, {"name": "seg_kl", "T": opts["T"]})
+            self.det_kd, self.det_w = sub_loss("adv_kd", "det_kd", det_kd, {"name": "det_mse"})
 
     # -- the attack ---------------------------------------------------------------------------
     def _objective(self, images: torch.Tensor, batch: Dict[str, Any], student: nn.Module,
@@ -390,12 +373,9 @@ class AdvKDLoss(_Crafting):
         for tag, w, s, t in (("adv", o["w_adv"], s_adv, t_tgt), ("clean", o["w_clean"], s_clean, t_clean)):
             if w <= 0:
                 continue
-            if s.get("seg") is not None and t.get("seg") is not None and self.seg_w > 0:
-                v = self.seg_kd(s, t, batch)
-                out[f"{tag}_seg"] = w * self.seg_w * (sum(v.values()) if isinstance(v, dict) else v)
-            if s.get("det") is not None and t.get("det") is not None and self.det_w > 0:
-                v = self.det_kd(s, t, batch)
-                out[f"{tag}_det"] = w * self.det_w * (sum(v.values()) if isinstance(v, dict) else v)
+            pairs = (("seg", self.seg_kd, self.seg_w), ("det", self.det_kd, self.det_w))
+            for task, v in seg_det_terms(pairs, s, t, batch).items():
+                out[f"{tag}_{task}"] = w * v
         if not out:
             raise ConfigError("loss adv_kd (multitask): student and teacher share no seg or det output")
         return out

@@ -62,8 +62,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mtkd.errors import ConfigError
-from mtkd.losses._common import need_teacher
-from mtkd.losses.adversarial import _sub_loss, kl_to
+from mtkd.losses._common import need_teacher, seg_det_terms, sub_loss
+from mtkd.losses.adversarial import kl_to
 from mtkd.losses.base import Loss, register
 from mtkd.losses.zoo._adapt import flatten_pixels, get_output
 
@@ -124,20 +124,15 @@ class MixupKDLoss(_Mixing):
         if not self.multitask and (seg_kd is not None or det_kd is not None):
             raise ConfigError("loss mixup_kd.seg_kd/det_kd: only with output multitask")
         if self.multitask:
-            self.seg_kd, self.seg_w = _sub_loss("seg_kd", seg_kd, {"name": "seg_kl", "T": self.T})
-            self.det_kd, self.det_w = _sub_loss("det_kd", det_kd, {"name": "det_mse"})
+            self.seg_kd, self.seg_w = sub_loss("mixup_kd", "seg_kd", seg_kd, {"name": "seg_kl", "T": self.T})
+            self.det_kd, self.det_w = sub_loss("mixup_kd", "det_kd", det_kd, {"name": "det_mse"})
 
     def _multitask_term(self, s: Dict[str, Any], t: Dict[str, Any], batch: Dict[str, Any]) -> torch.Tensor:
-        total: Optional[torch.Tensor] = None
-        for loss, w, key in ((self.seg_kd, self.seg_w, "seg"), (self.det_kd, self.det_w, "det")):
-            if w <= 0 or s.get(key) is None or t.get(key) is None:
-                continue
-            v = loss(s, t, batch)
-            v = w * (sum(v.values()) if isinstance(v, dict) else v)
-            total = v if total is None else total + v
-        if total is None:
+        pairs = (("seg", self.seg_kd, self.seg_w), ("det", self.det_kd, self.det_w))
+        terms = seg_det_terms(pairs, s, t, batch)
+        if not terms:
             raise ConfigError("loss mixup_kd (multitask): student and teacher share no seg or det output")
-        return total
+        return sum(terms.values())
 
     def _term(self, s: Dict[str, Any], t: Dict[str, Any], batch: Dict[str, Any]) -> torch.Tensor:
         if self.multitask:
