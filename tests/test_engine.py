@@ -760,6 +760,47 @@ def test_ema_ramp_and_average():
     assert ema.current_decay() == pytest.approx(0.9)
 
 
+
+def test_ema_follows_loaded_weights_and_copies_integer_buffers():
+    """The EMA pairs its tensors with the model's once; loading a state dict into the model
+    (as resume does) must still reach the average, and integer buffers are copied, not averaged."""
+    model = nn.Sequential(nn.Conv2d(1, 2, 1), nn.BatchNorm2d(2))
+    ema = ModelEMA(model, decay=0.5, tau=1e-9)  # decay 0.5 from the first update
+    model(torch.randn(4, 1, 3, 3))              # num_batches_tracked -> 1, running stats move
+    ema.update(model)
+    assert int(ema.module[1].num_batches_tracked) == 1
+    target = {k: (torch.full_like(v, 2.0) if v.is_floating_point() else v + 5) for k, v in model.state_dict().items()}
+    model.load_state_dict(target)
+    before = {k: v.clone() for k, v in ema.state_dict().items()}
+    ema.update(model)
+    for k, v in ema.state_dict().items():
+        if v.is_floating_point():
+            assert torch.allclose(v, 0.5 * before[k] + 0.5 * 2.0), k
+    assert int(ema.module[1].num_batches_tracked) == 6
+    other = nn.Sequential(nn.Conv2d(1, 2, 1))   # another model object: pairs looked up again
+    with pytest.raises(KeyError, match="1.weight"):
+        ema.update(other)
+
+
+def test_adamw_is_fused_on_cpu_and_matches_foreach():
+    from mtkd.engine.trainer import build_optimizer
+    tcfg = {"optimizer": "adamw", "lr": 0.01, "momentum": 0.9, "weight_decay": 0.01}
+    torch.manual_seed(0)
+    a, b = nn.Linear(4, 3), nn.Linear(4, 3)
+    b.load_state_dict(a.state_dict())
+    fused = build_optimizer(list(a.parameters()), tcfg)
+    assert fused.defaults["fused"] is True
+    ref = torch.optim.AdamW([{"params": [b.weight], "weight_decay": 0.01}, {"params": [b.bias], "weight_decay": 0.0}],
+                            lr=0.01, betas=(0.9, 0.999), foreach=True)
+    for _ in range(5):
+        x = torch.randn(8, 4)
+        for m, opt in ((a, fused), (b, ref)):
+            opt.zero_grad()
+            m(x).pow(2).mean().backward()
+            opt.step()
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.allclose(pa, pb, atol=1e-6)
+
 def test_warmup_decay_schedule():
     f = WarmupDecay(total_steps=10, warmup_steps=2, lrf=0.1, cosine=True)
     values = [f(i) for i in range(10)]

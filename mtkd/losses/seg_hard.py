@@ -47,7 +47,8 @@ class SegCELoss(Loss):
             if self.dice > 0:
                 out["dice"] = zero
             return out
-        if int(masks[labelled].max()) >= k or int(masks[labelled].min()) < 0:
+        lo, hi = torch.where(labelled, masks, 0).aminmax()  # no boolean indexing: it copies
+        if int(hi) >= k or int(lo) < 0:
             raise DataError(f"batch['masks']: label outside 0..{k - 1} (and {VOID} = void)")
         out["ce"] = F.cross_entropy(logits, masks, ignore_index=VOID)
         if self.dice > 0:
