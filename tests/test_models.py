@@ -125,3 +125,35 @@ def test_small_presets_are_plain_cnns_far_apart_in_size():
     assert 5 <= n_t / n_s <= 20  # 2.06 M vs 0.31 M
     out = student(torch.randn(2, 3, 64, 64))
     assert out["seg"].shape == (2, 9, 64, 64) and out["feats"]["p3"].shape[-2:] == (8, 8)
+
+
+
+@pytest.mark.parametrize("shape,size", [((2, 3, 16, 16), (64, 64)), ((2, 3, 5, 7), (13, 29)),
+                                        ((1, 2, 8, 8), (4, 4)), ((2, 2, 40, 40), (64, 64))])
+def test_resize_bilinear_equals_interpolate_with_gradients(shape, size):
+    from mtkd.heads.resize import resize_bilinear
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(shape[0], shape[1], *size, dtype=torch.float64)
+    ours = resize_bilinear(x, size)
+    (g_ours,) = torch.autograd.grad((ours * w).sum(), x)
+    ref = torch.nn.functional.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    (g_ref,) = torch.autograd.grad((ref * w).sum(), x)
+    assert torch.allclose(ours, ref, atol=1e-12) and torch.allclose(g_ours, g_ref, atol=1e-12)
+
+
+def test_resize_bilinear_exports_to_onnx_as_resize():
+    """In an ONNX export the resize stays an interpolation (ONNX Resize), not constant matrices
+    of the traced size."""
+    onnx = pytest.importorskip("onnx")
+    import io
+
+    from mtkd.heads.resize import resize_bilinear
+
+    class Up(torch.nn.Module):
+        def forward(self, x):
+            return resize_bilinear(x, (32, 32))
+
+    buf = io.BytesIO()
+    torch.onnx.export(Up(), (torch.randn(1, 2, 8, 8),), buf, dynamo=False, opset_version=17)
+    ops = {n.op_type for n in onnx.load_from_string(buf.getvalue()).graph.node}
+    assert "Resize" in ops and "MatMul" not in ops

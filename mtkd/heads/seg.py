@@ -18,9 +18,10 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from segmentation_models_pytorch.decoders.fpn.decoder import FPNBlock, MergeBlock, SegmentationBlock
 from torch import nn
+
+from mtkd.heads.resize import resize_bilinear
 
 
 class SegHead(nn.Module):
@@ -52,7 +53,6 @@ class SegHead(nn.Module):
             maps.append(self.c2_block(maps[0], c2))
         outs = [blk(m) for blk, m in zip(self.blocks, maps)]
         target = outs[-1].shape[-2:]
-        outs = [o if o.shape[-2:] == target else F.interpolate(o, size=target, mode="bilinear",
-                                                                align_corners=False) for o in outs]
+        outs = [resize_bilinear(o, target) for o in outs]
         x = self.dropout(self.merge(outs))
-        return F.interpolate(self.classifier(x), size=tuple(size), mode="bilinear", align_corners=False)
+        return resize_bilinear(self.classifier(x), size)

@@ -16,6 +16,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from mtkd.heads.resize import resize_bilinear
+
 
 def soft_kl(student: torch.Tensor, teacher: torch.Tensor, T: float = 1.0, dim: int = 1,
             reduction: str = "none") -> torch.Tensor:
@@ -66,7 +68,6 @@ def _kl_dtype(student: torch.Tensor, teacher: torch.Tensor) -> torch.dtype:
 
 
 def resize_to(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """Bilinear resize of a (B,C,H,W) map to ``size`` (``align_corners=False``; no-op when equal)."""
-    if tuple(x.shape[-2:]) == tuple(size):
-        return x
-    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+    """Bilinear resize of a (B,C,H,W) map to ``size`` (``align_corners=False``; no-op when equal;
+    :func:`mtkd.heads.resize.resize_bilinear`)."""
+    return resize_bilinear(x, size)
