@@ -534,3 +534,26 @@ def test_seg_errors_miou_matches_the_evaluator(tmp_path: Path) -> None:
 
 def _classes(root: Path) -> list:
     return (root / "voc" / "classes.txt").read_text().split()
+
+
+def test_ema_probe_evaluates_raw_weights_and_extra_averages_of_one_run(tmp_path: Path) -> None:
+    """The raw weights and an EMA of decay 0 (= the raw weights) must score alike; the
+    trainer's own EMA with a long horizon is a different model, so the probe is not comparing
+    one model with itself."""
+    make_synthetic(tmp_path / "data", n_train=8, n_val=4, n_test=2, imgsz=(64, 64), formats=("voc",))
+    spec = importlib.util.spec_from_file_location("ema_probe", ROOT / "benchmarks" / "plateau" / "ema_probe.py")
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    out = tmp_path / "probe"
+    probe.main(["small/student.yaml", "--name", "tiny", "--seed", "3", "--decays", "0.0", "--out", str(out),
+                "--set", f"data.root={tmp_path / 'data' / 'voc'}", "--set", "train.epochs=2", "--set", "train.batch=4",
+                "--set", "train.val_every=1", "--set", "train.ema_tau=1e-6", "--set", "train.ema_decay=0.9"])
+    rows = json.loads((out / "tiny.json").read_text())
+    assert [r["epoch"] for r in rows] == [1, 2]
+    for r in rows:
+        assert r["raw"] == pytest.approx(r["ema0.0"])
+    assert any(r["default"] != pytest.approx(r["raw"]) for r in rows)
+    saved = json.loads((out / "results.json").read_text())
+    roles = {r["role"]: r for r in saved["runs"]}
+    assert set(roles) == {"tiny:default", "tiny:raw", "tiny:ema0.0"}
+    assert roles["tiny:raw"]["seed"] == 3 and roles["tiny:raw"]["steps"] == 4
