@@ -157,3 +157,14 @@ def test_resize_bilinear_exports_to_onnx_as_resize():
     torch.onnx.export(Up(), (torch.randn(1, 2, 8, 8),), buf, dynamo=False, opset_version=17)
     ops = {n.op_type for n in onnx.load_from_string(buf.getvalue()).graph.node}
     assert "Resize" in ops and "MatMul" not in ops
+
+
+def test_resize_bilinear_first_used_in_inference_mode_still_trains():
+    """The matrices are cached: one made during evaluation (inference_mode) must not be an
+    inference tensor that a later training graph cannot save for backward."""
+    from mtkd.heads.resize import resize_bilinear
+    with torch.inference_mode():
+        resize_bilinear(torch.randn(1, 2, 11, 13), (23, 29))
+    x = torch.randn(1, 2, 11, 13, requires_grad=True)
+    resize_bilinear(x, (23, 29)).sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()

@@ -23,8 +23,11 @@ MAX_MATMUL_SIDE = 32  # input sides up to this use the matrix form on a CPU
 
 @lru_cache(maxsize=64)
 def _matrix(n_in: int, n_out: int, dtype: torch.dtype) -> torch.Tensor:
-    eye = torch.eye(n_in, dtype=torch.float64).reshape(1, n_in, n_in)
-    return F.interpolate(eye, size=n_out, mode="linear", align_corners=False)[0].T.to(dtype).contiguous()
+    # a normal tensor even when first asked for under inference_mode (evaluation), since the
+    # cached matrix is later used in training graphs, which cannot save inference tensors
+    with torch.inference_mode(False), torch.no_grad():
+        eye = torch.eye(n_in, dtype=torch.float64).reshape(1, n_in, n_in)
+        return F.interpolate(eye, size=n_out, mode="linear", align_corners=False)[0].T.to(dtype).contiguous()
 
 
 def _exporting() -> bool:
