@@ -6,8 +6,8 @@ and separable: the output is ``Ah @ x @ Aw.T`` with ``Ah`` (H_out, H_in) and
 resizing the identity. On a CPU the two products (and their backward) are
 cheaper than the interpolation kernel when the input map is small: the seg
 head's stride-4 logits of the small testbed, (16, 9, 16, 16) to 64x64,
-forward + backward took 1.7 ms against 4.3 ms on one thread. Larger inputs,
-other devices, and tracing/export (where the matrices would become constants
+forward + backward took 1.7 ms against 4.3 ms on one thread. Larger inputs
+or outputs, other devices, and tracing/export (where the matrices would become constants
 of one input size) use ``F.interpolate``. The two agree to float rounding.
 """
 from __future__ import annotations
@@ -18,7 +18,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-MAX_MATMUL_SIDE = 32  # input sides up to this use the matrix form on a CPU
+MAX_MATMUL_SIDE = 32   # input sides up to this use the matrix form on a CPU ...
+MAX_MATMUL_OUT = 256   # ... when the output sides are at most this (the products grow with both)
 
 
 @lru_cache(maxsize=64)
@@ -42,7 +43,7 @@ def resize_bilinear(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     if (hi, wi) == (h, w):
         return x
     if (x.device.type != "cpu" or not x.dtype.is_floating_point or max(hi, wi) > MAX_MATMUL_SIDE
-            or _exporting()):
+            or max(h, w) > MAX_MATMUL_OUT or _exporting()):
         return F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False)
     ah = _matrix(int(hi), h, x.dtype)
     aw = _matrix(int(wi), w, x.dtype)
