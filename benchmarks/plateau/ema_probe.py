@@ -44,6 +44,8 @@ class AverageProbe:
         self.rows: List[Dict[str, Any]] = []
 
     def on_step_end(self, trainer: Any, logs: Any) -> None:
+        if trainer.ema is None:
+            raise SystemExit("ema_probe: train.ema is false in the config, so there is no EMA to compare with")
         if not self.emas:  # same ramp position as the trainer's EMA after this step
             self.emas = {d: ModelEMA(trainer.model, d, trainer.tcfg["ema_tau"], trainer.ema.updates - 1)
                          for d in self.decays}

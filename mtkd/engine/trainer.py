@@ -263,9 +263,9 @@ def build_optimizer(params: List[nn.Parameter], tcfg: Dict[str, Any]) -> torch.o
     no_decay = [p for p in params if p.ndim <= 1]
     groups = [{"params": decay, "weight_decay": tcfg["weight_decay"]},
               {"params": no_decay, "weight_decay": 0.0}]
-    # AdamW: fused (one kernel over all parameters) on CPU and CUDA: 2.3 ms a step against 4.8 ms
-    # for foreach on the small testbed's 0.3 M-parameter student (one CPU thread). foreach
-    # elsewhere: one batched kernel per group, where torch's CPU default is a per-parameter loop.
+    # AdamW: fused (one kernel over all parameters) on CPU and CUDA, where foreach on a CPU still
+    # loops over the tensors of a small model; foreach elsewhere (torch's CPU default is a
+    # per-parameter loop). benchmarks/README.md, "step_time", says what each costs.
     if tcfg["optimizer"] == "adamw":
         fused = bool(params) and all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point
                                      for p in params)

@@ -4,11 +4,11 @@
 and separable: the output is ``Ah @ x @ Aw.T`` with ``Ah`` (H_out, H_in) and
 ``Aw`` (W_out, W_in) the 1-D linear-interpolation matrices, obtained by
 resizing the identity. On a CPU the two products (and their backward) are
-cheaper than the interpolation kernel when the input map is small: the seg
-head's stride-4 logits of the small testbed, (16, 9, 16, 16) to 64x64,
-forward + backward took 1.7 ms against 4.3 ms on one thread. Larger inputs
-or outputs, other devices, and tracing/export (where the matrices would become constants
-of one input size) use ``F.interpolate``. The two agree to float rounding.
+cheaper than the interpolation kernel when the maps are small, such as the
+seg head's stride-4 logits of the small testbed resized to 64x64
+(benchmarks/README.md, "step_time"). Larger inputs or outputs, other
+devices, and tracing/export (where the matrices would become constants of one
+input size) use ``F.interpolate``. The two agree to float rounding.
 """
 from __future__ import annotations
 
