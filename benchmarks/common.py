@@ -217,6 +217,45 @@ def train_job(config: str, overrides: Sequence[str], seed: int, out: str, epochs
     return report, time.perf_counter() - t0
 
 
+_WORKER_STOP: List[str] = []
+"""In a :func:`run_jobs` worker: the signal that stopped the benchmark, once one did."""
+
+
+def _worker_init() -> None:
+    """A :func:`run_jobs` worker remembers SIGINT/SIGTERM between runs instead of dying of it.
+
+    A run in progress handles both itself (the trainer saves ``last.pt`` and
+    raises :class:`mtkd.errors.Interrupted`); afterwards the worker starts no
+    further run, so stopping a benchmark never leaves workers pulling queued
+    jobs.
+    """
+    import signal
+
+    def remember(signum: int, frame: Any) -> None:
+        _WORKER_STOP.append(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGINT, remember)
+    signal.signal(signal.SIGTERM, remember)
+
+
+def _guarded_job(job: Any, *args: Any) -> Any:
+    """``job(*args)`` in a :func:`run_jobs` worker, unless the benchmark was stopped."""
+    import signal
+
+    from mtkd.errors import Interrupted
+
+    if _WORKER_STOP:
+        name = _WORKER_STOP[0]
+        raise Interrupted(f"interrupted by {name} before this run started", 128 + int(getattr(signal, name)),
+                          "run the benchmark again")
+    try:
+        return job(*args)
+    except Interrupted as exc:
+        name = exc.reason.split()[2] if exc.reason.startswith("interrupted by ") else ""
+        _WORKER_STOP.append(name if name in ("SIGINT", "SIGTERM") else "SIGTERM")
+        raise
+
+
 def run_jobs(jobs: Sequence[Tuple[Any, Mapping[str, Any]]], n_jobs: int, threads_per_job: Optional[int],
              on_done: Any, desc: str, job: Any = train_job) -> None:
     """Run independent training runs, ``n_jobs`` at a time, and report each as it finishes.
@@ -230,7 +269,9 @@ def run_jobs(jobs: Sequence[Tuple[Any, Mapping[str, Any]]], n_jobs: int, threads
     ``error`` an :class:`mtkd.errors.MtkdError` (bad config or data: recorded,
     the others go on) or ``None``. Any other exception stops the benchmark,
     and so does :class:`mtkd.errors.Interrupted` (SIGINT/SIGTERM: the run's
-    ``last.pt`` is saved and no further run starts).
+    ``last.pt`` is saved and no further run starts). With a pool, a signal to
+    the parent alone is forwarded to the workers, and no worker starts a
+    queued run after a signal.
     ``n_jobs == 1`` runs in this process (torch threads as set by the caller);
     more use a ``spawn`` process pool, each worker with ``threads_per_job``
     threads: independent runs on one machine, not distributed training
@@ -256,24 +297,54 @@ def run_jobs(jobs: Sequence[Tuple[Any, Mapping[str, Any]]], n_jobs: int, threads
         bar.close()
         return
     import multiprocessing as mp
+    import signal
+    import threading
     from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures.process import BrokenProcessPool
 
-    with ProcessPoolExecutor(max_workers=n_jobs, mp_context=mp.get_context("spawn")) as pool:
-        futures = {pool.submit(job, kw["config"], list(kw["overrides"]), kw["seed"], kw["out"],
+    stop: List[str] = []  # the signal that asked the benchmark to stop, once one did
+
+    with ProcessPoolExecutor(max_workers=n_jobs, mp_context=mp.get_context("spawn"),
+                             initializer=_worker_init) as pool:
+        futures = {pool.submit(_guarded_job, job, kw["config"], list(kw["overrides"]), kw["seed"], kw["out"],
                                kw.get("epochs"), threads_per_job): key for key, kw in jobs}
-        for fut in as_completed(futures):
-            key = futures[fut]
-            try:
-                report, secs = fut.result()
-                on_done(key, report, secs, None)
-            except Interrupted:
-                for other in futures:
-                    other.cancel()
-                bar.close()
-                raise
-            except MtkdError as exc:
-                on_done(key, None, 0.0, exc)
-            bar.update()
+
+        def on_signal(signum: int, frame: Any) -> None:
+            # No further run starts; the running ones save last.pt and end (Interrupted).
+            if not stop:
+                stop.append(signal.Signals(signum).name)
+            for other in futures:
+                other.cancel()
+            for proc in list((getattr(pool, "_processes", None) or {}).values()):
+                if proc.is_alive():
+                    os.kill(proc.pid, signal.SIGTERM)
+
+        previous = {}
+        if threading.current_thread() is threading.main_thread():
+            previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            for fut in as_completed(futures):
+                key = futures[fut]
+                try:
+                    report, secs = fut.result()
+                    on_done(key, report, secs, None)
+                except Interrupted:
+                    for other in futures:
+                        other.cancel()
+                    bar.close()
+                    raise
+                except BrokenProcessPool:
+                    if not stop:
+                        raise
+                    bar.close()
+                    raise Interrupted(f"interrupted by {stop[0]}: a worker ended before its run started",
+                                      128 + int(getattr(signal, stop[0])), "run the benchmark again") from None
+                except MtkdError as exc:
+                    on_done(key, None, 0.0, exc)
+                bar.update()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
     bar.close()
 
 

@@ -40,6 +40,9 @@ class Interrupted(MtkdError):
         super().__init__(f"{reason}; resume with: {resume}")
         self.reason, self.exit_code, self.resume = reason, exit_code, resume
 
+    def __reduce__(self):  # pickles across processes (a benchmark's worker pool) with its three fields
+        return type(self), (self.reason, self.exit_code, self.resume)
+
 
 def write_error(path: Path | str, exc: BaseException) -> MtkdError:
     """The one-line MtkdError for an OSError (disk full, read-only folder, ...) while writing ``path``."""

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -557,3 +558,80 @@ def test_ema_probe_evaluates_raw_weights_and_extra_averages_of_one_run(tmp_path:
     roles = {r["role"]: r for r in saved["runs"]}
     assert set(roles) == {"tiny:default", "tiny:raw", "tiny:ema0.0"}
     assert roles["tiny:raw"]["seed"] == 3 and roles["tiny:raw"]["steps"] == 4
+
+
+_STOP_SCRIPT = '''
+import sys, time
+from pathlib import Path
+
+
+def job(config, overrides, seed, out, epochs, threads):
+    from benchmarks import common
+    from mtkd.errors import Interrupted
+
+    Path(out, f"started_{seed}").touch()
+    for _ in range(1200):
+        if common._WORKER_STOP:  # a trainer would save last.pt here
+            raise Interrupted("interrupted by SIGTERM at step 1", 143, "again")
+        time.sleep(0.05)
+    Path(out, f"finished_{seed}").touch()
+    return {"seed": seed}, 0.0
+
+
+if __name__ == "__main__":
+    from benchmarks.common import run_jobs
+    from mtkd.errors import Interrupted
+
+    out = sys.argv[1]
+    jobs = [(k, {"config": "c", "overrides": [], "seed": k, "out": out}) for k in range(5)]
+    try:
+        run_jobs(jobs, 2, 1, lambda *a: None, desc="t", job=job)
+    except Interrupted as exc:
+        print(exc, flush=True)
+        sys.exit(exc.exit_code)
+'''
+
+
+def test_run_jobs_pool_stops_its_workers_when_the_parent_alone_gets_sigterm(tmp_path: Path) -> None:
+    """SIGTERM to the benchmark process only: the workers are told, and no queued run starts."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "bench.py"
+    script.write_text(_STOP_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not all((tmp_path / f"started_{k}").exists() for k in (0, 1)):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() else "slow"
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, out
+    assert "interrupted by SIGTERM" in out
+    assert sorted(p.name for p in tmp_path.glob("started_*")) == ["started_0", "started_1"]
+    assert not list(tmp_path.glob("finished_*"))
+
+
+def test_trainer_takes_a_repeated_signal_as_the_same_request() -> None:
+    """The same SIGTERM delivered twice at once (group + forwarding parent) only sets the flag;
+    a later second signal still stops at once."""
+    import signal
+    import time
+    from types import SimpleNamespace
+
+    from mtkd.engine import trainer as tr
+
+    t = SimpleNamespace(signal=None, _signal_t=0.0)
+    tr.Trainer._on_signal(t, signal.SIGTERM, None)
+    tr.Trainer._on_signal(t, signal.SIGTERM, None)
+    assert t.signal == signal.SIGTERM
+    t._signal_t = time.monotonic() - tr.SIGNAL_REPEAT_S - 0.1
+    with pytest.raises(KeyboardInterrupt):
+        tr.Trainer._on_signal(t, signal.SIGINT, None)

@@ -93,7 +93,9 @@ teacher's forward keeps its graph; ``input_grad``: the input images get
   SIGTERM only sets a flag: the current step finishes, nothing is validated,
   ``last.pt`` is saved with the training state and the position inside the
   epoch, and :class:`~mtkd.errors.Interrupted` (one line saying how to
-  resume) is raised. A second signal raises ``KeyboardInterrupt`` at once.
+  resume) is raised. A second signal raises ``KeyboardInterrupt`` at once,
+  unless it comes within ``SIGNAL_REPEAT_S`` of the first: that is one
+  request delivered twice (to the process group and forwarded by a parent).
   DataLoader workers ignore both signals and are stopped by the trainer.
   Stale temporary files of killed checkpoint saves are removed from the run
   folder at start and at resume.
@@ -168,6 +170,8 @@ def seed_everything(seed: int) -> None:
 
 #: Attempted steps timed before a ``time_budget_s`` run sizes its LR schedule.
 BUDGET_PROBE_STEPS = 20
+SIGNAL_REPEAT_S = 1.0
+"""A SIGINT/SIGTERM this soon after the first is the same request delivered twice, not a second one."""
 
 
 def _seed_worker(worker_id: int) -> None:
@@ -354,6 +358,7 @@ class Trainer:
         self.stop_detail = ""  # why a callback asked to stop (request_stop), for the stop line
         self._stop_request: Optional[tuple] = None  # (reason, detail) of this rank's request_stop
         self.signal: Optional[signal.Signals] = None  # the first SIGINT/SIGTERM received while training
+        self._signal_t = 0.0  # time.monotonic() of that signal
         self.epoch_batches = 0  # batches of the current epoch done (trained or skipped as non-finite)
         self._resume_batches = 0
         self._resume_ckpt: Optional[Dict[str, Any]] = None  # last.pt, read once by _build_student for _resume
@@ -937,9 +942,12 @@ class Trainer:
 
     # -- interruption ---------------------------------------------------------------
     def _on_signal(self, signum: int, frame: Any) -> None:
-        if self.signal is not None:  # the second one: stop at once
-            raise KeyboardInterrupt
+        if self.signal is not None:
+            if time.monotonic() - self._signal_t < SIGNAL_REPEAT_S:
+                return  # the same stop request delivered twice (a process group and a parent forwarding it)
+            raise KeyboardInterrupt  # a second request: stop at once
         self.signal = signal.Signals(signum)
+        self._signal_t = time.monotonic()
 
     def _catch_signals(self) -> Dict[int, Any]:
         """Route SIGINT/SIGTERM to :meth:`_on_signal`; returns the previous handlers (none off the main thread)."""
