@@ -474,6 +474,27 @@ def reusable_runs(path: Optional[str], data: Any, epochs: Mapping[str, int], ove
             and int(r["seed"]) in {int(s) for s in seeds} and r.get("epochs") == epochs[r["role"]]]
 
 
+def reusable_e_runs(path: Optional[str], data: Any, epochs: Mapping[str, int], overrides: Sequence[str],
+                    seeds: Sequence[int]) -> List[Dict[str, Any]]:
+    """:func:`reusable_runs` that also takes a ``<role>@2x`` run at the asked epochs as ``<role>``.
+
+    ``plateau`` names a config's run at twice its epochs ``plain@2x`` /
+    ``teacher@2x``: trained with the same config at the same epochs, it is
+    another sitting's ``plain`` / ``teacher`` run at those epochs (renamed,
+    with ``reused_role`` naming its old role). A direct run of a seed comes
+    before a renamed one, so a caller that keeps the first run per seed keeps it.
+    """
+    doubled = {f"{m}@2x": ep for m, ep in epochs.items()}
+    out = []
+    for rec in reusable_runs(path, data, {**epochs, **doubled}, overrides, seeds):
+        role = rec["role"]
+        if role in doubled:
+            rec = dict(rec, role=role[:-len("@2x")], reused_role=role)
+        out.append(rec)
+    out.sort(key=lambda r: "reused_role" in r)
+    return out
+
+
 def with_val_metrics(rec: Dict[str, Any]) -> Dict[str, Any]:
     """``rec`` with its best epoch's val metrics, read from its run folder when the record lacks them.
 

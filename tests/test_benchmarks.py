@@ -382,7 +382,6 @@ def test_reusable_runs_take_only_identical_runs_and_refuse_other_data_or_overrid
 
 
 def test_plateau_reuses_an_earlier_2x_run_as_its_e_run_and_prefers_a_direct_e_run(tmp_path: Path) -> None:
-    plateau = _load("plateau")
     src = tmp_path / "results.json"
     runs = [{"role": "teacher@2x", "seed": 0, "epochs": 16, "val_map50": 0.6},
             {"role": "teacher@2x", "seed": 1, "epochs": 16, "val_map50": 0.7},
@@ -390,7 +389,7 @@ def test_plateau_reuses_an_earlier_2x_run_as_its_e_run_and_prefers_a_direct_e_ru
             {"role": "teacher", "seed": 2, "epochs": 8, "val_map50": 0.5},
             {"role": "teacher@2x", "seed": 2, "epochs": 32, "val_map50": 0.9}]
     src.write_text(json.dumps({"data": "d", "budget": {"overrides": []}, "runs": runs}))
-    got = plateau.reused(str(src), "d", {"teacher": 16}, [], [0, 1, 2])
+    got = common.reusable_e_runs(str(src), "d", {"teacher": 16}, [], [0, 1, 2])
     # seed 2 has no run at 16 epochs; seed 1's direct E run comes before its renamed 2x run
     assert [(r["role"], r["seed"], r["val_map50"], r.get("reused_role")) for r in got] == [
         ("teacher", 1, 0.8, None), ("teacher", 0, 0.6, "teacher@2x"), ("teacher", 1, 0.7, "teacher@2x")]

@@ -74,7 +74,7 @@ if str(ROOT) not in sys.path:
 
 from benchmarks.common import (TESTBEDS, Results, add_common_args, default_jobs, extra_overrides,  # noqa: E402
                                gap_closed, make_record, median_of, prepare, recorder,
-                               reusable_runs, run_jobs, testbed_paths)
+                               reusable_e_runs, run_jobs, testbed_paths)
 
 ABLATIONS = ("seg_kl", "det_mse", "feat_gan", "cwd", "all")
 SMALL_ABLATIONS = ("det_mse", "seg_kl", "cwd", "pkd", "mgd")
@@ -122,8 +122,9 @@ def parse(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         "teachers were hashed): move its teacher-dependent runs to 'superseded' and re-run them")
     p.add_argument("--force", action="store_true", help="re-run (role, seed) pairs already in results.json")
     p.add_argument("--reuse", default=None, metavar="RESULTS_JSON",
-                   help="take the plain runs of these seeds from another kd_gain results.json made with the same "
-                        "data, epochs and overrides, instead of training them again (e.g. to try another teacher)")
+                   help="take the plain runs of these seeds from another kd_gain (or plateau: its plain@2x runs "
+                        "count at their epochs) results.json made with the same data, epochs and overrides, instead "
+                        "of training them again (e.g. to try another teacher)")
     args = p.parse_args(argv)
     tb = testbed_paths(args.testbed, ROOT)
     small = args.testbed == "small"
@@ -334,7 +335,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         res.payload["runs"] = [r for r in res.runs if r["role"] != "teacher"]
         res.add(teacher_record(ckpt, data_ov, extra))
 
-    for rec in reusable_runs(args.reuse, args.data, {"plain": epochs}, extra, args.seeds):
+    for rec in reusable_e_runs(args.reuse, args.data, {"plain": epochs}, extra, args.seeds):
         if not res.has("plain", rec["seed"]):
             res.add(dict(rec, reused_from=args.reuse), write=False)
 

@@ -29,7 +29,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import (TESTBEDS, Results, add_common_args, default_jobs, prepare,  # noqa: E402
-                               recorder, reusable_runs, run_jobs, testbed_paths)
+                               recorder, reusable_e_runs, run_jobs, testbed_paths)
 
 TOLERANCE = 0.01
 
@@ -86,27 +86,6 @@ def verdicts(runs: List[Dict[str, Any]], tolerance: float) -> Tuple[List[str], D
     return lines, summary
 
 
-def reused(path: Optional[str], data: Any, epochs: Dict[str, int], overrides: List[str],
-           seeds: Sequence[int]) -> List[Dict[str, Any]]:
-    """The E runs this sitting can take from ``path`` (``--reuse``).
-
-    A run of role ``teacher`` / ``plain`` at E epochs qualifies, and so does an
-    earlier plateau sitting's ``teacher@2x`` / ``plain@2x`` run at E epochs: it
-    was trained with the same config at the same epochs, so it is this
-    sitting's E run (renamed, with ``reused_role`` naming its old role).
-    """
-    doubled = {f"{m}@2x": ep for m, ep in epochs.items()}
-    out = []
-    for rec in reusable_runs(path, data, {**epochs, **doubled}, overrides, seeds):
-        role = rec["role"]
-        if role in doubled:
-            rec = dict(rec, role=role[:-len("@2x")], reused_role=role)
-        out.append(rec)
-    # a direct E run wins over a renamed 2x run of the same seed
-    out.sort(key=lambda r: "reused_role" in r)
-    return out
-
-
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     args = parse(argv)
     data_ov, extra = prepare(args)
@@ -125,7 +104,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         res.write(derived=lines, summary=summary)
 
     record = recorder(res, "plateau", refresh, lambda rec: {"val_fitness": val_fitness(rec)})
-    for rec in reused(args.reuse, args.data, epochs, extra, args.seeds):
+    for rec in reusable_e_runs(args.reuse, args.data, epochs, extra, args.seeds):
         mine = [r for r in res.runs if r["role"] == rec["role"] and r["seed"] == rec["seed"]]
         if not mine:
             res.add(dict(rec, val_fitness=val_fitness(rec), reused_from=args.reuse))
